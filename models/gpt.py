@@ -1,0 +1,261 @@
+"""The one Transformer backbone of diffusionGPT, read top to bottom like nanoGPT's model.py.
+
+AR (GPT) and masked-diffusion (MDLM) models are this same network; they differ only in the attention
+mask (`GPTConfig.attention`) and in the loss, which lives beside it in models/diffusion.py.
+Parameter names and layout follow OpenAI's GPT-2 so its checkpoints load (see `from_pretrained`).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from kernels.attention import AttentionMask, attention
+
+ATTENTION_KINDS = ("causal", "bidirectional", "block_causal")
+ATTENTION_IMPLS = ("auto", "triton", "torch")
+
+# A KV cache is a list with one (k, v) pair per layer, each (B, n_head, T_past, head_dim).
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length (number of position embeddings)
+    vocab_size: int = 50304  # embedding rows: GPT-2's 50257 ids + MASK (50257), padded to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # residual/embedding dropout; attention dropout is not implemented (fused kernels)
+    bias: bool = True  # biases in Linears and LayerNorms, like GPT-2
+    attention: str = "causal"  # causal (AR) | bidirectional (MDLM) | block_causal (block diffusion)
+    block_length: int = 0  # block size b for attention="block_causal"
+    attn_impl: str = "auto"  # auto (Triton on GPU, PyTorch elsewhere) | triton | torch
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"GPTConfig.attention={self.attention!r}: expected one of {ATTENTION_KINDS}")
+        if self.attn_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"GPTConfig.attn_impl={self.attn_impl!r}: expected one of {ATTENTION_IMPLS}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.attention == "block_causal" and self.block_length < 1:
+            raise ValueError("attention='block_causal' needs block_length >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def default_mask(self, q_offset: int = 0) -> AttentionMask:
+        return AttentionMask(kind=self.attention, block_size=self.block_length, q_offset=q_offset)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1's `bias` arg in all paths)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.attn_impl = config.attn_impl
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask: AttentionMask, past_kv: Optional[tuple] = None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        present = (k, v)  # this call's keys/values, for the caller's KV cache
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, T_past + T, hs)
+            v = torch.cat([past_kv[1], v], dim=2)
+        # every attention in the project goes through this one call (Triton on GPU, PyTorch elsewhere)
+        y = attention(q, k, v, mask, impl=self.attn_impl)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y)), present
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 uses the tanh approximation of GELU; the exact one would not reproduce its logits
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = SelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask: AttentionMask, past_kv=None):
+        a, present = self.attn(self.ln_1(x), mask, past_kv)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 paper: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count. Position embeddings are subtracted by default (as in nanoGPT); token
+        embeddings are kept because they are tied to (and used as) the output layer."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def hidden_states(self, idx, mask: Optional[AttentionMask] = None, past_kv: Optional[KVCache] = None,
+                      positions: Optional[torch.Tensor] = None):
+        """Run the Transformer body: idx (B, T) -> final-LayerNorm states (B, T, C) and this call's KV.
+
+        mask:      which keys each query sees; default is the config's kind with q_offset = T_past.
+        past_kv:   keys/values of earlier tokens (one (k, v) per layer); queries are appended after them.
+        positions: (B, T) position ids, for left-padded batches; default T_past .. T_past + T - 1.
+        """
+        B, T = idx.size()
+        t_past = 0 if past_kv is None else past_kv[0][0].size(2)
+        if t_past + T > self.config.block_size:
+            raise ValueError(f"sequence of {t_past + T} tokens is longer than the model's context "
+                             f"block_size={self.config.block_size}")
+        if mask is None:
+            mask = self.config.default_mask(q_offset=t_past)
+        if positions is None:
+            positions = torch.arange(t_past, t_past + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        presents = []
+        for i, block in enumerate(self.transformer.h):
+            x, present = block(x, mask, None if past_kv is None else past_kv[i])
+            presents.append(present)
+        return self.transformer.ln_f(x), presents
+
+    def forward(self, idx, mask: Optional[AttentionMask] = None, past_kv: Optional[KVCache] = None,
+                positions: Optional[torch.Tensor] = None, return_kv: bool = False):
+        """idx (B, T) token ids -> logits (B, T, vocab_size); with return_kv also this call's KV cache."""
+        h, presents = self.hidden_states(idx, mask, past_kv, positions)
+        logits = self.lm_head(h)  # (B, T, vocab_size)
+        return (logits, presents) if return_kv else logits
+
+    # ------------------------------------------------------------------ training helpers (nanoGPT)
+    def optimizer_param_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on every >=2-D tensor (matmuls, embeddings); none on biases and LayerNorms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str):
+        """AdamW over `optimizer_param_groups`, fused on CUDA when this PyTorch has it."""
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(self.optimizer_param_groups(weight_decay), lr=learning_rate, betas=betas,
+                                 **({"fused": True} if fused else {}))
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+
+    def estimate_mfu(self, tokens_per_s: float, peak_flops: float, seq_len: Optional[int] = None) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak FLOP/s."""
+        return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
+
+    # ------------------------------------------------------------------ GPT-2 weights
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, **overrides) -> "GPT":
+        """Load OpenAI GPT-2 weights through `transformers`: a hub name (gpt2, gpt2-medium, gpt2-large,
+        gpt2-xl; needs network or a filled HF cache) or a local `save_pretrained` directory.
+
+        OpenAI's checkpoints use a Conv1D module whose weight is the transpose of nn.Linear's, so the
+        four matmul weights of every block (c_attn, attn c_proj, c_fc, mlp c_proj) are transposed.
+        The vocabulary stays at GPT-2's 50257 rows so the logits equal the original model's.
+        `overrides` may set attention / attn_impl / dropout (e.g. to start a diffusion model from GPT-2).
+        """
+        from transformers import GPT2LMHeadModel  # heavy import, only needed here
+
+        allowed = {"attention", "block_length", "attn_impl", "dropout"}
+        if set(overrides) - allowed:
+            raise ValueError(f"from_pretrained can only override {sorted(allowed)}, got {sorted(overrides)}")
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        hc = hf.config
+        config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
+                           n_head=hc.n_head, n_embd=hc.n_embd, bias=True, **overrides)
+        model = cls(config)
+        sd = model.state_dict()
+        sd_hf = {k: v for k, v in hf.state_dict().items()
+                 if not k.endswith(".attn.bias") and not k.endswith(".attn.masked_bias")}  # causal buffers
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        missing = sorted(set(sd) - set(sd_hf))
+        if missing:
+            raise ValueError(f"{name_or_dir}: checkpoint lacks {missing[:5]}... — is it a GPT-2 model?")
+        with torch.no_grad():
+            for k, v in sd_hf.items():
+                if k not in sd:
+                    continue
+                src = v.t() if k.endswith(transposed) else v
+                if src.shape != sd[k].shape:
+                    raise ValueError(f"{name_or_dir}: shape of {k} is {tuple(src.shape)}, expected {tuple(sd[k].shape)}")
+                sd[k].copy_(src)
+        return model
