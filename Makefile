@@ -1,0 +1,26 @@
+# diffusionGPT: the three things a new user types. Everything runs from the repository root.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: install test test-fast demo
+
+# Create .venv and install the pinned dependencies (GPU users: install the CUDA build of
+# torch==2.13.0 into .venv first; pip then keeps it).
+install: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+# The whole test suite, slow multi-process DeepSpeed tests included (what CI runs).
+test: install
+	$(PY) -m pytest -q -ra --durations=15
+
+# Everything except the multi-process / end-to-end tests (a quick local check).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+# The main job: prepare Shakespeare -> train a small diffusion LM with DeepSpeed -> sample.
+demo: install
+	bash launch.sh
