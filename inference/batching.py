@@ -1,0 +1,189 @@
+"""A batch of requests laid out on one canvas, and the one way decoders call the model on it.
+
+Every request is a prompt (fixed ids) plus a number of tokens to generate. A batch puts them on one
+(B, T) canvas with LEFT padding, so that all rows start generating in the same column (or, for
+block-causal models, in the same block):
+
+    row 0   [pad pad p p p | g g g g g g . .]      g: generated, MASK until committed
+    row 1   [p p p p p p p | g g g g . . . .]      .: right padding (a shorter generation)
+             ^ key_starts               ^ key_lengths (both index the canvas)
+
+Each row carries its own position ids (position 0 at its first real token), and the attention mask
+hides the left padding (key_starts) and everything after the row's own end (key_lengths). A row
+therefore computes exactly what it would compute alone, which is what makes batched decoding equal
+to one-by-one decoding.
+
+Block-causal models see blocks by canvas index (`kernels.attention.dense_mask`), so for them the left
+padding is a multiple of the model's block length: the canvas blocks then coincide with each row's
+own blocks, and the first generated position of every row falls in the same canvas block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from kernels.attention import AttentionMask
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+
+
+@dataclass
+class Layout:
+    """One batch on its canvas. All index tensors are canvas columns."""
+
+    x: torch.Tensor  # (B, T) ids: padding, prompt, MASK at the positions to generate
+    gen: torch.Tensor  # (B, T) bool: positions this batch generates
+    positions: torch.Tensor  # (B, T) position ids (0 at each row's first real token; 0 on padding)
+    key_starts: torch.Tensor  # (B,) first real column of each row
+    key_lengths: torch.Tensor  # (B,) one past the last column of each row (prompt + its generation)
+    gen_starts: torch.Tensor  # (B,) first generated column
+    anchor: int  # column where block 0 of semi-autoregressive decoding starts
+    prompt_lens: list[int] = field(default_factory=list)
+    gen_lens: list[int] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.size(0)
+
+    @property
+    def width(self) -> int:
+        return self.x.size(1)
+
+
+def left_pads(prompt_lens: list[int], align: int) -> tuple[list[int], int]:
+    """Left padding of each row and the column where generation starts (the anchor).
+
+    align = 0: every prompt ends at the anchor column.
+    align = b: pads are multiples of b and the block holding each row's first generated position is
+               the canvas block starting at the anchor (block-causal models).
+    """
+    if align <= 0:
+        anchor = max(prompt_lens)
+        return [anchor - p for p in prompt_lens], anchor
+    first_block = [p // align for p in prompt_lens]
+    top = max(first_block)
+    return [(top - g) * align for g in first_block], top * align
+
+
+def canvas_width(prompt_lens: list[int], gen_lens: list[int], align: int) -> int:
+    pads, _ = left_pads(prompt_lens, align)
+    return max(pad + p + g for pad, p, g in zip(pads, prompt_lens, gen_lens))
+
+
+def plan_batches(requests: list[Request], batch_size: int, context: int, align: int) -> list[list[int]]:
+    """Group request indices (in order) into batches of at most batch_size whose canvas fits the
+    model's context. Every request fits alone (checked by the caller), padding may not: a request
+    that would push the canvas past the context starts a new batch."""
+    batches, current = [], []
+    for i, r in enumerate(requests):
+        trial = current + [i]
+        width = canvas_width([len(requests[j].prompt_ids) for j in trial],
+                             [requests[j].max_new_tokens for j in trial], align)
+        if current and (len(trial) > batch_size or width > context):
+            batches.append(current)
+            trial = [i]
+        current = trial
+    if current:
+        batches.append(current)
+    return batches
+
+
+def build_layout(requests: list[Request], fill_id: int, pad_id: int, align: int, device) -> Layout:
+    """Lay the requests out on a canvas. Generated positions hold fill_id (MASK for diffusion; for AR
+    a placeholder the decoder overwrites), padding holds pad_id (never attended to)."""
+    prompt_lens = [len(r.prompt_ids) for r in requests]
+    gen_lens = [r.max_new_tokens for r in requests]
+    pads, anchor = left_pads(prompt_lens, align)
+    B = len(requests)
+    T = max(pad + p + g for pad, p, g in zip(pads, prompt_lens, gen_lens))
+    x = torch.full((B, T), pad_id, dtype=torch.long)
+    gen = torch.zeros(B, T, dtype=torch.bool)
+    for b, (r, pad) in enumerate(zip(requests, pads)):
+        start = pad + len(r.prompt_ids)
+        x[b, pad:start] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        x[b, start:start + r.max_new_tokens] = fill_id
+        gen[b, start:start + r.max_new_tokens] = True
+    key_starts = torch.tensor(pads, dtype=torch.long)
+    gen_starts = key_starts + torch.tensor(prompt_lens, dtype=torch.long)
+    key_lengths = gen_starts + torch.tensor(gen_lens, dtype=torch.long)
+    positions = (torch.arange(T)[None, :] - key_starts[:, None]).clamp(min=0)  # (B, T)
+    return Layout(x=x.to(device), gen=gen.to(device), positions=positions.to(device),
+                  key_starts=key_starts.to(device), key_lengths=key_lengths.to(device),
+                  gen_starts=gen_starts.to(device), anchor=anchor,
+                  prompt_lens=prompt_lens, gen_lens=gen_lens)
+
+
+class ModelRunner:
+    """Runs the Transformer body on some rows and columns of a canvas and counts the calls.
+
+    `hidden(rows, q_lo, q_hi, past_kv)` feeds canvas columns [q_lo, q_hi) of `rows` as queries; past_kv,
+    if given, must hold the keys/values of columns [0, q_lo) of the same rows. Returns the final hidden
+    states (R, q_hi - q_lo, C) and this call's KV (one (k, v) per layer, (R, H, q_hi - q_lo, D)).
+    Output layer and sampling are applied by the caller, only where a token is needed.
+    """
+
+    def __init__(self, model, layout: Layout, x: torch.Tensor):
+        self.model = model
+        self.layout = layout
+        self.x = x  # the canvas being decoded (updated in place by the decoder)
+        self.kind = model.config.attention
+        self.block = model.config.block_length
+        self.calls = 0  # model calls for the whole batch
+        self.nfe = torch.zeros(layout.batch_size, dtype=torch.long)  # calls each row took part in
+
+    def hidden(self, rows: torch.Tensor, q_lo: int, q_hi: int, past_kv: Optional[list] = None):
+        if (q_lo > 0) != (past_kv is not None):
+            raise AssertionError("queries from column q_lo > 0 need the KV cache of columns [0, q_lo)")
+        lay = self.layout
+        mask = AttentionMask(kind=self.kind, block_size=self.block, key_lengths=lay.key_lengths[rows],
+                             key_starts=lay.key_starts[rows], q_offset=q_lo)
+        h, presents = self.model.hidden_states(self.x[rows, q_lo:q_hi], mask=mask, past_kv=past_kv,
+                                               positions=lay.positions[rows, q_lo:q_hi])
+        self.calls += 1
+        self.nfe[rows.cpu()] += 1
+        return h, presents
+
+
+class RowKVCache:
+    """KV cache of canvas columns [0, length) for every row of a batch, one (k, v) per layer.
+
+    Rows are updated in groups (only the rows a call ran); rows left out of an update get zeros,
+    which is harmless because a row is left out only once it is finished."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.kv: Optional[list] = None
+        self.length = 0
+
+    def get(self, rows: torch.Tensor) -> Optional[list]:
+        if self.kv is None:
+            return None
+        return [(k[rows], v[rows]) for k, v in self.kv]
+
+    def _scatter(self, rows, t):
+        full = t.new_zeros((self.batch_size,) + tuple(t.shape[1:]))
+        full[rows] = t
+        return full
+
+    def append(self, rows: torch.Tensor, presents: list, n: int) -> None:
+        """Append the first n columns of `presents` (this call's KV of `rows`)."""
+        if n == 0:
+            return
+        new = [(self._scatter(rows, k[:, :, :n]), self._scatter(rows, v[:, :, :n])) for k, v in presents]
+        if self.kv is None:
+            self.kv = new
+        else:
+            self.kv = [(torch.cat([k0, k1], dim=2), torch.cat([v0, v1], dim=2))
+                       for (k0, v0), (k1, v1) in zip(self.kv, new)]
+        self.length += n
+
+    def reset(self, rows: torch.Tensor, presents: list, n: int) -> None:
+        """Replace the cache by the first n columns of `presents` (a call that started at column 0)."""
+        self.kv, self.length = None, 0
+        self.append(rows, presents, n)

@@ -1,0 +1,311 @@
+"""Decoding benchmark: every rule on one model and one prompt set, side by side, from one run.
+
+    python -m inference.bench --ckpt out/mdlm --ar out/ar --judge out/ar --gen_length 128 --out bench.json
+    python -m inference.bench --random_init            # CPU smoke run on tiny random models
+
+For each rule it prints tokens/s, model calls (NFE) per generated token and the generative perplexity
+of the samples under an AR judge (--judge DIR, or GPT-2 when its weights are cached, or the --ar model):
+  one-token-per-step (top-k, k=1: the baseline), ancestral with T in {L/4, L/2, L}, top-k (k=4),
+  threshold tau in {0.7, 0.9}, blocks (threshold 0.9 inside, Fast-dLLM) with and without the KV cache,
+  and AR with and without the KV cache (the --ar model, else the judge).
+Targets checked at the end: >= 4x fewer model calls than one-token-per-step at a generative perplexity
+within 10% of it; KV-cached blocks >= 2x the tokens/s of uncached blocks with the same output.
+Every rule generates exactly L tokens per prompt (EOT does not stop it, unless --stop_at_eot), with the
+same seed and temperature. With --random_init the models are tiny and random: NFE and the speed ratios
+are real, the perplexities are meaningless.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script: find the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from inference.api import generate_with_stats
+from inference.generative_perplexity import generative_perplexity
+from inference.loading import LoadedModel, load_gpt2, load_model, resolve_device
+from inference.sample import autocast_context, read_prompts_file
+from models.gpt import GPT, GPTConfig
+from models.tokenizer import get_tokenizer
+
+DEFAULT_PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are", "The quick brown fox", "To be, or not to be",
+                   "Once upon a time", "KING HENRY:\nWhat", "I will", "And"]
+RANDOM_CORPUS = "".join(chr(c) for c in range(32, 127)) + "\n"  # printable ASCII: every default prompt encodes
+RANDOM_WARNING = ("RANDOM-INIT MODELS: generative perplexities below are MEANINGLESS for quality (random weights); "
+                  "only NFE per token and the speed ratios mean something.")
+
+
+@dataclass
+class Row:
+    name: str
+    model: str  # "diffusion" | "ar"
+    strategy: str
+    knobs: dict = field(default_factory=dict)
+    nfe_per_token: float = 0.0
+    calls_fewer_than_baseline: Optional[float] = None  # baseline NFE per token / this NFE per token
+    tokens_per_s: float = 0.0
+    gen_ppl: Optional[float] = None
+    tokens: int = 0
+    wall_s: float = 0.0
+    same_output_as: Optional[str] = None
+    same_output: Optional[bool] = None
+    token_ids: list = field(default_factory=list, repr=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m inference.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="the diffusion model to benchmark (consolidated dir or training out dir)")
+    p.add_argument("--ar", help="an AR model for the AR rows (default: the judge)")
+    p.add_argument("--judge", help="AR judge for generative perplexity: a model dir, or gpt2 | gpt2-medium | ... "
+                                   "(default: GPT-2 if its weights are cached, else the --ar model)")
+    p.add_argument("--random_init", action="store_true",
+                   help="no checkpoint: tiny random block-causal diffusion + AR models (CPU smoke run)")
+    p.add_argument("--random_attention", default="block_causal", choices=["block_causal", "bidirectional"],
+                   help="--random_init: attention of the random diffusion model (default block_causal: "
+                        "its KV cache is exact)")
+    p.add_argument("--prompts_file", help="one prompt per line (default: 8 built-in prompts)")
+    p.add_argument("--num_prompts", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--gen_length", type=int, default=64, help="L: tokens generated per prompt")
+    p.add_argument("--block_length", type=int, default=None,
+                   help="blocks rows (default: the model's block for block-causal models, else L/4)")
+    p.add_argument("--topk", type=int, default=4, help="tokens per step of the top-k row")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--stop_at_eot", action="store_true", help="let EOT stop a request (default: always L tokens)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every rule this many times; tokens/s is the fastest run (outputs are identical)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is faster for tiny models on a busy CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype on GPU (auto: bfloat16 where supported); CPU runs float32")
+    p.add_argument("--out", help="write the rows and targets as JSON here")
+    return p
+
+
+def random_models(args, device):
+    """Tiny random diffusion + AR models on a printable-ASCII char tokenizer (seeded)."""
+    tok = get_tokenizer("char", corpus_text=RANDOM_CORPUS)
+    b = args.block_length or 16
+    base = dict(block_size=256, vocab_size=tok.padded_vocab_size, n_layer=4, n_head=4, n_embd=128)
+    torch.manual_seed(args.seed)
+    diff = GPT(GPTConfig(**base, attention=args.random_attention,
+                         block_length=b if args.random_attention == "block_causal" else 0)).to(device).eval()
+    ar = GPT(GPTConfig(**base, attention="causal")).to(device).eval()
+    return (LoadedModel(diff, tok, "mdlm", source="random-init"),
+            LoadedModel(ar, tok, "ar", source="random-init"))
+
+
+def load_judge(args, device, ar: Optional[LoadedModel], log):
+    if args.judge:
+        try:  # init_from takes our model dirs, GPT-2 names and Hugging Face GPT-2 dirs
+            judge = load_model(init_from=args.judge, device=device, log=log)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--judge {args.judge}: {e}") from e
+        if judge.objective != "ar":
+            raise ValueError(f"--judge {args.judge} is a diffusion model; the judge must be autoregressive")
+        return judge
+    if gpt2_is_cached():
+        try:
+            return load_gpt2("gpt2", device)
+        except (OSError, ValueError) as e:
+            log(f"note: cached GPT-2 did not load ({e})")
+    if ar is not None:
+        log("note: GPT-2 weights not in the Hugging Face cache; judging with the --ar model")
+        return ar
+    log("note: no judge (no --judge, no cached GPT-2, no --ar): generative perplexity is not measured")
+    return None
+
+
+def gpt2_is_cached() -> bool:
+    """GPT-2's files are in the local Hugging Face cache (checked without touching the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return any(isinstance(try_to_load_from_cache(repo, "config.json"), str)
+               for repo in ("openai-community/gpt2", "gpt2"))
+
+
+def run_row(row: Row, loaded: LoadedModel, prompts, args, judge) -> Row:
+    walls = []
+    for _ in range(max(args.repeats, 1)):  # same seed: every repeat decodes the same tokens
+        with autocast_context(str(next(loaded.model.parameters()).device), args.dtype):
+            done = generate_with_stats(loaded.model, loaded.tokenizer, prompts, args.gen_length, row.strategy,
+                                       temperature=args.temperature, top_p=args.top_p,
+                                       stop_at_eot=args.stop_at_eot, schedule=loaded.schedule,
+                                       batch_size=args.batch_size, seed=args.seed, **row.knobs)
+        walls.append(sum({c.batch_index: c.elapsed_s for c in done}.values()))
+    row.tokens = sum(len(c.token_ids) for c in done)
+    row.wall_s = min(walls)
+    row.tokens_per_s = row.tokens / max(row.wall_s, 1e-9)
+    row.nfe_per_token = sum(c.nfe for c in done) / max(row.tokens, 1)
+    row.token_ids = [c.token_ids for c in done]
+    if judge is not None:
+        row.gen_ppl = generative_perplexity(judge.model, judge.tokenizer, done, loaded.tokenizer).perplexity
+    return row
+
+
+def bench_rows(args, L: int, diffusion: LoadedModel) -> list[Row]:
+    cfg = diffusion.model.config
+    b = args.block_length or (cfg.block_length if cfg.attention == "block_causal" else max(L // 4, 1))
+    blocks = dict(block_length=b, block_rule="threshold", threshold=0.9)
+    return [
+        Row("one-token-per-step", "diffusion", "topk", dict(tokens_per_step=1)),
+        Row(f"ancestral T=L/4={max(L // 4, 1)}", "diffusion", "ancestral", dict(steps=max(L // 4, 1))),
+        Row(f"ancestral T=L/2={max(L // 2, 1)}", "diffusion", "ancestral", dict(steps=max(L // 2, 1))),
+        Row(f"ancestral T=L={L}", "diffusion", "ancestral", dict(steps=L)),
+        Row(f"top-k k={args.topk}", "diffusion", "topk", dict(tokens_per_step=args.topk)),
+        Row("threshold tau=0.7", "diffusion", "threshold", dict(threshold=0.7)),
+        Row("threshold tau=0.9", "diffusion", "threshold", dict(threshold=0.9)),
+        Row(f"blocks b={b} +KV cache", "diffusion", "blocks", {**blocks, "kv_cache": True}),
+        Row(f"blocks b={b} no cache", "diffusion", "blocks", {**blocks, "kv_cache": False}),
+    ]
+
+
+def check_targets(rows: list[Row]) -> dict:
+    base = rows[0]
+    fewer = []
+    for r in rows:
+        if r.model != "diffusion" or r is base or r.calls_fewer_than_baseline is None:
+            continue
+        if r.calls_fewer_than_baseline >= 4.0:
+            ok_ppl = (r.gen_ppl is not None and base.gen_ppl is not None and r.gen_ppl <= 1.10 * base.gen_ppl)
+            fewer.append({"rule": r.name, "calls_fewer": round(r.calls_fewer_than_baseline, 2),
+                          "gen_ppl_ratio": None if r.gen_ppl is None or base.gen_ppl is None
+                          else round(r.gen_ppl / base.gen_ppl, 3), "meets": ok_ppl})
+    cached = next(r for r in rows if r.strategy == "blocks" and r.knobs.get("kv_cache"))
+    uncached = next(r for r in rows if r.strategy == "blocks" and not r.knobs.get("kv_cache"))
+    speedup = cached.tokens_per_s / max(uncached.tokens_per_s, 1e-9)
+    out = {
+        "fewer_calls_same_quality": {"target": ">= 4x fewer model calls than one-token-per-step, gen PPL within 10%",
+                                     "candidates": fewer, "met": any(c["meets"] for c in fewer)},
+        "kv_cache_blocks": {"target": "KV-cached blocks >= 2x tokens/s of uncached at equal output",
+                            "speedup": round(speedup, 2), "same_output": cached.same_output,
+                            "met": speedup >= 2.0 and bool(cached.same_output)},
+    }
+    ar_c = [r for r in rows if r.strategy == "ar" and r.knobs.get("kv_cache")]
+    ar_u = [r for r in rows if r.strategy == "ar" and not r.knobs.get("kv_cache")]
+    if ar_c and ar_u:
+        out["kv_cache_ar"] = {"speedup": round(ar_c[0].tokens_per_s / max(ar_u[0].tokens_per_s, 1e-9), 2),
+                              "same_output": ar_c[0].same_output}
+    return out
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ["rule", "model", "NFE/token", "calls vs 1/step", "tokens/s", "gen PPL", "same output"]
+    lines = []
+    for r in rows:
+        lines.append([r.name, r.model, f"{r.nfe_per_token:.3f}",
+                      "-" if r.calls_fewer_than_baseline is None else f"{r.calls_fewer_than_baseline:.2f}x fewer",
+                      f"{r.tokens_per_s:.1f}", "n/a" if r.gen_ppl is None else f"{r.gen_ppl:.2f}",
+                      "-" if r.same_output is None else (f"yes (= {r.same_output_as})" if r.same_output
+                                                          else f"NO (vs {r.same_output_as})")])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    numeric = {2, 3, 4, 5}
+
+    def fmt(cells):
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(l) for l in lines])
+
+
+def run(args, log=print) -> dict:
+    if args.gen_length < 1:
+        raise ValueError(f"--gen_length must be >= 1, got {args.gen_length}")
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.random_init:
+        if args.ckpt:
+            raise ValueError("give --ckpt or --random_init, not both")
+        diffusion, ar = random_models(args, device)
+        judge = ar
+    else:
+        if not args.ckpt:
+            raise ValueError("give --ckpt DIR (a diffusion model) or --random_init (tiny random models, CPU smoke run)")
+        diffusion = load_model(ckpt=args.ckpt, device=device)
+        if diffusion.objective == "ar":
+            raise ValueError(f"--ckpt {args.ckpt} is an AR model; the bench needs a diffusion model there "
+                             f"(pass the AR model with --ar)")
+        ar = load_model(ckpt=args.ar, device=device) if args.ar else None
+        if ar is not None and ar.objective != "ar":
+            raise ValueError(f"--ar {args.ar} is a diffusion model")
+        judge = load_judge(args, device, ar, log)
+        if ar is None and judge is not None:
+            ar = judge
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else list(DEFAULT_PROMPTS)
+    prompts = prompts[:args.num_prompts] if args.num_prompts else prompts
+    L = args.gen_length
+    if args.random_init:
+        log(RANDOM_WARNING)
+    torch.set_grad_enabled(False)
+
+    rows = bench_rows(args, L, diffusion)
+    if ar is not None:
+        rows += [Row("AR +KV cache", "ar", "ar", dict(kv_cache=True)),
+                 Row("AR no cache", "ar", "ar", dict(kv_cache=False))]
+    # warm-up (allocator, kernels) so the first row is not charged for it
+    generate_with_stats(diffusion.model, diffusion.tokenizer, prompts[:2], min(L, 8), "topk", batch_size=2)
+    for r in rows:
+        t0 = time.perf_counter()
+        run_row(r, diffusion if r.model == "diffusion" else ar, prompts, args, judge)
+        log(f"  {r.name:<28} done in {time.perf_counter() - t0:.1f} s")
+    base = rows[0]
+    for r in rows:
+        if r.model == "diffusion":
+            r.calls_fewer_than_baseline = base.nfe_per_token / max(r.nfe_per_token, 1e-9)
+    for strategy in ("blocks", "ar"):
+        pair = [r for r in rows if r.strategy == strategy]
+        if len(pair) == 2:
+            cached, uncached = pair
+            cached.same_output, cached.same_output_as = cached.token_ids == uncached.token_ids, uncached.name
+
+    targets = check_targets(rows)
+    header = (f"model {diffusion.source} ({diffusion.model.config.attention}), {len(prompts)} prompts, L={L}, "
+              f"batch {args.batch_size}, temperature {args.temperature}, device {device}, judge "
+              f"{'none' if judge is None else judge.source}")
+    log(header)
+    if args.random_init:
+        log(RANDOM_WARNING)
+    log(format_table(rows))
+    t1, t2 = targets["fewer_calls_same_quality"], targets["kv_cache_blocks"]
+    best = ", ".join(f"{c['rule']} ({c['calls_fewer']}x fewer, PPL x{c['gen_ppl_ratio']})" for c in t1["candidates"])
+    log(f"target 1 ({t1['target']}): {'MET' if t1['met'] else 'NOT MET'}; candidates: {best or 'none'}")
+    log(f"target 2 ({t2['target']}): {'MET' if t2['met'] else 'NOT MET'}; speedup {t2['speedup']}x, "
+        f"same output {t2['same_output']}")
+    if "kv_cache_ar" in targets:
+        log(f"AR KV cache: {targets['kv_cache_ar']['speedup']}x tokens/s, same output "
+            f"{targets['kv_cache_ar']['same_output']}")
+    if args.random_init:
+        log("(random-init models: the perplexity-based target says nothing; run with trained checkpoints)")
+    result = {"header": header, "random_init": args.random_init, "meaningless_quality": args.random_init,
+              "config": vars(args), "rows": [{k: v for k, v in asdict(r).items() if k != "token_ids"} for r in rows],
+              "targets": targets}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        log(f"wrote {args.out}")
+    return result
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

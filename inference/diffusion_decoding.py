@@ -1,0 +1,253 @@
+"""Parallel decoding rules for masked-diffusion (MDLM / block-diffusion) models.
+
+All rules start from MASK at every generated position of a `Layout` canvas and never touch the
+prompt. One model call (one NFE) gives the final hidden states of the canvas; a rule then commits
+some still-masked positions to tokens drawn by `inference.sampling.predict_tokens`.
+
+  decode_by_confidence   top-k confidence (LLaDA low-confidence remasking), threshold (Fast-dLLM),
+                         optionally semi-autoregressive: block by block, left to right, with a KV cache
+                         of the finished prefix (exact for block-causal models, refreshed once per
+                         block for bidirectional ones)
+  decode_ancestral       MDLM ancestral sampling on a T-step time grid, skipping the model call when
+                         the canvas has not changed since the last one
+
+Only the rows that still have masked positions are run, so a request that finished early (shorter
+generation, easy block) costs nothing more; `ModelRunner.nfe` counts the calls of every row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from inference.batching import Layout, ModelRunner, RowKVCache
+from inference.sampling import Sampler, predict_tokens
+from models.diffusion import NoiseSchedule
+
+StepHook = Callable[[torch.Tensor, "DecodeResult"], None]  # (canvas x, partial result) after each step
+
+
+@dataclass
+class DecodeResult:
+    x: torch.Tensor  # (B, T) final canvas
+    nfe: torch.Tensor  # (B,) model calls each row took part in
+    steps: torch.Tensor  # (B,) decoding steps each row took (ancestral: time steps, cached ones too)
+    calls: int  # model calls for the whole batch
+    layout: Layout
+
+
+def select_most_confident(conf: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """conf (R, T) with -inf where no token may be committed, n (R,) -> (R, T) bool: the n[r] most
+    confident candidates of each row (ties: the leftmost first)."""
+    order = torch.argsort(conf, dim=1, descending=True, stable=True)  # (R, T)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(conf.size(1), device=conf.device).expand_as(order))
+    return (ranks < n[:, None]) & torch.isfinite(conf)
+
+
+class CommitTopK:
+    """LLaDA low-confidence remasking: commit the k most confident masked tokens per step.
+
+    tokens_per_step=k: k per step, so a region of L masked tokens takes exactly ceil(L / k) calls.
+    steps=S:           the region's L tokens are spread evenly over min(S, L) steps (LLaDA's schedule:
+                       L // S per step, one more in the first L % S steps).
+    """
+
+    def __init__(self, steps=None, tokens_per_step: Optional[int] = None):
+        if (steps is None) == (tokens_per_step is None):
+            raise ValueError("CommitTopK needs exactly one of steps / tokens_per_step")
+        self.steps, self.k = steps, tokens_per_step  # steps: an int, or a (B,) tensor (one per row)
+        self.total = None
+
+    def begin(self, remaining: torch.Tensor) -> None:
+        self.total = remaining.clone()  # (B,) masked tokens of each row in this region
+
+    def choose(self, conf, rows, step):
+        if self.k is not None:
+            n = torch.full_like(step, self.k)
+        else:
+            total, steps = self.total[rows], _per_row(self.steps, rows)
+            n = total // steps + (step < total % steps).long()
+        return select_most_confident(conf, n.clamp(min=1))
+
+    def with_steps(self, steps) -> "CommitTopK":
+        return CommitTopK(steps=steps)
+
+
+class CommitThreshold:
+    """Fast-dLLM: commit every masked token whose confidence exceeds tau, and at least one per step
+    (the most confident), so decoding always terminates. steps=S additionally caps the calls: a row
+    with m masked tokens and r steps left commits at least ceil(m / r)."""
+
+    def __init__(self, tau: float, steps=None):
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {tau}")
+        self.tau, self.steps = tau, steps
+
+    def begin(self, remaining: torch.Tensor) -> None:
+        pass
+
+    def choose(self, conf, rows, step):
+        left = torch.isfinite(conf).sum(1)  # (R,)
+        if self.steps is None:
+            n_min = torch.ones_like(left)
+        else:
+            steps_left = (_per_row(self.steps, rows) - step).clamp(min=1)
+            n_min = torch.ceil(left / steps_left).long().clamp(min=1)
+        return (conf > self.tau) | select_most_confident(conf, n_min)
+
+    def with_steps(self, steps) -> "CommitThreshold":
+        return CommitThreshold(self.tau, steps=steps)
+
+
+def _per_row(steps, rows):
+    """A step budget that is one int for all rows or a (B,) tensor, for the rows being decoded."""
+    return steps[rows] if isinstance(steps, torch.Tensor) else steps
+
+
+def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generator, mask_id: int,
+                         vocab_limit: int, block_length: Optional[int] = None, kv_cache: bool = False,
+                         block_steps: Optional[int] = None, stop_id: Optional[int] = None,
+                         on_step: Optional[StepHook] = None) -> DecodeResult:
+    """Confidence-based decoding (rule = CommitTopK | CommitThreshold) of every masked position.
+
+    block_length=None: the whole generation is one region, every call sees the whole canvas.
+    block_length=b:    semi-autoregressive: regions are canvas blocks [anchor + i b, anchor + (i+1) b),
+                       decoded left to right; the rule restarts in each block. block_steps=S spreads S
+                       steps over a row's blocks: ceil(S / its number of blocks) per block (replacing the
+                       rule's own budget). With stop_id, a row whose finished block holds stop_id (EOT)
+                       stops there: the rest of its generation is filled with stop_id.
+    kv_cache (blocks only):
+      block-causal model: exact. Finished blocks are fed once (together with the first step of the next
+                          block) and their keys/values are kept; later calls feed only the current block.
+      bidirectional:      approximate (Fast-dLLM prefix cache): the block's first call runs the whole
+                          canvas and keeps the prefix's keys/values; the block's later calls feed only
+                          the block and the masked suffix, reusing that prefix.
+    Without the cache a block-causal model is fed the canvas up to the current block's end (later
+    blocks cannot influence it), a bidirectional one the whole canvas.
+    """
+    x = layout.x.clone()
+    runner = ModelRunner(model, layout, x)
+    B, T = x.shape
+    dev = x.device
+    cols = torch.arange(T, device=dev)
+    masked = (x == mask_id) & layout.gen  # (B, T)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    steps = torch.zeros(B, dtype=torch.long)
+    block_causal = runner.kind == "block_causal"
+    if block_length is None:
+        if kv_cache:
+            raise ValueError("kv_cache needs semi-autoregressive blocks (block_length)")
+        regions = [(0, T)]
+    else:
+        regions = [(lo, min(lo + block_length, T)) for lo in range(layout.anchor, T, block_length)]
+    if block_steps is not None and block_length is not None:
+        n_blocks = torch.div(layout.key_lengths - layout.anchor + block_length - 1, block_length,
+                             rounding_mode="floor").clamp(min=1)  # (B,) blocks each row's generation spans
+        rule = rule.with_steps(torch.div(block_steps + n_blocks - 1, n_blocks, rounding_mode="floor"))
+    cache = RowKVCache(B) if kv_cache else None
+
+    for lo, hi in regions:
+        todo = masked & ((cols >= lo) & (cols < hi))[None, :] & ~done[:, None]  # (B, T)
+        rule.begin(todo.sum(1))
+        region_step = torch.zeros(B, dtype=torch.long, device=dev)
+        first_call = True
+        while bool(todo.any()):
+            rows = todo.any(1).nonzero().squeeze(1)  # (R,)
+            if cache is None:
+                q_lo = 0
+                h, _ = runner.hidden(rows, 0, hi if (block_causal and block_length) else T)
+            elif block_causal:
+                q_lo = cache.length  # first call of a block: the previous block's start; then lo
+                h, presents = runner.hidden(rows, q_lo, hi, cache.get(rows))
+                if q_lo < lo:  # the finished blocks just fed are final: keep their keys/values
+                    cache.append(rows, presents, lo - q_lo)
+            elif first_call:  # bidirectional: refresh the prefix cache once per block
+                q_lo = 0
+                h, presents = runner.hidden(rows, 0, T)
+                cache.reset(rows, presents, lo)
+            else:
+                q_lo = lo
+                h, _ = runner.hidden(rows, lo, T, cache.get(rows))
+            first_call = False
+
+            cand = todo[rows]  # (R, T), all inside [lo, hi) and therefore inside the fed columns
+            tokens, conf = predict_tokens(model, h[cand[:, q_lo:q_lo + h.size(1)]], vocab_limit,
+                                          sampler, generator)
+            conf_full = torch.full(cand.shape, float("-inf"), dtype=conf.dtype, device=dev)
+            conf_full[cand] = conf
+            commit = rule.choose(conf_full, rows, region_step[rows])  # (R, T)
+            proposal = torch.zeros_like(x[rows])
+            proposal[cand] = tokens
+            x[rows] = torch.where(commit, proposal, x[rows])
+            todo[rows] = cand & ~commit
+            masked[rows] = masked[rows] & ~commit
+            region_step[rows] += 1
+            steps[rows.cpu()] += 1
+            if on_step is not None:
+                on_step(x, DecodeResult(x, runner.nfe, steps, runner.calls, layout))
+
+        if block_length is not None:
+            done |= layout.key_lengths <= hi  # generation over
+            if stop_id is not None:  # a finished block that holds EOT ends its row
+                hit = ((x == stop_id) & layout.gen & (cols < hi)[None, :]).any(1) & ~done
+                x[hit[:, None] & masked] = stop_id
+                masked &= ~hit[:, None]
+                done |= hit
+    return DecodeResult(x, runner.nfe, steps, runner.calls, layout)
+
+
+def ancestral_commit_probability(schedule: NoiseSchedule, t: float, s: float) -> float:
+    """Probability that a token still masked at time t is unmasked by time s < t:
+    (alpha_s - alpha_t) / (1 - alpha_t). At s = 0 it is 1 (alpha(0) = 1 in every schedule)."""
+    if s <= 0.0:
+        return 1.0
+    a_t = float(schedule.alpha(torch.tensor(t, dtype=torch.float64)))
+    a_s = float(schedule.alpha(torch.tensor(s, dtype=torch.float64)))
+    return (a_s - a_t) / (1.0 - a_t)
+
+
+def decode_ancestral(model, layout: Layout, num_steps: int, schedule: NoiseSchedule, sampler: Sampler,
+                     generator, mask_id: int, vocab_limit: int,
+                     on_step: Optional[StepHook] = None) -> DecodeResult:
+    """MDLM ancestral sampling from t = 1 to 0 in num_steps equal steps (t_j = j / num_steps).
+
+    From t to s each still-masked token is committed with probability (alpha_s - alpha_t)/(1 - alpha_t)
+    to a token drawn from p(x0 | x_t) (SUBS). The commit decision does not depend on the model, so it
+    is drawn first, and the model runs only for rows that commit something AND whose canvas changed
+    since their last call (our GPT has no time input: an unchanged canvas gives the same prediction).
+    Hence at most min(num_steps, L) calls per row; with num_steps > L most steps are free.
+    """
+    x = layout.x.clone()
+    runner = ModelRunner(model, layout, x)
+    B, T = x.shape
+    dev = x.device
+    masked = (x == mask_id) & layout.gen
+    fresh = torch.zeros(B, dtype=torch.bool, device=dev)  # h_cache[row] matches the row's canvas
+    h_cache = None  # (B, T, C) final hidden states of the last call of each row
+    steps = torch.zeros(B, dtype=torch.long)
+    for j in range(num_steps, 0, -1):
+        if not bool(masked.any()):
+            break
+        steps[masked.any(1).cpu()] += 1
+        p = ancestral_commit_probability(schedule, j / num_steps, (j - 1) / num_steps)
+        u = torch.rand(masked.shape, generator=generator, device=dev)  # (B, T)
+        commit = masked & (u < p)
+        committing = commit.any(1)  # (B,)
+        stale = committing & ~fresh
+        if bool(stale.any()):
+            rows = stale.nonzero().squeeze(1)
+            h, _ = runner.hidden(rows, 0, T)
+            if h_cache is None:
+                h_cache = h.new_zeros(B, T, h.size(-1))
+            h_cache[rows] = h
+            fresh[rows] = True
+        if bool(committing.any()):
+            tokens, _ = predict_tokens(model, h_cache[commit], vocab_limit, sampler, generator)
+            x[commit] = tokens
+            masked &= ~commit
+            fresh &= ~committing
+            if on_step is not None:
+                on_step(x, DecodeResult(x, runner.nfe, steps, runner.calls, layout))
+    return DecodeResult(x, runner.nfe, steps, runner.calls, layout)

@@ -1,0 +1,64 @@
+"""Generative perplexity: how likely an AR judge model finds the generated text (lower = more fluent).
+
+gen PPL = exp( sum over generated tokens of -log p_judge(token | prompt, earlier tokens) / #tokens ),
+token-weighted over all requests. The judge reads the prompt as context but scores only the generated
+tokens. When judge and generator share a tokenizer the generated ids are scored as they are;
+otherwise the text is re-tokenised with the judge's tokenizer (e.g. a char model judged by GPT-2).
+Caveat (as in the MDLM paper): repetitive text gets a low gen PPL, so read it beside the samples.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class JudgeScore:
+    perplexity: float
+    nats_per_token: float
+    num_tokens: int
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.to_meta() == b.to_meta()
+
+
+def generative_perplexity(judge, judge_tokenizer, completions, generator_tokenizer=None,
+                          batch_size: int = 8) -> JudgeScore:
+    """Score `completions` (inference.api.Completion) under the AR model `judge`."""
+    if judge.config.attention != "causal":
+        raise ValueError("the judge must be an autoregressive (causal) model")
+    share = generator_tokenizer is not None and same_tokenizer(judge_tokenizer, generator_tokenizer)
+    ctx = judge.config.block_size
+    seqs = []  # (ids, number of scored tokens at the end)
+    for c in completions:
+        gen = list(c.token_ids) if share else judge_tokenizer.encode(c.text)
+        if not gen:
+            continue
+        prompt = list(c.prompt_ids) if share else judge_tokenizer.encode(c.prompt)
+        ids = ([judge_tokenizer.eot_id] + prompt + gen)[-ctx:]  # EOT first: GPT-2's document start
+        seqs.append((ids, min(len(gen), len(ids) - 1)))
+    if not seqs:
+        return JudgeScore(float("nan"), float("nan"), 0)
+    device = next(judge.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start:start + batch_size]
+            T = max(len(ids) for ids, _ in chunk)
+            # right padding is invisible to real tokens under causal attention, so no mask is needed
+            x = torch.full((len(chunk), T), judge_tokenizer.eot_id, dtype=torch.long)
+            scored = torch.zeros(len(chunk), T, dtype=torch.bool)
+            for r, (ids, n) in enumerate(chunk):
+                x[r, :len(ids)] = torch.tensor(ids)
+                scored[r, len(ids) - n:len(ids)] = True  # positions whose token is scored
+            x, scored = x.to(device), scored.to(device)
+            logits = judge(x[:, :-1])[..., :judge_tokenizer.vocab_size].float()  # (B, T-1, V): i predicts i+1
+            nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (B, T-1)
+            total_nll += float(nll[scored[:, 1:]].sum())
+            total_tokens += int(scored[:, 1:].sum())
+    nats = total_nll / total_tokens
+    return JudgeScore(math.exp(nats), nats, total_tokens)

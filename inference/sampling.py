@@ -1,0 +1,82 @@
+"""Turning final hidden states into tokens: vocabulary restriction, temperature, top-k, top-p.
+
+Every decoding rule (diffusion and AR) picks its tokens through `predict_tokens`, so they all agree on
+what "temperature 0" and "confidence" mean:
+  temperature == 0   greedy: the argmax token; confidence = its softmax probability
+  temperature > 0    logits / temperature, then top-k and top-p (nucleus) filtering, then one draw;
+                     confidence = the probability of the drawn token under that filtered distribution
+Only the first `vocab_limit` rows of the output layer are used. For a diffusion model that limit is
+the mask id, which is exactly SUBS (models.diffusion.subs_logits: MASK and the padding ids above it
+get -inf), done by slicing so the padded rows cost nothing; for an AR model it keeps padding ids out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# lm_head rows are applied to at most this many positions at once: (chunk, V) fp32 logits stay
+# below ~800 MB even with GPT-2's 50k vocabulary.
+PREDICT_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class Sampler:
+    temperature: float = 1.0
+    top_k: Optional[int] = None  # keep the k most likely tokens (nanoGPT's --top_k); None = all
+    top_p: Optional[float] = None  # nucleus: smallest set with probability >= top_p; None = all
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    """Set the logits outside top-k / top-p to -inf. logits (N, V) -> (N, V); the argmax always survives."""
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (N, V)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked before it already hold top_p of the mass
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, sampler: Sampler, generator: Optional[torch.Generator]):
+    """logits (N, V) -> tokens (N,) long, confidence (N,) float32 (see the module docstring)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # softmax, cumsum and sampling in at least fp32
+    if sampler.temperature == 0:
+        conf, tokens = F.softmax(logits, dim=-1).max(dim=-1)
+        return tokens, conf
+    logits = filter_logits(logits / sampler.temperature, sampler.top_k, sampler.top_p)
+    probs = F.softmax(logits, dim=-1)  # (N, V)
+    tokens = torch.multinomial(probs, 1, generator=generator)  # (N, 1)
+    return tokens.squeeze(1), probs.gather(1, tokens).squeeze(1)
+
+
+def predict_tokens(model, h: torch.Tensor, vocab_limit: int, sampler: Sampler,
+                   generator: Optional[torch.Generator]):
+    """Final hidden states h (N, C) -> tokens (N,), confidence (N,), through model.lm_head's first
+    `vocab_limit` rows, in chunks so that N x V logits never sit in memory at once."""
+    weight = model.lm_head.weight[:vocab_limit]  # (V', C)
+    bias = None if model.lm_head.bias is None else model.lm_head.bias[:vocab_limit]
+    tokens, conf = [], []
+    for start in range(0, h.size(0), PREDICT_CHUNK):
+        logits = F.linear(h[start:start + PREDICT_CHUNK], weight, bias)  # (n, V')
+        t, c = sample_from_logits(logits, sampler, generator)
+        tokens.append(t)
+        conf.append(c)
+    if not tokens:
+        return h.new_zeros(0, dtype=torch.long), h.new_zeros(0, dtype=torch.float32)
+    return torch.cat(tokens), torch.cat(conf)

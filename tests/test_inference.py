@@ -1,0 +1,307 @@
+"""Specification of decoding (inference/): batching, prompt safety, call counts, KV caches, EOT.
+
+Tiny random models (2 layers, 32 wide, context 64, fixed seeds) in float64, so that the equalities
+below are about the algorithms and never about float rounding ties.
+"""
+import math
+
+import pytest
+import torch
+
+from inference.batching import Request, build_layout, plan_batches
+from inference.diffusion_decoding import (CommitThreshold, CommitTopK, ancestral_commit_probability,
+                                          decode_ancestral, decode_by_confidence)
+from inference.api import generate, generate_with_stats
+from inference.sampling import Sampler, filter_logits, sample_from_logits
+from models.diffusion import NoiseSchedule
+from models.gpt import GPT, GPTConfig
+from models.tokenizer import get_tokenizer
+
+CORPUS = "abcdefghijklmnopqrstuvwxyz .,!?\n"
+TOK = get_tokenizer("char", corpus_text=CORPUS)
+PROMPTS = ["the cat", "a", "hello world, how", "", "xyz"]
+LENGTHS = [12, 20, 7, 16, 9]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are dominated by per-op overhead; extra intra-op threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(attention="bidirectional", block_length=0, seed=0) -> GPT:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(block_size=64, vocab_size=TOK.padded_vocab_size, n_layer=2, n_head=2, n_embd=32,
+                    attention=attention, block_length=block_length)
+    return GPT(cfg).double().eval()
+
+
+DIFFUSION_MODELS = {"bidirectional": lambda: tiny_model("bidirectional"),
+                    "block_causal": lambda: tiny_model("block_causal", block_length=4)}
+
+# deterministic rules (temperature 0): (strategy, knobs)
+DETERMINISTIC_RULES = {
+    "topk_k1": ("topk", dict(tokens_per_step=1)),
+    "topk_k3": ("topk", dict(tokens_per_step=3)),
+    "topk_steps5": ("topk", dict(steps=5)),
+    "threshold": ("threshold", dict(threshold=0.05)),
+    "blocks_cached": ("blocks", dict(block_length=8, kv_cache=True)),
+    "blocks_uncached": ("blocks", dict(block_length=8, kv_cache=False)),
+    "blocks_threshold_cached": ("blocks", dict(block_length=8, block_rule="threshold", threshold=0.05)),
+    "blocks_steps": ("blocks", dict(block_length=8, steps=6)),
+}
+
+
+# ----------------------------------------------------------------------------- batching
+@pytest.mark.parametrize("model_name", sorted(DIFFUSION_MODELS))
+@pytest.mark.parametrize("rule", sorted(DETERMINISTIC_RULES))
+def test_batched_decoding_equals_one_by_one(model_name, rule):
+    model = DIFFUSION_MODELS[model_name]()
+    strategy, knobs = DETERMINISTIC_RULES[rule]
+    kw = dict(temperature=0, stop_at_eot=False, **knobs)
+    batched = generate_with_stats(model, TOK, PROMPTS, LENGTHS, strategy, batch_size=len(PROMPTS), **kw)
+    for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS)):
+        alone = generate_with_stats(model, TOK, [p], n, strategy, batch_size=1, **kw)[0]
+        assert batched[i].token_ids == alone.token_ids, f"request {i} differs when batched"
+        assert batched[i].nfe == alone.nfe, f"request {i} takes other calls when batched"
+
+
+def test_batches_are_split_when_padding_would_overflow_the_context():
+    reqs = [Request([1] * 60, 4), Request([1] * 2, 62), Request([1] * 2, 5)]
+    assert plan_batches(reqs, batch_size=8, context=64, align=0) == [[0], [1, 2]]
+    assert plan_batches(reqs, batch_size=1, context=64, align=0) == [[0], [1], [2]]
+    model = tiny_model()
+    out = generate_with_stats(model, TOK, ["a" * 60, "b", "cd"], [4, 62, 5], "topk", tokens_per_step=4,
+                              temperature=0, stop_at_eot=False)
+    assert [len(c.token_ids) for c in out] == [4, 62, 5]
+
+
+def test_layout_aligns_block_causal_rows_to_model_blocks():
+    lay = build_layout([Request([1] * 5, 3), Request([1] * 10, 2)], fill_id=99, pad_id=0, align=4, device="cpu")
+    # prompts of 5 and 10 tokens: first generated positions 5 and 10 lie in row blocks 1 and 2
+    assert lay.key_starts.tolist() == [4, 0]  # pads are whole blocks
+    assert lay.anchor == 8 and lay.gen_starts.tolist() == [9, 10]
+    assert lay.positions[0, 4:12].tolist() == list(range(8))
+
+
+# ----------------------------------------------------------------------------- invariants
+ALL_DIFFUSION_RULES = {**DETERMINISTIC_RULES, "ancestral": ("ancestral", dict(steps=6))}
+
+
+@pytest.mark.parametrize("model_name", sorted(DIFFUSION_MODELS))
+@pytest.mark.parametrize("rule", sorted(ALL_DIFFUSION_RULES))
+def test_prompt_tokens_are_never_changed_and_no_mask_survives(model_name, rule):
+    model = DIFFUSION_MODELS[model_name]()
+    strategy, knobs = ALL_DIFFUSION_RULES[rule]
+    seen = []
+    done = generate_with_stats(model, TOK, PROMPTS, LENGTHS, strategy, temperature=1.0, top_p=0.9,
+                               stop_at_eot=False, on_step=lambda info: seen.append(info), **knobs)
+    for c, p, n in zip(done, PROMPTS, LENGTHS):
+        assert c.prompt_ids == TOK.encode(p)
+        assert len(c.token_ids) == n
+        assert all(0 <= t < TOK.vocab_size for t in c.token_ids)  # no MASK, no padding id
+        assert "░" not in c.text
+    assert any(TOK.mask_id in ids for info in seen for ids in info.token_ids)  # steps showed masks
+    # the canvas itself: prompt columns unchanged
+    reqs = [Request(TOK.encode(p), n) for p, n in zip(PROMPTS, LENGTHS)]
+    align = 4 if model_name == "block_causal" else 0
+    lay = build_layout(reqs, TOK.mask_id, TOK.eot_id, align, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    if strategy == "ancestral":
+        res = decode_ancestral(model, lay, 6, NoiseSchedule(), Sampler(1.0), gen, TOK.mask_id, TOK.vocab_size)
+    else:
+        res = decode_by_confidence(model, lay, CommitTopK(tokens_per_step=2), Sampler(1.0), gen, TOK.mask_id,
+                                   TOK.vocab_size, block_length=8 if strategy == "blocks" else None,
+                                   kv_cache=strategy == "blocks")
+    assert torch.equal(res.x[~lay.gen], lay.x[~lay.gen])
+    assert not (res.x == TOK.mask_id).any()
+
+
+# ----------------------------------------------------------------------------- call counts
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_k_tokens_per_step_takes_exactly_ceil_L_over_k_calls(k):
+    model = tiny_model()
+    done = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "topk", tokens_per_step=k, temperature=1.0,
+                               stop_at_eot=False)
+    assert [c.nfe for c in done] == [math.ceil(n / k) for n in LENGTHS]
+
+
+def test_topk_with_steps_takes_exactly_that_many_calls():
+    model = tiny_model()
+    done = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "topk", steps=5, temperature=0, stop_at_eot=False)
+    assert [c.nfe for c in done] == [min(5, n) for n in LENGTHS]
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_blocks_spread_the_step_budget_over_each_rows_blocks(kv_cache):
+    model = tiny_model()
+    # L = 16, 20, 7 with blocks of 8: 2, 3, 1 blocks; 6 steps -> 3, 2, 6 per block (a block of 7 needs 6)
+    done = generate_with_stats(model, TOK, ["ab", "cde", "f"], [16, 20, 7], "blocks", block_length=8, steps=6,
+                               kv_cache=kv_cache, temperature=0, stop_at_eot=False)
+    assert [c.nfe for c in done] == [6, 6, 6]
+    assert [len(c.token_ids) for c in done] == [16, 20, 7]
+
+
+def test_threshold_commits_at_least_one_token_per_step():
+    model = tiny_model()
+    # tau = 1: no confidence exceeds it, so exactly one token per step (and it terminates)
+    never = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "threshold", threshold=1.0, temperature=0,
+                                stop_at_eot=False)
+    assert [c.nfe for c in never] == LENGTHS
+    # tau = 0: every token is confident enough, so one call does everything
+    always = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "threshold", threshold=0.0, temperature=0,
+                                 stop_at_eot=False)
+    assert [c.nfe for c in always] == [1] * len(PROMPTS)
+    # a step budget caps the calls
+    capped = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "threshold", threshold=1.0, steps=3,
+                                 temperature=0, stop_at_eot=False)
+    assert [c.nfe for c in capped] == [3] * len(PROMPTS)
+
+
+def test_commit_rules_choose_the_most_confident():
+    conf = torch.tensor([[0.1, float("-inf"), 0.9, 0.5, 0.95]])
+    picked = CommitTopK(tokens_per_step=2).choose(conf, torch.tensor([0]), torch.tensor([0]))
+    assert picked.tolist() == [[False, False, True, False, True]]
+    picked = CommitThreshold(0.92).choose(conf, torch.tensor([0]), torch.tensor([0]))
+    assert picked.tolist() == [[False, False, False, False, True]]
+    picked = CommitThreshold(0.99).choose(conf, torch.tensor([0]), torch.tensor([0]))  # none above: the best
+    assert picked.tolist() == [[False, False, False, False, True]]
+
+
+def test_ancestral_commit_probability_follows_the_schedule():
+    sched = NoiseSchedule("linear")
+    # linear alpha = 1 - t: from t to s, (t - s) / t
+    assert ancestral_commit_probability(sched, 0.5, 0.25) == pytest.approx(0.5)
+    assert ancestral_commit_probability(sched, 1.0, 0.75) == pytest.approx(0.25)
+    assert ancestral_commit_probability(NoiseSchedule("cosine"), 0.1, 0.0) == 1.0
+
+
+@pytest.mark.parametrize("model_name", sorted(DIFFUSION_MODELS))
+def test_ancestral_cache_makes_fewer_calls_than_steps(model_name):
+    model = DIFFUSION_MODELS[model_name]()
+    steps = 4 * max(LENGTHS)
+    done = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "ancestral", steps=steps, stop_at_eot=False)
+    for c, n in zip(done, LENGTHS):
+        assert c.steps == steps or c.steps <= steps  # the time grid is walked until all are committed
+        assert c.nfe <= n < steps  # a call only when the canvas changed and something commits
+        assert len(c.token_ids) == n
+
+
+def test_ancestral_with_few_steps_commits_many_tokens_per_call():
+    model = tiny_model()
+    done = generate_with_stats(model, TOK, ["abc"], 32, "ancestral", steps=4, stop_at_eot=False)
+    assert done[0].nfe <= 4 and len(done[0].token_ids) == 32
+
+
+# ----------------------------------------------------------------------------- KV caches
+def test_kv_cached_blocks_of_a_block_causal_model_equal_uncached_exactly():
+    model = tiny_model("block_causal", block_length=4)
+    for knobs in (dict(temperature=0), dict(temperature=1.0, top_k=5), dict(block_rule="threshold", threshold=0.05,
+                                                                              temperature=0)):
+        kw = dict(block_length=8, stop_at_eot=False, seed=3, **knobs)
+        cached = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "blocks", kv_cache=True, **kw)
+        plain = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "blocks", kv_cache=False, **kw)
+        assert [c.token_ids for c in cached] == [c.token_ids for c in plain]
+        assert [c.nfe for c in cached] == [c.nfe for c in plain]
+
+
+def test_blocks_on_a_bidirectional_model_decode_left_to_right():
+    model = tiny_model()
+    order = []
+
+    def watch(info):
+        ids = info.token_ids[0]
+        order.append(max((i for i, t in enumerate(ids) if t != TOK.mask_id), default=-1))
+
+    done = generate_with_stats(model, TOK, ["abc"], 24, "blocks", block_length=8, temperature=0, stop_at_eot=False,
+                               on_step=watch)
+    assert done[0].nfe == 24  # one token per step by default
+    assert max(order[:8]) < 8 and min(order[8:]) >= 8  # block 0 is finished before block 1 starts
+
+
+def test_block_length_must_be_a_multiple_of_a_block_causal_models_blocks():
+    with pytest.raises(ValueError, match="multiple"):
+        generate(tiny_model("block_causal", block_length=4), TOK, ["a"], 8, "blocks", block_length=6)
+
+
+def test_ar_kv_cache_equals_no_cache_and_batched_equals_one_by_one():
+    model = tiny_model("causal")
+    kw = dict(temperature=0, stop_at_eot=False)
+    cached = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "ar", kv_cache=True, **kw)
+    plain = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "ar", kv_cache=False, **kw)
+    assert [c.token_ids for c in cached] == [c.token_ids for c in plain]
+    for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS)):
+        alone = generate_with_stats(model, TOK, [p], n, "ar", kv_cache=False, **kw)[0]
+        assert cached[i].token_ids == alone.token_ids
+        assert cached[i].nfe == n  # prefill gives the first token, then one call per token
+
+
+def test_ar_sampling_with_cache_equals_no_cache_for_the_same_seed():
+    model = tiny_model("causal")
+    kw = dict(temperature=0.8, top_k=10, top_p=0.95, seed=7, stop_at_eot=False)
+    a = generate(model, TOK, PROMPTS, LENGTHS, "ar", kv_cache=True, **kw)
+    b = generate(model, TOK, PROMPTS, LENGTHS, "ar", kv_cache=False, **kw)
+    assert a == b
+
+
+# ----------------------------------------------------------------------------- EOT
+def eot_loving(model):
+    """Make EOT by far the most likely token everywhere (its output row points along every state)."""
+    with torch.no_grad():
+        model.lm_head.weight[TOK.eot_id] = 0
+        model.transformer.ln_f.bias[:] = 1.0
+        model.transformer.ln_f.weight[:] = 0.0
+        model.lm_head.weight[TOK.eot_id] = 10.0
+    return model
+
+
+@pytest.mark.parametrize("strategy,knobs,model_name", [
+    ("topk", dict(tokens_per_step=2), "bidirectional"), ("ancestral", dict(steps=8), "bidirectional"),
+    ("threshold", dict(), "bidirectional"), ("blocks", dict(block_length=8), "block_causal"),
+    ("ar", dict(), "causal")])
+def test_generation_stops_at_eot_and_is_trimmed(strategy, knobs, model_name):
+    model = eot_loving(tiny_model(model_name, block_length=4 if model_name == "block_causal" else 0))
+    done = generate_with_stats(model, TOK, ["abc", "de"], [24, 16], strategy, temperature=0, **knobs)
+    for c in done:
+        assert c.token_ids == [] and c.text == "" and c.stopped_at_eot
+    if strategy == "ar":
+        assert [c.nfe for c in done] == [1, 1]  # stopped after the first token
+    if strategy == "blocks":
+        assert all(c.nfe <= 8 for c in done)  # stopped after the first block
+    untrimmed = generate_with_stats(model, TOK, ["abc"], 12, strategy, temperature=0, stop_at_eot=False, **knobs)
+    assert untrimmed[0].token_ids == [TOK.eot_id] * 12 and not untrimmed[0].stopped_at_eot
+
+
+# ----------------------------------------------------------------------------- sampling and API
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    logits = torch.randn(6, 33, generator=torch.Generator().manual_seed(0))
+    greedy, _ = sample_from_logits(logits, Sampler(0.0), None)
+    for s in (Sampler(1.0, top_k=1), Sampler(1.0, top_p=1e-6)):
+        tokens, conf = sample_from_logits(logits, s, torch.Generator().manual_seed(1))
+        assert torch.equal(tokens, greedy) and torch.allclose(conf, torch.ones(6))
+    kept = torch.isfinite(filter_logits(logits, top_k=3, top_p=None)).sum(-1)
+    assert kept.tolist() == [3] * 6
+
+
+def test_generate_returns_text_and_stats_and_is_reproducible():
+    model = tiny_model()
+    a = generate_with_stats(model, TOK, PROMPTS, 8, seed=5)  # default strategy for diffusion: ancestral
+    b = generate_with_stats(model, TOK, PROMPTS, 8, seed=5)
+    assert [c.text for c in a] == [c.text for c in b]
+    assert all(c.strategy == "ancestral" and c.tokens_per_s > 0 and c.elapsed_s > 0 for c in a)
+    assert generate(model, TOK, PROMPTS, 8, seed=5) == [c.text for c in a]
+    assert generate_with_stats(tiny_model("causal"), TOK, ["ab"], 3)[0].strategy == "ar"
+
+
+def test_gpt2_tokenizer_prompts_decode():
+    tok = get_tokenizer("gpt2")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.padded_vocab_size, n_layer=2, n_head=2, n_embd=32,
+                          attention="bidirectional")).eval()
+    done = generate_with_stats(model, tok, ["Hello world", "The"], [6, 9], "threshold", temperature=0,
+                               stop_at_eot=False)
+    assert [len(c.token_ids) for c in done] == [6, 9]
+    assert all(t < tok.vocab_size for c in done for t in c.token_ids)
