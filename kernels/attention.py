@@ -4,17 +4,46 @@ Every attention call in diffusionGPT goes through `attention(q, k, v, mask, impl
 The mask is never a T x T tensor handed in by the caller: it is described by `AttentionMask`
 (kind + block size + per-sequence key padding + query offset) and computed from indices.
 
-NOTE: the Triton kernel is added by the kernels issue; until then "triton" raises.
+The Triton kernel is FlashAttention-2 style: each program owns a tile of queries, walks the key
+tiles with an online softmax and never holds a Tq x Tk matrix. The forward saves the log-sum-exp
+per query row; the backward recomputes the probabilities tile by tile (one kernel for dK/dV that
+walks query tiles, one for dQ that walks key tiles; no atomics). The mask is evaluated inside the
+kernel from row/column indices, and key tiles that the mask hides completely are never visited:
+the loop bounds start after the left padding and stop at the causal / block-causal frontier and at
+the right padding.
+
+Supported by the Triton path (impl="triton"):
+  - dtypes fp32, fp16, bf16 (q, k, v all the same dtype); fp32 matmuls are exact IEEE unless
+    `torch.backends.cuda.matmul.allow_tf32` is set, in which case they use TF32 like torch does;
+  - head dims 1..128 (tuned for 32, 64, 128; other sizes are zero-padded to a power of two >= 16
+    inside the kernel); larger head dims raise ValueError (impl="auto" falls back to the reference);
+  - any Tq, Tk (odd lengths included), Tq != Tk with q_offset (KV cache), every `AttentionMask`;
+  - query rows that see no key at all output 0, with zero (finite) gradients, like the reference.
+Not supported: attention dropout (omitted on purpose: no model here uses it), grouped-query K/V
+(k and v must have the same number of heads as q), gradients w.r.t. `scale` or the mask.
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+try:  # Triton ships with CUDA builds of torch; without it only the reference is available
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
 MASK_KINDS = ("causal", "bidirectional", "block_causal")
+MAX_TRITON_HEAD_DIM = 128  # larger heads would need smaller tiles than the configs below
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -84,12 +113,496 @@ def attention_reference(q, k, v, mask: AttentionMask, scale: Optional[float] = N
 def attention(q, k, v, mask: AttentionMask, impl: str = "auto", scale: Optional[float] = None) -> torch.Tensor:
     """The one attention function of the project. impl: "auto" | "triton" | "torch".
 
-    "auto" runs the Triton kernel on a CUDA device and the PyTorch reference elsewhere.
+    "auto" runs the Triton kernel on a CUDA device and the PyTorch reference elsewhere; on CUDA it
+    also falls back to the reference for inputs the kernel does not support (head dim > 128, a
+    dtype other than fp32/fp16/bf16, Triton not installed). "triton" never falls back: unsupported
+    inputs raise ValueError / TypeError / RuntimeError with the reason.
     """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown attention impl {impl!r}; expected auto | triton | torch")
     if impl == "auto":
-        impl = "triton" if q.is_cuda else "torch"
+        impl = "triton" if q.is_cuda and triton_unsupported_reason(q, k, v) is None else "torch"
     if impl == "torch":
         return attention_reference(q, k, v, mask, scale)
-    raise NotImplementedError("the Triton attention kernel is not implemented yet")
+    return flash_attention(q, k, v, mask, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+# The interpreter (TRITON_INTERPRET=1, CPU tests) runs every program in Python: it cannot autotune
+# several configs and its cost grows with programs x loop steps, so it gets one fixed tile size.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETER_BLOCK_M = 64  # tests may lower these to exercise more tiles with short sequences
+INTERPRETER_BLOCK_N = 64
+_LOG2E = 1.4426950408889634
+_KIND_CODE = {"bidirectional": 0, "causal": 1, "block_causal": 2}
+
+
+def triton_unsupported_reason(q, k, v) -> Optional[str]:
+    """Why the Triton kernel cannot run these inputs (None = it can). Shape errors are not
+    reasons to fall back: `flash_attention` reports them."""
+    error = _support_error(q)
+    return None if error is None else str(error)
+
+
+def _support_error(q) -> Optional[Exception]:
+    if not HAS_TRITON:
+        return RuntimeError("triton is not installed")
+    if q.dtype not in TRITON_DTYPES:
+        return TypeError(f"dtype {q.dtype} is not one of fp32/fp16/bf16")
+    if q.dim() == 4 and q.shape[-1] > MAX_TRITON_HEAD_DIM:
+        return ValueError(f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}")
+    if not (q.is_cuda or INTERPRET):
+        return RuntimeError("the kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    return None
+
+
+def _check_inputs(q, k, v, mask: AttentionMask):
+    """Raise a clear error for every input the kernel would otherwise misread."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, T, D); got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    B, H, Tq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"k and v must be (B, H, Tk, D) = ({B}, {H}, Tk, {D}); "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    error = _support_error(q)
+    if error is not None:
+        raise type(error)(f"the Triton attention kernel cannot run this input: {error}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        # row offsets inside one (batch, head) slice are int32 in the kernel
+        if t.shape[2] * max(t.stride(2), 1) + t.shape[3] * max(t.stride(3), 1) >= 2 ** 31:
+            raise ValueError(f"{name} is too long for the kernel's int32 row offsets: shape "
+                             f"{tuple(t.shape)}, strides {t.stride()}")
+    if mask.q_offset < 0:
+        raise ValueError(f"q_offset must be >= 0; got {mask.q_offset}")
+    for name, t in (("key_lengths", mask.key_lengths), ("key_starts", mask.key_starts)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (B,):
+            raise ValueError(f"mask.{name} must be a ({B},) tensor; got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"mask.{name} must be an integer tensor; got {t.dtype}")
+
+
+def _key_bound_tensor(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """(B,) int32 on the kernel's device; a 1-element dummy when absent (never read)."""
+    if t is None:
+        return torch.zeros(1, dtype=torch.int32, device=like.device)
+    lo, hi = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
+    return t.to(device=like.device).clamp(lo, hi).to(torch.int32).contiguous()
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    # any strides work, but rows must be contiguous for coalesced (vectorised) loads
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bucket(n: int) -> int:
+    """Autotune key for a length: retune per power of two, not per length (KV-cache decoding
+    changes Tk every step)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+if HAS_TRITON:
+
+    def _config_key(config):
+        # by value, not id(): torch.compile hands the pruner copies of the configs
+        return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+    def _tuned(table, key):
+        """Autotune on a GPU over `table` = [(BLOCK_M, BLOCK_N, warps, stages, largest head dim)];
+        a plain kernel in the interpreter (tile sizes passed by the caller).
+
+        The head-dim caps come from compiling every config for sm_90 with Triton's ptxas (no GPU
+        needed): above its cap a config spills registers, so it is pruned before timing (sm_80
+        spills a little more; the autotuner times what is left). Configs whose tiles exceed
+        the (bucketed) lengths are pruned too (few queries when decoding with a KV cache)."""
+        max_head_dim = {}
+        configs = []
+        for bm, bn, warps, stages, max_d in table:
+            config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+            max_head_dim[_config_key(config)] = max_d
+            configs.append(config)
+
+        def prune(configs, named_args, **kwargs):
+            head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+            tq = max(16, named_args["TQ_BUCKET"])
+            tk = max(16, named_args["TK_BUCKET"])
+            fits = [c for c in configs if head_dim <= max_head_dim.get(_config_key(c), MAX_TRITON_HEAD_DIM)]
+            q = named_args.get("Q")
+            if getattr(q, "dtype", None) == torch.float32 and kwargs.get("INPUT_PRECISION") == "ieee":
+                # exact fp32 dots run on FMA units with register-hungry tiles: only small tiles
+                # compile without spills (2048 elements at head dim 64, measured with ptxas)
+                fits = [c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * head_dim <= 2048 * 64]
+            fits = fits or list(configs)
+            short = [c for c in fits if c.kwargs["BLOCK_M"] <= tq and c.kwargs["BLOCK_N"] <= tk]
+            if short:
+                return short
+            smallest = min(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in fits)
+            return [c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == smallest]
+
+        def wrap(fn):
+            if INTERPRET:
+                return fn
+            return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+        wrap.configs, wrap.prune = configs, prune  # for tests and the offline compile check
+        return wrap
+
+    _TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "KIND", "HAS_LEN", "HAS_START"]
+    _FWD_TUNING = _tuned([  # BLOCK_M queries per program, BLOCK_N keys per step
+        (128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (128, 32, 8, 3, 128),
+        (64, 64, 4, 3, 64), (64, 64, 8, 3, 128), (64, 32, 4, 4, 128), (32, 32, 4, 2, 128),
+        (16, 64, 4, 3, 128), (16, 128, 4, 3, 128),  # few queries: KV-cache decoding
+    ], _TUNE_KEY)
+    _BWD_DKDV_TUNING = _tuned([  # BLOCK_N keys per program, BLOCK_M queries per step
+        (32, 128, 8, 3, 64), (64, 128, 8, 3, 64), (32, 64, 4, 3, 64), (32, 64, 8, 3, 128),
+        (64, 64, 8, 3, 128), (32, 32, 4, 3, 128), (16, 64, 4, 2, 64),
+    ], _TUNE_KEY)
+    _BWD_DQ_TUNING = _tuned([  # BLOCK_M queries per program, BLOCK_N keys per step
+        (128, 32, 8, 3, 64), (128, 64, 8, 3, 64), (64, 64, 8, 3, 128), (64, 32, 8, 3, 128),
+        (64, 32, 4, 3, 64), (32, 32, 4, 3, 128), (64, 16, 4, 2, 64),
+    ], _TUNE_KEY)
+
+    @triton.jit
+    def _key_bounds(KEY_LEN, KEY_START, b, TK, HAS_LEN: tl.constexpr, HAS_START: tl.constexpr):
+        """[kv_start, kv_end): the keys of sequence b that are not padding."""
+        kv_end = TK + 0 * b
+        if HAS_LEN:
+            kv_end = tl.minimum(tl.load(KEY_LEN + b), kv_end)
+        kv_start = 0 * b
+        if HAS_START:
+            kv_start = tl.maximum(tl.load(KEY_START + b), kv_start)
+        return kv_start, kv_end
+
+    @triton.jit
+    def _visible(q_pos, k_pos, kv_start, kv_end, block_size, KIND: tl.constexpr):
+        """Mask from indices: q_pos (M, 1) absolute query positions, k_pos (1, N) key indices."""
+        ok = (k_pos >= kv_start) & (k_pos < kv_end)
+        if KIND == 1:  # causal
+            ok = ok & (k_pos <= q_pos)
+        elif KIND == 2:  # block-causal: whole blocks visible, causal across blocks
+            ok = ok & ((k_pos // block_size) <= (q_pos // block_size))
+        return ok
+
+    @triton.jit
+    def _key_tile_range(start_m, TQ, q_offset, kv_start, kv_end, block_size,
+                        KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Key range [lo, hi) a query tile must visit; tiles outside it are fully masked."""
+        lo = (kv_start // BLOCK_N) * BLOCK_N  # skip whole tiles of left padding
+        hi = kv_end  # stop at the right padding
+        last_q = tl.minimum(start_m + BLOCK_M, TQ) - 1 + q_offset  # last query position in the tile
+        if KIND == 1:
+            hi = tl.minimum(hi, last_q + 1)
+        elif KIND == 2:
+            hi = tl.minimum(hi, (last_q // block_size + 1) * block_size)
+        hi = tl.where(hi <= kv_start, lo, hi)  # nothing visible (e.g. all left padding): no tile
+        return lo, hi
+
+    @triton.jit
+    def _query_tile_range(start_n, TQ, q_offset, kv_start, kv_end, block_size,
+                          KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Query range [lo, hi) that can see some key of the tile [start_n, start_n + BLOCK_N)."""
+        first_k = tl.maximum(start_n, kv_start)  # first key of the tile that is not padding
+        first_q = 0 * start_n  # first query index (not position) that sees key first_k
+        if KIND == 1:
+            first_q = first_k - q_offset
+        elif KIND == 2:
+            first_q = (first_k // block_size) * block_size - q_offset
+        lo = (tl.maximum(first_q, 0) // BLOCK_M) * BLOCK_M
+        padding_only = first_k >= tl.minimum(start_n + BLOCK_N, kv_end)
+        hi = tl.where(padding_only, 0, TQ)
+        return lo, hi
+
+    @_FWD_TUNING
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V, O, LSE, KEY_LEN, KEY_START,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_om, stride_od,
+        H, TQ, TK, q_offset, block_size, qk_scale_log2,
+        TQ_BUCKET, TK_BUCKET,  # autotune keys only
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KIND: tl.constexpr,
+        HAS_LEN: tl.constexpr, HAS_START: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        LSE += bh.to(tl.int64) * TQ
+
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        m_ok = offs_m < TQ
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        q_pos = (offs_m + q_offset)[:, None]  # (BLOCK_M, 1)
+
+        kv_start, kv_end = _key_bounds(KEY_LEN, KEY_START, b, TK, HAS_LEN, HAS_START)
+        lo, hi = _key_tile_range(start_m, TQ, q_offset, kv_start, kv_end, block_size,
+                                 KIND, BLOCK_M, BLOCK_N)
+
+        # online softmax in base 2: m_i running max of the scaled logits, l_i running denominator
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < TK
+            kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+            qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+            ok = _visible(q_pos, offs_n[None, :], kv_start, kv_end, block_size, KIND)
+            s = tl.where(ok, qk * qk_scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row that has seen no visible key yet keeps m = -inf; subtract 0 there, not -inf,
+            # so exp2 gives 0 instead of NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+            m_i = m_new
+
+        empty = l_i == 0.0  # no visible key: output 0 (acc is 0 there), lse = +inf so p = 0
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                 o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + offs_m, lse, mask=m_ok)
+
+    @_BWD_DKDV_TUNING
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, DK, DV, LSE, DELTA, KEY_LEN, KEY_START,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # dk and dv share a layout
+        H, TQ, TK, q_offset, block_size, sm_scale, qk_scale_log2,
+        TQ_BUCKET, TK_BUCKET,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KIND: tl.constexpr,
+        HAS_LEN: tl.constexpr, HAS_START: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        start_n = tl.program_id(0) * BLOCK_N
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
+        DV += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
+        LSE += bh.to(tl.int64) * TQ
+        DELTA += bh.to(tl.int64) * TQ
+
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        n_ok = offs_n < TK
+        nd_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=nd_ok, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=nd_ok, other=0.0)
+        k_idx = offs_n[:, None]  # (BLOCK_N, 1): this kernel works on transposed scores (keys x queries)
+
+        kv_start, kv_end = _key_bounds(KEY_LEN, KEY_START, b, TK, HAS_LEN, HAS_START)
+        lo, hi = _query_tile_range(start_n, TQ, q_offset, kv_start, kv_end, block_size,
+                                   KIND, BLOCK_M, BLOCK_N)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < TQ
+            qT = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
+            do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+            lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+            qkT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            ok = _visible((offs_m + q_offset)[None, :], k_idx, kv_start, kv_end, block_size, KIND)
+            ok = ok & m_ok[None, :]
+            pT = tl.where(ok, tl.exp2(qkT * qk_scale_log2 - lse[None, :]), 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+        dk = dk * sm_scale
+        tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                 dk.to(DK.dtype.element_ty), mask=nd_ok)
+        tl.store(DV + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                 dv.to(DV.dtype.element_ty), mask=nd_ok)
+
+    @_BWD_DQ_TUNING
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        Q, K, V, DO, DQ, LSE, DELTA, KEY_LEN, KEY_START,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+        H, TQ, TK, q_offset, block_size, sm_scale, qk_scale_log2,
+        TQ_BUCKET, TK_BUCKET,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KIND: tl.constexpr,
+        HAS_LEN: tl.constexpr, HAS_START: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+        LSE += bh.to(tl.int64) * TQ
+        DELTA += bh.to(tl.int64) * TQ
+
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        m_ok = offs_m < TQ
+        md_ok = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=md_ok, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=md_ok, other=0.0)
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        q_pos = (offs_m + q_offset)[:, None]
+
+        kv_start, kv_end = _key_bounds(KEY_LEN, KEY_START, b, TK, HAS_LEN, HAS_START)
+        lo, hi = _key_tile_range(start_m, TQ, q_offset, kv_start, kv_end, block_size,
+                                 KIND, BLOCK_M, BLOCK_N)
+        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < TK
+            dn_ok = d_ok[:, None] & n_ok[None, :]
+            kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=dn_ok, other=0.0)
+            vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=dn_ok, other=0.0)
+            qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            ok = _visible(q_pos, offs_n[None, :], kv_start, kv_end, block_size, KIND)
+            p = tl.where(ok, tl.exp2(qk * qk_scale_log2 - lse[:, None]), 0.0)
+            dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+        dq = dq * sm_scale
+        tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                 dq.to(DQ.dtype.element_ty), mask=md_ok)
+
+
+def _launch_meta(q, k, mask: AttentionMask):
+    """Arguments shared by the three kernels (everything but tensors, strides and scales)."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if q.dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        precision = "tf32"
+    else:
+        precision = "ieee"
+    return dict(
+        scalars=(H, Tq, Tk, mask.q_offset, max(mask.block_size, 1)),
+        buckets=(_bucket(Tq), _bucket(Tk)),
+        consts=dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), KIND=_KIND_CODE[mask.kind],
+                    HAS_LEN=mask.key_lengths is not None, HAS_START=mask.key_starts is not None,
+                    INPUT_PRECISION=precision),
+        tiles={} if not INTERPRET else dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=INTERPRETER_BLOCK_N),
+    )
+
+
+def _flash_forward(q, k, v, key_len, key_start, mask: AttentionMask, scale: float):
+    """q (B, H, Tq, D), k/v (B, H, Tk, D) -> out (B, H, Tq, D), lse_log2 (B, H, Tq) fp32."""
+    B, H, Tq, D = q.shape
+    out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # log2-sum-exp2 per row
+    if out.numel() == 0:
+        return out, lse
+    meta = _launch_meta(q, k, mask)
+    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, key_len, key_start,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *meta["scalars"], scale * _LOG2E, *meta["buckets"],
+        **meta["consts"], **meta["tiles"],
+    )
+    return out, lse
+
+
+def _flash_backward(do, q, k, v, out, lse, key_len, key_start, mask: AttentionMask, scale: float):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, Tk, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, H, Tk, D), dtype=v.dtype, device=v.device)
+    if Tq == 0 or Tk == 0 or B * H * D == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    # delta_i = sum_j P_ij dP_ij = dO_i . O_i, the row term of the softmax backward
+    delta = (do.float() * out.float()).sum(-1).contiguous()  # (B, H, Tq) fp32
+    meta = _launch_meta(q, k, mask)
+    common = (*meta["scalars"], scale, scale * _LOG2E, *meta["buckets"])
+    grid_kv = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)  # noqa: E731
+    _attn_bwd_dkdv_kernel[grid_kv](
+        q, k, v, do, dk, dv, lse, delta, key_len, key_start,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+        *common, **meta["consts"], **meta["tiles"],
+    )
+    grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_bwd_dq_kernel[grid_q](
+        q, k, v, do, dq, lse, delta, key_len, key_start,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        *common, **meta["consts"], **meta["tiles"],
+    )
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: forward saves (q, k, v, out, lse); backward recomputes P tile by tile."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask: AttentionMask, scale: float):
+        key_len = _key_bound_tensor(mask.key_lengths, q)
+        key_start = _key_bound_tensor(mask.key_starts, q)
+        out, lse = _flash_forward(q, k, v, key_len, key_start, mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse, key_len, key_start)
+        ctx.mask = mask
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, key_len, key_start = ctx.saved_tensors
+        dout = _unit_last_stride(dout)
+        dq, dk, dv = _flash_backward(dout, q, k, v, out, lse, key_len, key_start, ctx.mask, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q, k, v, mask: AttentionMask, scale: Optional[float] = None) -> torch.Tensor:
+    """The Triton path of `attention`: same contract as `attention_reference`, differentiable in
+    q, k and v. Raises (never falls back) on inputs the kernel does not support."""
+    _check_inputs(q, k, v, mask)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    return FlashAttentionFunction.apply(q, k, v, mask, float(scale))

@@ -1,37 +1,155 @@
-"""The diffusion forward process as one fused step: noised ids + per-token loss weight.
+"""The masked-diffusion forward process as one fused kernel, with its PyTorch reference.
 
-NOTE: the Triton kernel is added by the kernels issue; this is the PyTorch reference and dispatcher.
+Given clean ids x0 (B, T) and, per sequence, the masking probability `mask_prob` = 1 - alpha(t)
+and the loss weight (e.g. -alpha'(t) / (1 - alpha(t))), both computed by the caller from the noise
+schedule in models/diffusion.py, one pass writes
+    xt[b, i]           = mask_id          if token i is masked, else x0[b, i]
+    token_weight[b, i] = loss_weight[b]   if token i is masked, else 0
+where each token is masked independently with probability mask_prob[b], and never where
+`maskable[b, i]` is False (prompt or padding tokens).
+
+Randomness: the Triton kernel draws Philox numbers `tl.rand(seed, b * T + i)`; the reference draws
+`torch.rand` from a `torch.Generator` seeded with `seed`. Each impl is deterministic for a seed,
+but the two impls draw different masks for the same seed (same distribution).
 """
 from __future__ import annotations
 
-from typing import Optional
+import operator
+import os
+from typing import Optional, Tuple
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAS_TRITON = False
 
-def apply_diffusion_mask_reference(x0, mask_prob, loss_weight, mask_id: int, seed: int, maskable=None):
-    """x0 (B, T) ids; mask_prob, loss_weight (B,) per sequence -> xt (B, T), token_weight (B, T).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_BLOCK = 1024  # tokens per program
 
-    Each token is independently replaced by `mask_id` with probability mask_prob[b] (never where
-    maskable is False); token_weight is loss_weight[b] where a token was masked, else 0.
-    """
-    gen = torch.Generator(device=x0.device).manual_seed(int(seed))
-    u = torch.rand(x0.shape, generator=gen, device=x0.device)  # (B, T)
-    masked = u < mask_prob.to(u.dtype).view(-1, 1)
+
+def _checked_inputs(x0, mask_prob, loss_weight, mask_id, seed, maskable):
+    if not isinstance(x0, torch.Tensor) or x0.dim() != 2:
+        raise ValueError(f"x0 must be a (B, T) tensor of token ids; got "
+                         f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0)}")
+    if x0.is_floating_point() or x0.is_complex() or x0.dtype == torch.bool:
+        raise TypeError(f"x0 must hold integer token ids; got {x0.dtype}")
+    B, T = x0.shape
+    for name, t in (("mask_prob", mask_prob), ("loss_weight", loss_weight)):
+        if not isinstance(t, torch.Tensor) or t.shape != (B,):
+            raise ValueError(f"{name} must be a ({B},) tensor (one value per sequence); got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor; got {t.dtype}")
+    if maskable is not None:
+        if not isinstance(maskable, torch.Tensor) or maskable.shape != (B, T):
+            raise ValueError(f"maskable must be a ({B}, {T}) bool tensor; got "
+                             f"{tuple(maskable.shape) if isinstance(maskable, torch.Tensor) else type(maskable)}")
+        if maskable.dtype != torch.bool:
+            raise TypeError(f"maskable must be a bool tensor; got {maskable.dtype}")
+    seed, mask_id = _as_int("seed", seed), _as_int("mask_id", mask_id)
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be in [0, 2**63); got {seed}")
+    if not torch.iinfo(x0.dtype).min <= mask_id <= torch.iinfo(x0.dtype).max:
+        raise ValueError(f"mask_id {mask_id} does not fit x0's dtype {x0.dtype}")
+    # the per-sequence vectors and the maskable flags follow x0 (they are small or bool)
+    mask_prob, loss_weight = mask_prob.to(x0.device), loss_weight.to(x0.device)
+    maskable = maskable.to(x0.device) if maskable is not None else None
+    return mask_prob, loss_weight, mask_id, seed, maskable
+
+
+def _as_int(name, value) -> int:
+    """Python / numpy / 0-d tensor integers -> int; anything else (bool, float) is an error."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        raise TypeError(f"{name} must be an integer; got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer; got {type(value).__name__}") from None
+
+
+def apply_diffusion_mask_reference(x0, mask_prob, loss_weight, mask_id: int, seed: int,
+                                   maskable: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: x0 (B, T) ints -> (xt (B, T) same dtype as x0, token_weight (B, T) fp32)."""
+    mask_prob, loss_weight, mask_id, seed, maskable = _checked_inputs(
+        x0, mask_prob, loss_weight, mask_id, seed, maskable)
+    gen = torch.Generator(device=x0.device).manual_seed(seed)
+    u = torch.rand(x0.shape, generator=gen, device=x0.device)  # (B, T) uniform in [0, 1)
+    masked = u < mask_prob.float()[:, None]
     if maskable is not None:
         masked = masked & maskable
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    token_weight = masked.to(torch.float32) * loss_weight.to(torch.float32).view(-1, 1)
+    token_weight = torch.where(masked, loss_weight.float()[:, None], torch.zeros((), device=x0.device))
+    return xt, token_weight
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _diffusion_mask_kernel(X0, XT, WEIGHT, MASK_PROB, LOSS_WEIGHT, MASKABLE,
+                               n_tokens, T, seed, mask_id,
+                               HAS_MASKABLE: tl.constexpr, BLOCK: tl.constexpr):
+        # flat token index over the (B, T) batch; Philox counter = that index, so a token's draw
+        # depends only on (seed, b, i), not on the launch configuration
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        in_range = offs < n_tokens
+        b = offs // T
+        x0 = tl.load(X0 + offs, mask=in_range, other=0)
+        p = tl.load(MASK_PROB + b, mask=in_range, other=0.0).to(tl.float32)
+        w = tl.load(LOSS_WEIGHT + b, mask=in_range, other=0.0).to(tl.float32)
+        u = tl.rand(seed, offs.to(tl.uint32))  # counters wrap past 2**32 tokens (4G per call)
+        masked = u < p
+        if HAS_MASKABLE:
+            masked = masked & (tl.load(MASKABLE + offs, mask=in_range, other=0) != 0)
+        xt = tl.where(masked, mask_id, x0)
+        tl.store(XT + offs, xt.to(XT.dtype.element_ty), mask=in_range)
+        tl.store(WEIGHT + offs, tl.where(masked, w, 0.0), mask=in_range)
+
+
+def _apply_diffusion_mask_triton(x0, mask_prob, loss_weight, mask_id, seed, maskable):
+    mask_prob, loss_weight, mask_id, seed, maskable = _checked_inputs(
+        x0, mask_prob, loss_weight, mask_id, seed, maskable)
+    if not HAS_TRITON:
+        raise RuntimeError("impl='triton' needs triton installed")
+    if not (x0.is_cuda or INTERPRET):
+        raise RuntimeError("the Triton masking kernel needs CUDA tensors "
+                           "(or TRITON_INTERPRET=1 for the CPU interpreter)")
+    B, T = x0.shape
+    x0 = x0.contiguous()
+    xt = torch.empty_like(x0)
+    token_weight = torch.empty((B, T), dtype=torch.float32, device=x0.device)
+    n_tokens = B * T
+    if n_tokens == 0:
+        return xt, token_weight
+    maskable_u8 = maskable.contiguous().view(torch.uint8) if maskable is not None else x0  # dummy if absent
+    grid = (triton.cdiv(n_tokens, _BLOCK),)
+    _diffusion_mask_kernel[grid](
+        x0, xt, token_weight, mask_prob.contiguous(), loss_weight.contiguous(), maskable_u8,
+        n_tokens, T, seed, mask_id,
+        HAS_MASKABLE=maskable is not None, BLOCK=_BLOCK,
+    )
     return xt, token_weight
 
 
 def apply_diffusion_mask(x0, mask_prob, loss_weight, mask_id: int, seed: int,
-                         maskable: Optional[torch.Tensor] = None, impl: str = "auto"):
-    """Dispatch: "auto" = Triton on CUDA, PyTorch elsewhere."""
+                         maskable: Optional[torch.Tensor] = None,
+                         impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Noise x0 (B, T) for masked diffusion -> (xt (B, T) like x0, token_weight (B, T) fp32).
+
+    mask_prob (B,): probability 1 - alpha(t) of masking each token of sequence b.
+    loss_weight (B,): weight of a masked token of sequence b in the loss (0 where unmasked).
+    maskable (B, T) bool, optional: False = never mask (prompt, padding).
+    impl: "auto" (Triton on CUDA, PyTorch elsewhere) | "triton" | "torch".
+    """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown masking impl {impl!r}; expected auto | triton | torch")
     if impl == "auto":
-        impl = "triton" if x0.is_cuda else "torch"
+        impl = "triton" if x0.is_cuda and HAS_TRITON else "torch"
     if impl == "torch":
         return apply_diffusion_mask_reference(x0, mask_prob, loss_weight, mask_id, seed, maskable)
-    raise NotImplementedError("the Triton masking kernel is not implemented yet")
+    return _apply_diffusion_mask_triton(x0, mask_prob, loss_weight, mask_id, seed, maskable)
