@@ -13,3 +13,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The tests' models are tiny: per-op overhead dominates and extra intra-op threads only add contention
+# (on a busy 2-core machine, 2 OpenMP threads made single tests 20-100x slower). Subprocesses the tests
+# launch (deepspeed ranks) set their own OMP_NUM_THREADS.
+torch.set_num_threads(1)

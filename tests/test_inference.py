@@ -23,14 +23,6 @@ PROMPTS = ["the cat", "a", "hello world, how", "", "xyz"]
 LENGTHS = [12, 20, 7, 16, 9]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dominated by per-op overhead; extra intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_model(attention="bidirectional", block_length=0, seed=0) -> GPT:
     torch.manual_seed(seed)

@@ -17,13 +17,6 @@ from models.weights import save_consolidated
 TOK = get_tokenizer("char", corpus_text="abcdefghijklmnopqrstuvwxyz .,!?\n")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def export_tiny(out_dir, attention="bidirectional", objective="mdlm", block_length=0):
     torch.manual_seed(0)
