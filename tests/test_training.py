@@ -1,0 +1,422 @@
+"""training/: DeepSpeed pretraining on CPU through the real launcher, checkpoints, export, config errors.
+
+The multi-process tests (@slow) start `deepspeed --num_gpus 2` with DS_ACCELERATOR=cpu and
+OMP_NUM_THREADS=1, exactly as a CPU user does. Each ZeRO stage trains the same tiny run once (a
+module-scoped fixture: 20 steps, checkpoints at 10 and 20) and resumes it once from step 10; the tests
+then read those runs' metrics.jsonl, checkpoints and exports.
+
+Tolerances: ZeRO stages reduce gradients in different orders, so their losses agree to ~3e-7 here; the
+tests allow 1e-5. A resumed run reproduces the uninterrupted one exactly (CPU, fp32).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import checkpoint as ckpt
+from training.config import load_config
+from training.ds_config import ConfigConflict, load_ds_json, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+TINY_CONFIG = REPO / "training/configs/tiny_test.json"
+STAGES = ["zero0", "zero1", "zero2", "zero3", "zero3_offload"]
+RESUMED_STAGES = ["zero0", "zero1", "zero2", "zero3"]
+STAGE_TOLERANCE = 1e-5  # nats/token, between ZeRO stages
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+# ----------------------------------------------------------------------------- helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for_cpu_ranks() -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    # DeepSpeed's shm communication op is compiled on first use (~40 s): cache it across test sessions
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return env
+
+
+def records(out_dir, kind=None) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    rs = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [r for r in rs if kind is None or r["kind"] == kind]
+
+
+def train_losses(out_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(out_dir, "train")}
+
+
+def check_finished(proc: subprocess.CompletedProcess, out_dir) -> None:
+    """A run succeeded when it exited 0, or, only if it aborted in teardown with the one known message,
+    when it still wrote its final "done" record and a verified checkpoint."""
+    output = (proc.stdout or "") + (proc.stderr or "")
+    done = records(out_dir)[-1:] and records(out_dir)[-1]["kind"] == "done"
+    if proc.returncode == 0:
+        assert done, f"exit 0 but no 'done' record in {out_dir}/metrics.jsonl\n{output[-4000:]}"
+        return
+    found = ckpt.find_latest_good(out_dir)
+    assert TEARDOWN_ABORT in output and done and found is not None, \
+        f"training failed (exit {proc.returncode})\n{output[-6000:]}"
+
+
+def deepspeed_run(out_dir, ds_config, *extra, nproc=2, timeout=300) -> subprocess.CompletedProcess:
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), "training/pretrain.py",
+           "--config", str(TINY_CONFIG), "--deepspeed_config", str(ds_config), "--out_dir", str(out_dir), *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env_for_cpu_ranks(), capture_output=True, text=True, timeout=timeout)
+
+
+def python_run(*args, timeout=180) -> subprocess.CompletedProcess:
+    """One process, no launcher: `python training/pretrain.py ...`."""
+    return subprocess.run([PY, "training/pretrain.py", *args], cwd=REPO, env=env_for_cpu_ranks(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A ~60k-character corpus of made-up verse, prepared with the char tokenizer by the real CLI."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    rng = random.Random(0)
+    words = ("thou art the sun and moon my lord good night sweet prince what light through yonder window "
+             "breaks speak again bright angel fair is foul and foul is fair").split()
+    lines = []
+    for i in range(2000):
+        speaker = rng.choice(["ROMEO", "JULIET", "HAMLET", "MACBETH"])
+        lines.append(f"{speaker}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) + ".\n")
+    (root / "verse.txt").write_text("\n".join(lines))
+    out = root / "char"
+    subprocess.run([PY, "-m", "training.prepare", "--source", str(root / "verse.txt"), "--tokenizer", "char",
+                    "--out", str(out)], cwd=REPO, check=True, capture_output=True, text=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ds_configs(tmp_path_factory) -> dict[str, Path]:
+    """The shipped JSONs; for ZeRO-3 with a persistence threshold of 0, because the tiny model's
+    tensors are all below DeepSpeed's default (1e5 elements) and would otherwise not be partitioned."""
+    root = tmp_path_factory.mktemp("ds_configs")
+    out = {}
+    for stage in STAGES:
+        d = load_ds_json(REPO / f"ds_configs/{stage}.json")
+        if d["zero_optimization"]["stage"] == 3:
+            d["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        out[stage] = root / f"{stage}.json"
+        out[stage].write_text(json.dumps(d))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tiny_data, ds_configs, tmp_path_factory) -> dict[str, dict]:
+    """Every stage: a 20-step run (2 ranks), then a run resumed from its step-10 checkpoint."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for stage in STAGES:
+        full = root / stage
+        proc = deepspeed_run(full, ds_configs[stage], "--data_dir", str(tiny_data))
+        check_finished(proc, full)
+        runs[stage] = {"full": full, "log": proc.stdout + proc.stderr}
+        if stage in RESUMED_STAGES:
+            resumed = root / f"{stage}_resumed"
+            (resumed / "ckpt").mkdir(parents=True)
+            shutil.copytree(full / "ckpt" / "step_000010", resumed / "ckpt" / "step_000010")
+            (resumed / "ckpt" / "latest").write_text("step_000010")
+            proc = deepspeed_run(resumed, ds_configs[stage], "--resume", "--data_dir", str(tiny_data))
+            check_finished(proc, resumed)
+            runs[stage]["resumed"] = resumed
+            runs[stage]["resumed_log"] = proc.stdout + proc.stderr
+    return runs
+
+
+# ----------------------------------------------------------------------------- 2-rank runs, every stage
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_training_decreases_loss(stage_runs, stage):
+    out = stage_runs[stage]["full"]
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, 21))
+    first, last = sum(losses[s] for s in range(1, 4)) / 3, sum(losses[s] for s in range(18, 21)) / 3
+    assert last < first - 0.3, losses
+    evals = [r["val_loss"] for r in records(out, "eval")]
+    assert len(evals) == 3 and evals[-1] < evals[0]  # steps 0, 10, 20
+    config = records(out, "config")[0]
+    assert config["world_size"] == 2 and config["zero_stage"] == (3 if "zero3" in stage else int(stage[-1]))
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in records(out, "train"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES[1:])
+def test_stages_agree_with_zero0(stage_runs, stage):
+    ref, got = train_losses(stage_runs["zero0"]["full"]), train_losses(stage_runs[stage]["full"])
+    worst = max(abs(ref[s] - got[s]) for s in ref)
+    assert worst < STAGE_TOLERANCE, f"{stage} differs from zero0 by {worst:.2e} nats/token"
+    ref_val = [r["val_loss"] for r in records(stage_runs["zero0"]["full"], "eval")]
+    got_val = [r["val_loss"] for r in records(stage_runs[stage]["full"], "eval")]
+    assert got_val == pytest.approx(ref_val, abs=STAGE_TOLERANCE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", RESUMED_STAGES)
+def test_resume_reproduces_losses(stage_runs, stage):
+    full, resumed = train_losses(stage_runs[stage]["full"]), train_losses(stage_runs[stage]["resumed"])
+    assert sorted(resumed) == list(range(11, 21))
+    assert [resumed[s] for s in range(11, 21)] == [full[s] for s in range(11, 21)]  # exact on CPU fp32
+    assert records(stage_runs[stage]["resumed"], "resumed")[0]["checkpoint"] == "step_000010"
+    full_val = records(stage_runs[stage]["full"], "eval")[-1]["val_loss"]
+    assert records(stage_runs[stage]["resumed"], "eval")[-1]["val_loss"] == full_val
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_checkpoint_is_complete_and_marked(stage_runs, stage):
+    root = ckpt.ckpt_root(stage_runs[stage]["full"])
+    assert (root / "latest").read_text() == "step_000020"
+    for tag in ("step_000010", "step_000020"):
+        assert ckpt.verify(root / tag) is None
+        assert {"rng_rank0.pt", "rng_rank1.pt", "train_config.json", "ds_config.json"} <= {p.name for p in (root / tag).iterdir()}
+    saved = json.loads((root / "step_000020" / "train_config.json").read_text())
+    cfg, _ = load_config(None, [], base=saved)  # the saved, resolved config loads back as it was
+    assert cfg.to_dict() == saved and cfg.model.vocab_size > 0 and cfg.dtype == "fp32"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_export_reproduces_the_trained_model(stage_runs, tiny_data, stage):
+    """The auto-export at the end of training evaluates to exactly the val NELBO the run logged, and
+    the exports of all stages give the same logits."""
+    from models.diffusion import ObjectiveConfig, compute_loss
+    from models.tokenizer import tokenizer_from_meta
+    from models.weights import load_consolidated
+    from training.data import TokenDataset
+    from training.pretrain import mix_seed
+
+    out = stage_runs[stage]["full"]
+    model, info = load_consolidated(out / "export")
+    assert info["step"] == 20 and info["mask_id"] == tokenizer_from_meta(info["tokenizer"]).mask_id
+    assert info["objective"]["name"] == "mdlm" and info["train_config"]["max_iters"] == 20
+    cfg = info["train_config"]
+    objective = ObjectiveConfig(**info["objective"])
+    val = TokenDataset(tiny_data, "val")
+    num_batches = math.ceil(cfg["eval_iters"] / 2) * 2
+    with torch.no_grad():
+        losses = [compute_loss(model, x, y, objective, info["mask_id"], mix_seed(cfg["seed"], 1, b)).item()
+                  for b, (x, y) in enumerate(val.val_batches(cfg["batch_size"], cfg["model"]["block_size"], num_batches))]
+    logged = records(out, "eval")[-1]["val_loss"]
+    assert sum(losses) / len(losses) == pytest.approx(logged, abs=1e-5)
+
+    x = torch.arange(32).view(1, 32) % 60
+    ref, _ = load_consolidated(stage_runs["zero0"]["full"] / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_export_cli_from_a_tag_dir(stage_runs, tmp_path):
+    from models.weights import load_consolidated
+
+    tag_dir = ckpt.ckpt_root(stage_runs["zero3"]["full"]) / "step_000010"
+    proc = subprocess.run([PY, "-m", "training.export", "--ckpt", str(tag_dir), "--out", str(tmp_path / "e")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    model, info = load_consolidated(tmp_path / "e")
+    assert info["step"] == 10 and info["model"]["vocab_size"] == model.config.vocab_size
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_falls_back_to_previous_good(stage_runs, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stage_runs["zero0"]["full"] / "ckpt", out / "ckpt")
+    victim = out / "ckpt" / "step_000020" / "mp_rank_00_model_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, different content
+    victim.write_bytes(bytes(data))
+    proc = python_run("--config", str(TINY_CONFIG), "--deepspeed_config", str(REPO / "ds_configs/zero0.json"),
+                      "--out_dir", str(out), "--resume", "--eval_only",
+                      "--data_dir", json.loads((out / "ckpt/step_000010/data_meta.json").read_text())["data_dir"])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "skipped checkpoint step_000020" in output and "sha256" in output
+    assert "resumed from" in output and "step_000010" in output
+    assert records(out, "resumed")[0]["checkpoint"] == "step_000010"
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_then_exits(tiny_data, ds_configs, tmp_path):
+    out = tmp_path / "run"
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "training/pretrain.py",
+           "--config", str(TINY_CONFIG), "--deepspeed_config", str(ds_configs["zero2"]), "--out_dir", str(out),
+           "--data_dir", str(tiny_data), "--max_iters=100000", "--checkpoint_interval=0", "--eval_interval=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env_for_cpu_ranks(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not [r for r in records(out, "train") if r["step"] >= 3]:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        time.sleep(0.5)
+    # what a cluster scheduler does: SIGTERM to the whole job (launcher and ranks)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # the ranks outlive the launcher's top process while they checkpoint
+        try:
+            os.killpg(proc.pid, 0)
+            time.sleep(0.5)
+        except ProcessLookupError:
+            break
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("ranks still running 60 s after SIGTERM")
+    stopped = records(out, "stopped")
+    assert stopped, f"no 'stopped' record\n{output[-4000:]}"
+    step = stopped[0]["step"]
+    found = ckpt.find_latest_good(out)
+    assert found is not None and found.step == step and found.tag == stopped[0]["checkpoint"]
+    assert max(train_losses(out)) <= step < 100000
+
+
+# ----------------------------------------------------------------------------- launch.sh
+@pytest.mark.slow
+def test_launch_sh_end_to_end(tmp_path):
+    """`bash launch.sh` on the smallest settings: prepares the data it lacks, trains 2 ranks with
+    ZeRO-2, exports, prints the val NELBO and a sample."""
+    env = env_for_cpu_ranks()
+    env.pop("OMP_NUM_THREADS")  # launch.sh chooses it
+    env.update(CONFIG=str(TINY_CONFIG), OUT_DIR=str(tmp_path / "out"), DATA_DIR=str(tmp_path / "data"),
+               MAX_ITERS="4", SAMPLES="1", WANDB_MODE="offline")  # no key, no network: must not hang
+    proc = subprocess.run(["bash", "launch.sh", "--eval_interval=2", "--wandb_mode=offline"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    assert (tmp_path / "data" / "meta.json").is_file()
+    assert "val NELBO" in output and "PPL <=" in output
+    assert (tmp_path / "out" / "export" / "model.safetensors").is_file()
+    assert records(tmp_path / "out")[-1]["kind"] == "done"
+    assert (tmp_path / "out" / "wandb").is_dir()  # offline wandb writes beside the run, never hangs
+    assert "== samples" in output
+
+
+# ----------------------------------------------------------------------------- config errors (one process)
+def test_unknown_key_is_an_error_listing_known_keys():
+    with pytest.raises(ValueError, match=r"unknown config key --n_layers; known keys: .*model\.n_layer"):
+        load_config(None, ["--n_layers=4"])
+    proc = python_run("--config", str(TINY_CONFIG), "--modle.n_layer=2")
+    assert proc.returncode != 0 and "unknown config key --modle.n_layer" in proc.stderr
+    assert "model.n_layer" in proc.stderr
+
+
+def test_overrides_file_then_flags(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('max_iters = 7\n[model]\nn_layer = 3\n')
+    cfg, explicit = load_config(str(f), ["--model.n_layer", "5", "--compile", "--objective=mdlm"])
+    assert (cfg.max_iters, cfg.model.n_layer, cfg.compile) == (7, 5, True)
+    assert {"max_iters", "model.n_layer", "compile", "objective.name"} <= explicit
+    with pytest.raises(ValueError, match="needs one of .'causal'"):
+        load_config(None, ["--objective=ar"])  # the default model is bidirectional
+
+
+def test_ds_json_auto_is_filled_from_the_train_config():
+    cfg, explicit = load_config(str(TINY_CONFIG), [])
+    ds = resolve(load_ds_json(REPO / "ds_configs/zero2.json"), cfg, explicit, world_size=2)
+    c = ds.config
+    assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"]) == (8, 1, 16)
+    assert c["gradient_clipping"] == cfg.grad_clip and "optimizer" not in c  # torch AdamW is built by us
+    assert ds.client_optimizer["lr"] == cfg.learning_rate and ds.client_scheduler["decay_iters"] == 40
+    assert c["bf16"]["enabled"] is False and c["fp16"]["enabled"] is False  # fp32 on CPU
+
+
+def test_ds_json_contradiction_names_both_values(tmp_path):
+    ds_json = load_ds_json(REPO / "ds_configs/zero2.json")
+    ds_json["train_micro_batch_size_per_gpu"] = 4
+    cfg, explicit = load_config(str(TINY_CONFIG), [])  # the file states batch_size 8
+    with pytest.raises(ConfigConflict, match=r"train_micro_batch_size_per_gpu=4 .* batch_size=8"):
+        resolve(ds_json, cfg, explicit, world_size=2)
+    # stated only in the JSON: the train config adopts it
+    cfg, _ = load_config(None, [])
+    resolve(ds_json, cfg, set(), world_size=2)
+    assert cfg.batch_size == 4
+    # and through the CLI
+    path = tmp_path / "ds.json"
+    ds_json["train_micro_batch_size_per_gpu"] = "auto"
+    ds_json["gradient_clipping"] = 0.5
+    path.write_text(json.dumps(ds_json))
+    proc = python_run("--config", str(TINY_CONFIG), "--deepspeed_config", str(path), "--grad_clip=2.0")
+    assert proc.returncode != 0
+    assert "gradient_clipping=0.5" in proc.stderr and "grad_clip=2.0" in proc.stderr
+
+
+def test_global_batch_from_the_json_sets_accumulation():
+    ds_json = load_ds_json(REPO / "ds_configs/zero1.json")
+    ds_json["train_batch_size"] = 64
+    cfg, explicit = load_config(None, ["--batch_size=8"])
+    resolve(ds_json, cfg, explicit, world_size=2)
+    assert cfg.gradient_accumulation_steps == 4  # 64 = 8 x 4 x 2
+    # tiny_test.json states gradient_accumulation_steps=1 itself: 8 x 1 x 2 = 16 contradicts 64
+    with pytest.raises(ConfigConflict, match=r"train_batch_size=64 but batch_size=8 x gradient_accumulation_steps=1"):
+        resolve(ds_json, *load_config(str(TINY_CONFIG), []), world_size=2)
+    ds_json["train_batch_size"] = 60
+    with pytest.raises(ConfigConflict, match="train_batch_size=60"):
+        resolve(ds_json, *load_config(None, ["--batch_size=8"]), world_size=2)
+
+
+def test_missing_data_names_the_prepare_command(tmp_path):
+    proc = python_run("--config", str(TINY_CONFIG), "--data_dir", str(tmp_path / "nowhere"))
+    assert proc.returncode != 0
+    assert "python -m training.prepare" in proc.stderr and str(tmp_path / "nowhere") in proc.stderr
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    proc = python_run("--config", str(TINY_CONFIG), "--out_dir", str(tmp_path / "empty"), "--resume")
+    assert proc.returncode != 0
+    assert "--resume: no checkpoint in" in proc.stderr and "empty" in proc.stderr
+
+
+def test_latest_marker_falls_back_over_incomplete_and_corrupt_tags(tmp_path):
+    root = ckpt.ckpt_root(tmp_path)
+    for step in (10, 20):
+        d = root / ckpt.tag_for(step)
+        d.mkdir(parents=True)
+        (d / "model.pt").write_bytes(b"x" * 100)
+        ckpt.finalize(root, d.name, step, keep=5)
+    (root / "step_000030").mkdir()  # a save that died before its manifest
+    (root / "step_000030" / "model.pt").write_bytes(b"half")
+    assert ckpt.find_latest_good(tmp_path).tag == "step_000020"
+    (root / "step_000020" / "model.pt").write_bytes(b"x" * 50)  # truncated
+    found = ckpt.find_latest_good(tmp_path)
+    assert found.tag == "step_000010" and any("50 bytes" in s for s in found.skipped)
+    (root / "latest").unlink()  # no marker: the newest verified tag
+    assert ckpt.find_latest_good(tmp_path).tag == "step_000010"
+
+
+def test_keep_checkpoints_prunes_old_tags(tmp_path):
+    root = ckpt.ckpt_root(tmp_path)
+    for step in (1, 2, 3):
+        (root / ckpt.tag_for(step)).mkdir(parents=True)
+        (root / ckpt.tag_for(step) / "f").write_text(str(step))
+        ckpt.finalize(root, ckpt.tag_for(step), step, keep=2)
+    assert [t for _, t in ckpt.list_tags(root)] == ["step_000002", "step_000003"]
+
+
+@pytest.mark.parametrize("module", ["training/pretrain.py", "-m training.export", "-m training.bench"])
+def test_every_cli_has_help(module):
+    proc = subprocess.run([PY, *module.split(), "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=env_for_cpu_ranks())
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout
+    if "pretrain" in module:
+        assert "--model.n_layer" in proc.stdout and "--deepspeed_config" in proc.stdout

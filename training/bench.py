@@ -1,0 +1,161 @@
+"""Training throughput: the DeepSpeed engine (ZeRO-0/2/3, one rank, in-process) against a plain PyTorch
+loop, with the same model, batch, optimizer (torch AdamW over GPT.optimizer_param_groups), clipping and
+LR schedule.
+
+    python -m training.bench                                   # the quickstart model and batch
+    python -m training.bench --config training/configs/shakespeare_ar.json --steps 30 --rounds 3
+    python -m training.bench --model.n_layer=8 --batch_size 16  # any training-config override
+
+Batches are random token ids (no dataset needed). The variants are timed in interleaved rounds (plain,
+ZeRO-0, ZeRO-2, ZeRO-3, plain, ...) and each one's best round is reported, so load from other processes
+on the machine hits every variant alike. Prints tokens/s, MFU and the ratio to the plain loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: find the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.engine import Engine, TrainingModule, compile_blocks, prepare_environment
+
+prepare_environment()
+
+import torch  # noqa: E402
+
+from models.diffusion import compute_loss  # noqa: E402
+from models.gpt import GPT  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.ds_config import load_ds_json, resolve, warmup_cosine_lr  # noqa: E402
+from training.metrics import default_peak_flops  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = (0, 2, 3)
+
+
+class PlainLoop:
+    """What DeepSpeed replaces: forward, backward, clip, AdamW step, LR schedule, zero_grad."""
+
+    def __init__(self, module: TrainingModule, opt: dict, sched: dict, grad_clip: float):
+        self.module = module
+        self.opt = torch.optim.AdamW(module.gpt.optimizer_param_groups(opt["weight_decay"]), lr=opt["lr"],
+                                     betas=tuple(opt["betas"]), eps=opt["eps"],
+                                     **({"fused": True} if torch.cuda.is_available() else {}))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: warmup_cosine_lr(s, **sched) / sched["lr"])
+        self.grad_clip = grad_clip
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        module.to(self.device)
+
+    def train_step(self, x, y, seed):
+        loss = self.module(x.to(self.device), y.to(self.device), seed)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+
+class DeepSpeedLoop:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def train_step(self, x, y, seed):
+        loss = self.engine.loss(x, y, seed)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "training/configs/shakespeare_mdlm.json"),
+                        help="training config whose model, objective, batch and optimizer are timed")
+    parser.add_argument("--vocab_size", type=int, default=128, help="embedding rows when the config says 0 (from data)")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (and compile, with --compile)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
+    parser.add_argument("--json", help="also write the results here")
+    args, overrides = parser.parse_known_args(argv)
+
+    cfg, explicit = load_config(args.config, overrides)
+    cfg.gradient_accumulation_steps = 1  # one micro step per optimizer step: the comparison is per step
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = args.vocab_size
+    mask_id = cfg.model.vocab_size - 1
+    B, T = cfg.batch_size, cfg.model.block_size
+
+    import deepspeed  # after prepare_environment()
+    deepspeed.init_distributed()  # a world of one (prepare_environment set the rank variables)
+
+    def fresh_module():
+        torch.manual_seed(cfg.seed)  # identical weights for every variant
+        gpt = GPT(cfg.model)
+        if cfg.compile:
+            compile_blocks(gpt)
+        return TrainingModule(gpt, cfg.objective, mask_id)
+
+    variants = {}
+    flops_per_token = GPT(cfg.model).flops_per_token(T)
+    base = None
+    for stage in STAGES:
+        ds_json = load_ds_json(REPO / f"ds_configs/zero{stage}.json")
+        ds = resolve(ds_json, cfg, explicit - {"dtype"}, world_size=1, source=f"zero{stage}.json")
+        base = base or ds
+        variants[f"deepspeed zero{stage}"] = DeepSpeedLoop(Engine(fresh_module(), ds.config, ds.client_optimizer,
+                                                                  ds.client_scheduler))
+    plain = {"plain pytorch": PlainLoop(fresh_module(), base.client_optimizer, base.client_scheduler, cfg.grad_clip)}
+    variants = {**plain, **variants}
+    if cfg.dtype != "fp32":
+        print(f"note: DeepSpeed runs {cfg.dtype}; the plain loop runs fp32 (no autocast) - compare with dtype=fp32")
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, mask_id, (B, T + 1), generator=gen) for _ in range(4)]
+    step_of = {name: 0 for name in variants}
+
+    def run(name, n):
+        loop = variants[name]
+        for _ in range(n):
+            w = batches[step_of[name] % len(batches)]
+            loop.train_step(w[:, :-1], w[:, 1:], seed=step_of[name]).item()  # .item(): wait for the step
+            step_of[name] += 1
+
+    for name in variants:
+        run(name, args.warmup)
+    best = {name: 0.0 for name in variants}
+    for _ in range(args.rounds):
+        for name in variants:
+            sync()
+            t0 = time.perf_counter()
+            run(name, args.steps)
+            sync()
+            best[name] = max(best[name], args.steps * B * T / (time.perf_counter() - t0))
+
+    peak = cfg.peak_flops or default_peak_flops(cfg.dtype)
+    ref = best["plain pytorch"]
+    print(f"model {cfg.model.n_layer}L/{cfg.model.n_head}H/{cfg.model.n_embd}d block {T}, batch {B}, "
+          f"{cfg.objective.name}, {cfg.dtype}, {torch.get_num_threads()} threads, "
+          f"best of {args.rounds} rounds x {args.steps} steps")
+    print(f"{'variant':<18} {'tokens/s':>10} {'MFU':>7} {'vs plain':>9}")
+    results = {}
+    for name, tps in best.items():
+        mfu = flops_per_token * tps / peak
+        results[name] = {"tokens_per_s": tps, "mfu": mfu, "ratio_to_plain": tps / ref}
+        print(f"{name:<18} {tps:>10,.0f} {mfu:>7.2%} {tps / ref:>8.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "peak_flops": peak, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

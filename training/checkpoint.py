@@ -1,0 +1,184 @@
+"""Checkpoints that are either complete or ignored.
+
+    OUT_DIR/ckpt/step_000500/      one DeepSpeed tag: model/optimizer shards of every rank, plus
+        train_config.json          the resolved training config
+        ds_config.json             the resolved DeepSpeed config
+        data_meta.json             the tokenizer meta, mask_id, eot_id (what export needs, offline)
+        rng_rank{r}.pt             each rank's RNG states (dropout)
+        manifest.json              written last: step and the size + sha256 of every file above
+    OUT_DIR/ckpt/latest            the tag of the newest *verified* checkpoint, replaced atomically
+
+Saving: every rank writes its shards, a barrier, then rank 0 hashes the files into manifest.json,
+re-reads and verifies it, and only then points `latest` at the tag (write + rename), and prunes old
+tags. DeepSpeed is told not to write its own `latest` (it would name a tag before it is complete), so a
+crash at any moment leaves `latest` naming a complete checkpoint.
+
+Loading: the tag `latest` names, if it verifies; otherwise the newest older tag that does, and the
+user is told which one was skipped and why. Every rank runs the same checks on the same files, so all
+ranks pick the same tag. (Multi-node runs need OUT_DIR on a shared filesystem, as DeepSpeed does.)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+def ckpt_root(out_dir) -> Path:
+    return Path(out_dir) / "ckpt"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _files(tag_dir: Path) -> list[Path]:
+    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+
+
+# ----------------------------------------------------------------------------- saving
+def write_side_files(tag_dir: Path, rank: int, train_config: dict, ds_config: dict, data_meta: dict) -> None:
+    """Our files beside DeepSpeed's shards: configs and tokenizer meta (rank 0), RNG state (every rank)."""
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        for name, obj in (("train_config.json", train_config), ("ds_config.json", ds_config),
+                          ("data_meta.json", data_meta)):
+            _atomic_write_text(tag_dir / name, json.dumps(obj, indent=2) + "\n")
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, tag_dir / f"rng_rank{rank}.pt")
+
+
+def finalize(ckpt_dir: Path, tag: str, step: int, keep: int) -> None:
+    """Rank 0, after every rank finished writing: manifest, verify, then move `latest`, then prune."""
+    tag_dir = ckpt_dir / tag
+    files = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tag_dir)}
+    _atomic_write_text(tag_dir / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
+    problem = verify(tag_dir)
+    if problem:
+        raise RuntimeError(f"checkpoint {tag_dir} failed verification right after saving: {problem}")
+    _atomic_write_text(ckpt_dir / LATEST, tag)
+    # keep the newest `keep` complete checkpoints; never the one `latest` names
+    tags = sorted(list_tags(ckpt_dir), key=lambda t: t[0])
+    for _, old in tags[:-keep] if keep > 0 else []:
+        if old != tag:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- loading
+def list_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
+    if not ckpt_dir.is_dir():
+        return []
+    out = []
+    for p in ckpt_dir.iterdir():
+        m = TAG_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p.name))
+    return sorted(out)
+
+
+def verify(tag_dir: Path) -> str | None:
+    """None if the checkpoint is complete and unchanged since it was saved, else what is wrong."""
+    manifest = tag_dir / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"manifest.json is unreadable ({e})"
+    for name, expected in files.items():
+        p = tag_dir / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != expected["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        if _sha256(p) != expected["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+@dataclass
+class Found:
+    tag: str
+    step: int
+    skipped: list[str]  # human-readable notes on newer checkpoints that were not usable
+
+
+def find_latest_good(out_dir) -> Found | None:
+    """The newest verified checkpoint at or before the one `latest` names (or, without a readable
+    `latest`, the newest verified one). None when there is none at all."""
+    ckpt_dir = ckpt_root(out_dir)
+    tags = list_tags(ckpt_dir)
+    marker = ckpt_dir / LATEST
+    named = marker.read_text().strip() if marker.is_file() else None
+    named_step = int(TAG_RE.match(named).group(1)) if named and TAG_RE.match(named) else None
+    skipped = []
+    if named_step is not None:
+        newer = [t for s, t in tags if s > named_step]
+        if newer:  # a save that never reached its marker: incomplete by construction
+            skipped += [f"{t}: newer than the last verified checkpoint (its save did not finish)" for t in newer]
+        tags = [(s, t) for s, t in tags if s <= named_step]
+        if named_step not in [s for s, _ in tags]:
+            skipped.append(f"{named}: named by {marker} but missing")
+    for step, tag in reversed(tags):
+        problem = verify(ckpt_dir / tag)
+        if problem is None:
+            return Found(tag=tag, step=step, skipped=skipped)
+        skipped.append(f"{tag}: {problem}")
+    return None
+
+
+def load_side_files(tag_dir: Path) -> tuple[dict, dict, dict]:
+    """(train_config, ds_config, data_meta) saved with a checkpoint."""
+    return tuple(json.loads((tag_dir / n).read_text()) for n in ("train_config.json", "ds_config.json", "data_meta.json"))
+
+
+def restore_rng(tag_dir: Path, rank: int) -> None:
+    path = tag_dir / f"rng_rank{rank}.pt"
+    if not path.is_file():  # a checkpoint from more ranks than now: keep this rank's seeded state
+        return
+    rng = torch.load(path, weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def no_checkpoint_message(out_dir) -> str:
+    ckpt_dir = ckpt_root(out_dir)
+    tags = list_tags(ckpt_dir)
+    if not tags:
+        return (f"--resume: no checkpoint in {ckpt_dir} (nothing has been saved to out_dir={out_dir} yet). "
+                f"Check --out_dir, or start without --resume.")
+    return (f"--resume: none of the checkpoints in {ckpt_dir} is complete and intact "
+            f"({', '.join(t for _, t in tags)}); start without --resume or point --out_dir elsewhere.")

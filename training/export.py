@@ -1,0 +1,97 @@
+"""Turn a DeepSpeed checkpoint (any ZeRO stage) into consolidated weights that inference/ reads.
+
+    python -m training.export --ckpt out/shakespeare_mdlm --out out/shakespeare_mdlm/export
+    python -m training.export --ckpt out/run/ckpt/step_000500 --out exported/
+
+--ckpt may be a run's OUT_DIR, its ckpt/ folder (both: the latest verified checkpoint) or one tag dir.
+Writes OUT/model.safetensors + OUT/config.json through models.weights.save_consolidated; config.json
+carries the GPTConfig, the objective, the tokenizer meta (so tokenizer_from_meta rebuilds it offline),
+mask_id, eot_id, the step and the training config.
+
+ZeRO-1/2/3 shards (and bf16 runs' fp32 master weights) are merged by DeepSpeed's
+get_fp32_state_dict_from_zero_checkpoint, in-process; its zero_to_fp32.py script is not used (it
+needs huggingface_hub). A ZeRO-0 fp32 checkpoint holds the whole model in one file and is read as is.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: find the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from training import checkpoint as ckpt
+
+MODULE_PREFIX = "gpt."  # the engine wraps GPT in TrainingModule (training/engine.py)
+
+
+def resolve_tag_dir(path) -> Path:
+    """A run dir, a ckpt/ dir or a tag dir -> the tag dir to export (verified)."""
+    path = Path(path)
+    if (path / ckpt.MANIFEST).is_file() or (path / "train_config.json").is_file():
+        problem = ckpt.verify(path)
+        if problem:
+            raise ValueError(f"checkpoint {path} is incomplete or corrupt: {problem}")
+        return path
+    out_dir = path.parent if path.name == "ckpt" else path
+    found = ckpt.find_latest_good(out_dir)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint under {path} (expected {ckpt.ckpt_root(out_dir)}/step_*/)")
+    for note in found.skipped:
+        print(f"export: skipped {note}", file=sys.stderr)
+    return ckpt.ckpt_root(out_dir) / found.tag
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The GPT's fp32 state dict from one DeepSpeed tag directory."""
+    if list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:  # ZeRO-0 in fp32: the model file holds the full weights
+        model_file = tag_dir / "mp_rank_00_model_states.pt"
+        state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    out = {}
+    for k, v in state.items():
+        if not k.startswith(MODULE_PREFIX):
+            raise ValueError(f"{tag_dir}: unexpected parameter {k!r} (not a diffusionGPT training checkpoint?)")
+        out[k[len(MODULE_PREFIX):]] = v.float()
+    return out
+
+
+def export_checkpoint(ckpt_path, out_dir) -> Path:
+    from models.weights import save_consolidated  # imports GPT; kept here so --help stays fast
+
+    tag_dir = resolve_tag_dir(ckpt_path)
+    train_config, _, data_meta = ckpt.load_side_files(tag_dir)
+    state = consolidated_state_dict(tag_dir)
+    info = {
+        "model": train_config["model"],
+        "objective": train_config["objective"],
+        "tokenizer": data_meta["tokenizer"],
+        "mask_id": data_meta["mask_id"],
+        "eot_id": data_meta["eot_id"],
+        "step": int(ckpt.TAG_RE.match(tag_dir.name).group(1)),
+        "train_config": train_config,
+        "source_checkpoint": str(tag_dir),
+    }
+    return save_consolidated(state, info, out_dir)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="run OUT_DIR, its ckpt/ folder, or one ckpt/step_N tag dir")
+    parser.add_argument("--out", required=True, help="directory for model.safetensors + config.json")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.ckpt, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"export: {e}")
+    print(f"exported {args.ckpt} -> {out}/model.safetensors, {out}/config.json")
+
+
+if __name__ == "__main__":
+    main()

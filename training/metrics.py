@@ -1,0 +1,161 @@
+"""Where the numbers go: OUT_DIR/metrics.jsonl (always), TensorBoard (OUT_DIR/tb), wandb, a tqdm bar.
+
+Only rank 0 writes. metrics.jsonl is the source of truth (tests and launch.sh read it); one JSON object
+per line, each with a "kind":
+    config   the resolved training and DeepSpeed configs, world size, parameter count
+    train    step, loss (nats/token, averaged over ranks), lr, grad_norm, tokens_per_s, mfu, mem_mb
+    eval     step, val_loss (nats/token; for mdlm the continuous-time NELBO), val_ppl = exp(val_loss)
+             (for mdlm an upper bound: val_ppl_is_bound), tokens_seen
+    resumed  step and the checkpoint a resumed run started from
+    stopped  a SIGTERM stopped the run after writing a checkpoint
+    done     the run finished: step, tokens_seen, checkpoint, export dir
+wandb never hangs or fails a run: without WANDB_API_KEY it runs offline (files in OUT_DIR/wandb, sync
+them later with `wandb sync`), and any error in it turns it off with a warning.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------- peak FLOP/s for MFU
+# dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s per GPU, matched on the device name
+GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("A10G", 125e12), ("L40", 181e12),
+                  ("L4", 121e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
+
+
+def default_peak_flops(dtype: str) -> float:
+    """A rough peak FLOP/s per rank, for the MFU estimate (set peak_flops to your own figure).
+    GPU: the table above (fp32 runs use 1/8 of it, about TF32 on Ampere+). CPU: the threads this rank
+    uses x clock (2.5 GHz assumed) x FLOPs per cycle of one core's FMA units (64 with AVX-512, else 32)."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        peak = next((f for key, f in GPU_PEAK_FLOPS if key in name), 100e12)
+        return peak if dtype in ("bf16", "fp16") else peak / 8
+    flops_per_cycle = 32
+    try:
+        if re.search(r"\bavx512f\b", Path("/proc/cpuinfo").read_text()):
+            flops_per_cycle = 64
+    except OSError:
+        pass
+    return torch.get_num_threads() * 2.5e9 * flops_per_cycle
+
+
+def memory_mb() -> float:
+    """Peak allocated GPU memory, or the process's resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import psutil  # a DeepSpeed dependency
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------- the logger
+class Metrics:
+    def __init__(self, out_dir, rank: int, cfg, total_steps: int, start_step: int):
+        self.enabled = rank == 0
+        self.out_dir = Path(out_dir)
+        self.tb = self.wandb = self.bar = None
+        if not self.enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable live
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.out_dir / "tb"))
+            except Exception as e:  # noqa: BLE001 - a dashboard must never stop training
+                self.warn(f"tensorboard disabled: {e}")
+        self.wandb = _init_wandb(cfg, self.out_dir, self.warn)
+        if cfg.progress_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def warn(self, msg: str) -> None:
+        print(f"[metrics] {msg}", file=sys.stderr, flush=True)
+
+    def print(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def log(self, kind: str, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        self.jsonl.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v)}
+        if kind in ("train", "eval"):
+            if self.tb is not None:
+                for k, v in scalars.items():
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            if self.wandb is not None:
+                try:
+                    self.wandb.log({f"{kind}/{k}": v for k, v in scalars.items()}, step=step)
+                except Exception as e:  # noqa: BLE001
+                    self.warn(f"wandb.log failed, wandb disabled: {e}")
+                    self.wandb = None
+
+    def advance(self, steps: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception as e:  # noqa: BLE001
+                self.warn(f"wandb.finish failed: {e}")
+        self.jsonl.close()
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))  # where `wandb login` stores the key
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def _init_wandb(cfg, out_dir: Path, warn):
+    mode = cfg.wandb_mode
+    if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+        return None
+    if mode == "auto":
+        # WANDB_MODE=offline in the environment (e.g. the test suite) wins over a stored key
+        mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
+    try:
+        import wandb
+        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or Path(cfg.out_dir).name,
+                         dir=str(out_dir), mode=mode, config=cfg.to_dict(),
+                         settings=wandb.Settings(init_timeout=60, console="off", silent=True))
+        if mode == "offline":
+            print(f"[metrics] wandb offline: {out_dir}/wandb (upload later with `wandb sync {out_dir}/wandb/offline-run-*`)",
+                  flush=True)
+        return run
+    except Exception as e:  # noqa: BLE001 - no network, no key, no package: train anyway
+        warn(f"wandb disabled ({type(e).__name__}: {e})")
+        return None
