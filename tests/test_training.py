@@ -340,7 +340,7 @@ def test_ds_json_auto_is_filled_from_the_train_config():
     assert c["bf16"]["enabled"] is False and c["fp16"]["enabled"] is False  # fp32 on CPU
 
 
-def test_ds_json_contradiction_names_both_values(tmp_path):
+def test_ds_json_contradiction_names_both_values(tiny_data, tmp_path):
     ds_json = load_ds_json(REPO / "ds_configs/zero2.json")
     ds_json["train_micro_batch_size_per_gpu"] = 4
     cfg, explicit = load_config(str(TINY_CONFIG), [])  # the file states batch_size 8
@@ -355,7 +355,8 @@ def test_ds_json_contradiction_names_both_values(tmp_path):
     ds_json["train_micro_batch_size_per_gpu"] = "auto"
     ds_json["gradient_clipping"] = 0.5
     path.write_text(json.dumps(ds_json))
-    proc = python_run("--config", str(TINY_CONFIG), "--deepspeed_config", str(path), "--grad_clip=2.0")
+    proc = python_run("--config", str(TINY_CONFIG), "--deepspeed_config", str(path), "--grad_clip=2.0",
+                      f"--data_dir={tiny_data}")
     assert proc.returncode != 0
     assert "gradient_clipping=0.5" in proc.stderr and "grad_clip=2.0" in proc.stderr
 
