@@ -205,7 +205,7 @@ def test_export_reproduces_the_trained_model(stage_runs, tiny_data, stage):
     from models.tokenizer import tokenizer_from_meta
     from models.weights import load_consolidated
     from training.data import TokenDataset
-    from training.pretrain import mix_seed
+    from training.engine import mix_seed
 
     out = stage_runs[stage]["full"]
     model, info = load_consolidated(out / "export")

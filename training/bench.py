@@ -27,7 +27,6 @@ prepare_environment()
 
 import torch  # noqa: E402
 
-from models.diffusion import compute_loss  # noqa: E402
 from models.gpt import GPT  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.ds_config import load_ds_json, resolve, warmup_cosine_lr  # noqa: E402

@@ -45,8 +45,8 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata={"help": "micro batch per rank (DeepSpeed train_micro_batch_size_per_gpu)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro steps per optimizer step"})
     # optimizer (torch AdamW, no weight decay on biases and LayerNorms) and cosine LR schedule
-    learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    min_lr: float = field(default=3e-4, metadata={"help": "learning rate at the end of the cosine decay"})
+    learning_rate: float = field(default=1.5e-3, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=1.5e-4, metadata={"help": "learning rate at the end of the cosine decay"})
     warmup_iters: int = field(default=50, metadata={"help": "linear warmup steps"})
     lr_decay_iters: int = field(default=0, metadata={"help": "step where the cosine reaches min_lr (0 = max_iters)"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices and embeddings"})
@@ -131,8 +131,17 @@ def _build(cls, values: dict, where: str):
             base = asdict(_default_instance(cls, f))
             kwargs[name] = _build(sub, {**base, **values.get(name, {})}, f"{where}{name}.")
         elif name in values:
-            kwargs[name] = values[name]
+            kwargs[name] = _checked(values[name], typing.get_type_hints(cls)[name], where + name)
     return cls(**kwargs)
+
+
+def _checked(value, typ, key: str):
+    """A value from a config file must already have the field's type (an int is fine for a float)."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ValueError(f"config key {key}: expected {typ.__name__}, got {value!r}")
+    return value
 
 
 def _coerce(text: str, typ, key: str):

@@ -14,6 +14,7 @@ import os
 import socket
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -45,6 +46,13 @@ def prepare_environment() -> None:
 def rank_and_world() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from the launcher's environment."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def mix_seed(*ints: int) -> int:
+    """One well-mixed 63-bit seed from several integers (SeedSequence hashing), e.g. (seed, step, rank,
+    micro_step) for the diffusion mask of a batch: a resumed run draws the same masks."""
+    a, b = np.random.SeedSequence(list(ints)).generate_state(2, dtype=np.uint32)
+    return int(a) << 31 ^ int(b)
 
 
 class TrainingModule(nn.Module):

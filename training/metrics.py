@@ -76,9 +76,8 @@ class Metrics:
             except Exception as e:  # noqa: BLE001 - a dashboard must never stop training
                 self.warn(f"tensorboard disabled: {e}")
         self.wandb = _init_wandb(cfg, self.out_dir, self.warn)
-        if cfg.progress_bar:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
+        # the bar is opened at the first update, so the run's header lines print above it
+        self._bar_args = dict(total=total_steps, initial=start_step) if cfg.progress_bar else None
 
     def warn(self, msg: str) -> None:
         print(f"[metrics] {msg}", file=sys.stderr, flush=True)
@@ -110,6 +109,9 @@ class Metrics:
                     self.wandb = None
 
     def advance(self, steps: int = 1, **postfix) -> None:
+        if self.bar is None and self.enabled and self._bar_args is not None:
+            from tqdm import tqdm
+            self.bar = tqdm(**self._bar_args, unit="step", dynamic_ncols=True, file=sys.stdout)
         if self.bar is not None:
             self.bar.update(steps)
             if postfix:

@@ -17,7 +17,6 @@ SIGTERM: every rank finishes its step, a checkpoint is written, and the run exit
 """
 import argparse
 import math
-import os
 import signal
 import sys
 import time
@@ -26,12 +25,11 @@ from pathlib import Path
 # the top-level folders are import roots, not installed packages: put the repository root on the path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.engine import Engine, TrainingModule, compile_blocks, prepare_environment, rank_and_world
+from training.engine import Engine, TrainingModule, compile_blocks, mix_seed, prepare_environment, rank_and_world
 
 prepare_environment()  # before DeepSpeed is imported: accelerator and single-process rank variables
 
 import deepspeed  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -58,13 +56,6 @@ def parse_args(argv=None):
     args, overrides = parser.parse_known_args(argv)
     args.deepspeed_config = args.deepspeed_config or str(DEFAULT_DS_CONFIG)
     return args, overrides
-
-
-def mix_seed(*ints: int) -> int:
-    """One well-mixed 63-bit seed from several integers (SeedSequence hashing), e.g. (seed, step, rank,
-    micro_step) for the diffusion mask of a batch: a resumed run draws the same masks."""
-    a, b = np.random.SeedSequence(list(ints)).generate_state(2, dtype=np.uint32)
-    return int(a) << 31 ^ int(b)
 
 
 class StopOnSigterm:
