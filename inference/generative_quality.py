@@ -4,7 +4,7 @@
         --strategies ancestral,topk,threshold --steps 16,32,64,128 --out_dir results/genq
 
 For every decoding rule and step count, `num_samples` sequences of `length` tokens are drawn with
-inference.generate (temperature 1, so the numbers describe the model's distribution, not a greedy mode)
+inference.api.generate_with_stats (temperature 1, so the numbers describe the model's distribution, not a greedy mode)
 and scored:
   gen_ppl          exp(mean NLL of the generated tokens under the judge, given what precedes them).
                    Lower is more fluent to the judge -- but a sampler that repeats one token also scores
@@ -51,7 +51,7 @@ def unigram_entropy(ids: Sequence[int]) -> float:
 
 @dataclass
 class _Text:
-    """The fields of inference.generate.Completion that generative_perplexity reads (for the data row)."""
+    """The fields of inference.api.Completion that generative_perplexity reads (for the data row)."""
     prompt: str
     prompt_ids: list
     text: str
