@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.diffusion import NoiseSchedule, masked_diffusion_loss
-from models.weights import load_consolidated
+from inference import loading
 
 DEFAULT_STEPS = (8, 16, 32, 64, 128, 256, 1024)
 HF_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -152,16 +152,13 @@ def resolve_model_dir(path) -> Path:
 
 
 def load_model(source: str, from_hf: bool = False, device="cpu"):
-    """-> (model, info) for a consolidated dir, or for a GPT-2 checkpoint when from_hf."""
+    """-> (model, info). inference.loading does the loading (a consolidated dir, a training out dir, a DeepSpeed
+    checkpoint, or GPT-2 when from_hf); info always carries the tokenizer meta that check_tokenizer_matches reads."""
     if from_hf:
-        from models.gpt import GPT
-        model = GPT.from_pretrained(source).to(device).eval()
-        info = {"model": model.config.to_dict(), "objective": {"name": "ar"},
-                "tokenizer": {"tokenizer": "gpt2", "vocab_size": 50257}, "eot_id": 50256, "mask_id": None,
-                "source": source}
-        return model, info
-    model, info = load_consolidated(resolve_model_dir(source), device=device)
-    return model, info
+        loaded = loading.load_model(init_from=source, device=device)
+    else:
+        loaded = loading.load_model(ckpt=source, device=device)
+    return loaded.model, {**loaded.info, "tokenizer": loaded.tokenizer.to_meta(), "source": loaded.source}
 
 
 def objective_of(info: dict) -> str:
