@@ -8,11 +8,16 @@
 
 Strategies (see inference/diffusion_decoding.py and inference/ar_decoding.py for the maths):
   ancestral  MDLM ancestral sampling, `steps` time steps (default: the generation length L)
-  topk       commit the k most confident per step: `tokens_per_step`=k, or `steps` (default k = 1,
-             the one-token-per-step baseline)
+  topk       commit the k most confident per step: `tokens_per_step`=k, or `steps` (default k = 1)
+  random     commit k randomly chosen masked positions per step (LLaDA random remasking); k = 1 is
+             exact sampling from the model, the one-token-per-step baseline
   threshold  commit every token with confidence > `threshold` (at least one per step; `steps` caps calls)
-  blocks     semi-autoregressive blocks of `block_length`, inner rule `block_rule` (topk | threshold),
-             `steps` in total over all blocks, KV cache of the finished prefix (`kv_cache`)
+  blocks     semi-autoregressive blocks of `block_length`, inner rule `block_rule` (topk | threshold |
+             random), `steps` in total over all blocks, KV cache of the finished prefix (`kv_cache`)
+Block-causal (BD3-LM) models are always decoded block by block, left to right (that is the model
+they are: a block is predicted from the clean blocks before it): every diffusion strategy runs inside
+the model's blocks (or `block_length`, a multiple of them), `steps` spread over the blocks, and the
+confidence / random rules keep the exact KV cache of the finished blocks.
   ar         autoregressive sampling, KV cache (`kv_cache`)
 temperature 0 is greedy; top_k / top_p filter the sampling distribution.
 """
@@ -26,14 +31,14 @@ import torch
 
 from inference.ar_decoding import decode_autoregressive
 from inference.batching import Request, build_layout, plan_batches
-from inference.diffusion_decoding import (CommitThreshold, CommitTopK, DecodeResult, decode_ancestral,
-                                          decode_by_confidence)
+from inference.diffusion_decoding import (CommitRandom, CommitThreshold, CommitTopK, DecodeResult,
+                                          decode_ancestral, decode_by_confidence, steps_per_block)
 from inference.sampling import Sampler
 from models.diffusion import NoiseSchedule
 
-DIFFUSION_STRATEGIES = ("ancestral", "topk", "threshold", "blocks")
+DIFFUSION_STRATEGIES = ("ancestral", "topk", "random", "threshold", "blocks")
 STRATEGIES = DIFFUSION_STRATEGIES + ("ar",)
-BLOCK_RULES = ("topk", "threshold")
+BLOCK_RULES = ("topk", "random", "threshold")
 DEFAULT_BLOCK_LENGTH = 32  # semi-AR block for bidirectional models (LLaDA's default)
 
 
@@ -140,7 +145,7 @@ def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens
 
     cfg = model.config
     align = cfg.block_length if cfg.attention == "block_causal" else 0
-    if strategy == "blocks":
+    if strategy == "blocks" or (align and strategy != "ar"):  # block-causal models: always in blocks
         if block_length is None:
             block_length = cfg.block_length if align else DEFAULT_BLOCK_LENGTH
         if align and block_length % align:
@@ -187,17 +192,21 @@ def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens
                 if strategy == "ar":
                     res = decode_autoregressive(model, layout, sampler, generator, vocab_limit, kv_cache,
                                                 stop_id, hook)
+                elif strategy == "ancestral" and align:  # BD3-LM: one ancestral chain per block
+                    res = decode_ancestral(model, layout, steps_per_block(layout, steps or default_steps,
+                                                                          block_length),
+                                           noise, sampler, generator, tokenizer.mask_id, vocab_limit,
+                                           block_length=block_length, on_step=hook)
                 elif strategy == "ancestral":
                     res = decode_ancestral(model, layout, steps or default_steps, noise, sampler, generator,
-                                           tokenizer.mask_id, vocab_limit, hook)
-                elif strategy in ("topk", "threshold"):
-                    rule = (CommitThreshold(threshold, steps) if strategy == "threshold" else
-                            CommitTopK(steps=steps) if steps else CommitTopK(tokens_per_step=tokens_per_step or 1))
+                                           tokenizer.mask_id, vocab_limit, on_step=hook)
+                elif strategy in ("topk", "random", "threshold") and not align:
+                    rule = commit_rule(strategy, steps, tokens_per_step, threshold, generator)
                     res = decode_by_confidence(model, layout, rule, sampler, generator, tokenizer.mask_id,
                                                vocab_limit, on_step=hook)
-                else:  # blocks
-                    rule = (CommitThreshold(threshold) if block_rule == "threshold" else
-                            CommitTopK(tokens_per_step=tokens_per_step or 1))
+                else:  # blocks, or any confidence / random rule on a block-causal model
+                    rule = commit_rule(block_rule if strategy == "blocks" else strategy, None,
+                                       tokens_per_step, threshold, generator)
                     res = decode_by_confidence(model, layout, rule, sampler, generator, tokenizer.mask_id,
                                                vocab_limit, block_length=block_length, kv_cache=kv_cache,
                                                block_steps=steps, stop_id=stop_id, on_step=hook)
@@ -212,6 +221,14 @@ def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens
         if bar is not None:
             bar.close()
     return out
+
+
+def commit_rule(name: str, steps, tokens_per_step, threshold, generator):
+    """The commit rule of a confidence / random strategy with its step budget."""
+    if name == "threshold":
+        return CommitThreshold(threshold, steps)
+    budget = dict(steps=steps) if steps else dict(tokens_per_step=tokens_per_step or 1)
+    return CommitRandom(generator, **budget) if name == "random" else CommitTopK(**budget)
 
 
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: Union[int, Sequence[int]],

@@ -3,13 +3,21 @@
     python -m inference.bench --ckpt out/mdlm --ar out/ar --judge out/ar --gen_length 128 --out bench.json
     python -m inference.bench --random_init            # CPU smoke run on tiny random models
 
-For each rule it prints tokens/s, model calls (NFE) per generated token and the generative perplexity
-of the samples under an AR judge (--judge DIR, or GPT-2 when its weights are cached, or the --ar model):
-  one-token-per-step (top-k, k=1: the baseline), ancestral with T in {L/4, L/2, L}, top-k (k=4),
-  threshold tau in {0.7, 0.9}, blocks (threshold 0.9 inside, Fast-dLLM) with and without the KV cache,
-  and AR with and without the KV cache (the --ar model, else the judge).
+For each rule it prints tokens/s, model calls (NFE) per generated token, the generative perplexity
+of the samples under an AR judge (--judge DIR, or GPT-2 when its weights are cached, or the --ar model)
+with its standard error, and the samples' unigram entropy (low entropy = repetition, which an AR judge
+rewards with a low perplexity):
+  two one-token-per-step baselines (L calls each):
+    random order, k=1      exact sampling from the model (an MDLM is an any-order AR model); the
+                           reference for the rules that sample like it: ancestral, random k=4
+    confidence order, k=1  LLaDA low-confidence remasking with one token per step; the reference for
+                           the confidence rules: top-k k=4, threshold, blocks
+  ancestral with T in {L/4, L/2, L}, random order k=4, top-k k=4, threshold tau in {0.7, 0.9},
+  blocks (threshold 0.9 inside, Fast-dLLM) with and without the KV cache, and AR with and without the
+  KV cache (the --ar model, else the judge).
 Targets checked at the end: >= 4x fewer model calls than one-token-per-step at a generative perplexity
-within 10% of it; KV-cached blocks >= 2x the tokens/s of uncached blocks with the same output.
+within 10% of the one-token-per-step baseline of the same family; KV-cached blocks >= 2x the tokens/s
+of uncached blocks with the same output.
 Every rule generates exactly L tokens per prompt (EOT does not stop it, unless --stop_at_eot), with the
 same seed and temperature. With --random_init the models are tiny and random: NFE and the speed ratios
 are real, the perplexities are meaningless.
@@ -30,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 import torch
 
 from inference.api import generate_with_stats
-from inference.generative_perplexity import generative_perplexity
+from inference.generative_perplexity import generative_perplexity, unigram_entropy
 from inference.loading import LoadedModel, load_gpt2, load_model, resolve_device
 from inference.sample import autocast_context, read_prompts_file
 from models.gpt import GPT, GPTConfig
@@ -38,6 +46,8 @@ from models.tokenizer import get_tokenizer
 
 DEFAULT_PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are", "The quick brown fox", "To be, or not to be",
                    "Once upon a time", "KING HENRY:\nWhat", "I will", "And"]
+RANDOM_BASELINE = "one-token-per-step, random order"
+CONFIDENCE_BASELINE = "one-token-per-step, confidence"
 RANDOM_CORPUS = "".join(chr(c) for c in range(32, 127)) + "\n"  # printable ASCII: every default prompt encodes
 RANDOM_WARNING = ("RANDOM-INIT MODELS: generative perplexities below are MEANINGLESS for quality (random weights); "
                   "only NFE per token and the speed ratios mean something.")
@@ -57,6 +67,9 @@ class Row:
     wall_s: float = 0.0
     same_output_as: Optional[str] = None
     same_output: Optional[bool] = None
+    baseline: Optional[str] = None  # the one-token-per-step row this rule's quality is compared with
+    gen_ppl_stderr: Optional[float] = None  # standard error of log gen PPL (relative error of the PPL)
+    entropy: Optional[float] = None  # mean unigram entropy of the samples (nats)
     token_ids: list = field(default_factory=list, repr=False)
 
 
@@ -74,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "its KV cache is exact)")
     p.add_argument("--prompts_file", help="one prompt per line (default: 8 built-in prompts)")
     p.add_argument("--num_prompts", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--samples_per_prompt", type=int, default=4,
+                   help="requests per prompt (different draws); more samples = smaller perplexity error bars")
     p.add_argument("--gen_length", type=int, default=64, help="L: tokens generated per prompt")
     p.add_argument("--block_length", type=int, default=None,
                    help="blocks rows (default: the model's block for block-causal models, else L/4)")
@@ -152,8 +167,10 @@ def run_row(row: Row, loaded: LoadedModel, prompts, args, judge) -> Row:
     row.tokens_per_s = row.tokens / max(row.wall_s, 1e-9)
     row.nfe_per_token = sum(c.nfe for c in done) / max(row.tokens, 1)
     row.token_ids = [c.token_ids for c in done]
+    row.entropy = sum(unigram_entropy(c.token_ids) for c in done) / max(len(done), 1)
     if judge is not None:
-        row.gen_ppl = generative_perplexity(judge.model, judge.tokenizer, done, loaded.tokenizer).perplexity
+        score = generative_perplexity(judge.model, judge.tokenizer, done, loaded.tokenizer)
+        row.gen_ppl, row.gen_ppl_stderr = score.perplexity, score.stderr_nats()
     return row
 
 
@@ -161,35 +178,40 @@ def bench_rows(args, L: int, diffusion: LoadedModel) -> list[Row]:
     cfg = diffusion.model.config
     b = args.block_length or (cfg.block_length if cfg.attention == "block_causal" else max(L // 4, 1))
     blocks = dict(block_length=b, block_rule="threshold", threshold=0.9)
+    exact, greedy = RANDOM_BASELINE, CONFIDENCE_BASELINE
     return [
-        Row("one-token-per-step", "diffusion", "topk", dict(tokens_per_step=1)),
-        Row(f"ancestral T=L/4={max(L // 4, 1)}", "diffusion", "ancestral", dict(steps=max(L // 4, 1))),
-        Row(f"ancestral T=L/2={max(L // 2, 1)}", "diffusion", "ancestral", dict(steps=max(L // 2, 1))),
-        Row(f"ancestral T=L={L}", "diffusion", "ancestral", dict(steps=L)),
-        Row(f"top-k k={args.topk}", "diffusion", "topk", dict(tokens_per_step=args.topk)),
-        Row("threshold tau=0.7", "diffusion", "threshold", dict(threshold=0.7)),
-        Row("threshold tau=0.9", "diffusion", "threshold", dict(threshold=0.9)),
-        Row(f"blocks b={b} +KV cache", "diffusion", "blocks", {**blocks, "kv_cache": True}),
-        Row(f"blocks b={b} no cache", "diffusion", "blocks", {**blocks, "kv_cache": False}),
+        Row(exact, "diffusion", "random", dict(tokens_per_step=1)),
+        Row(greedy, "diffusion", "topk", dict(tokens_per_step=1)),
+        Row(f"ancestral T=L/4={max(L // 4, 1)}", "diffusion", "ancestral", dict(steps=max(L // 4, 1)), baseline=exact),
+        Row(f"ancestral T=L/2={max(L // 2, 1)}", "diffusion", "ancestral", dict(steps=max(L // 2, 1)), baseline=exact),
+        Row(f"ancestral T=L={L}", "diffusion", "ancestral", dict(steps=L), baseline=exact),
+        Row(f"random order k={args.topk}", "diffusion", "random", dict(tokens_per_step=args.topk), baseline=exact),
+        Row(f"top-k k={args.topk}", "diffusion", "topk", dict(tokens_per_step=args.topk), baseline=greedy),
+        Row("threshold tau=0.7", "diffusion", "threshold", dict(threshold=0.7), baseline=greedy),
+        Row("threshold tau=0.9", "diffusion", "threshold", dict(threshold=0.9), baseline=greedy),
+        Row(f"blocks b={b} +KV cache", "diffusion", "blocks", {**blocks, "kv_cache": True}, baseline=greedy),
+        Row(f"blocks b={b} no cache", "diffusion", "blocks", {**blocks, "kv_cache": False}, baseline=greedy),
     ]
 
 
 def check_targets(rows: list[Row]) -> dict:
-    base = rows[0]
+    by_name = {r.name: r for r in rows}
     fewer = []
     for r in rows:
-        if r.model != "diffusion" or r is base or r.calls_fewer_than_baseline is None:
+        if r.model != "diffusion" or r.baseline is None or r.calls_fewer_than_baseline is None:
             continue
+        base = by_name[r.baseline]
         if r.calls_fewer_than_baseline >= 4.0:
             ok_ppl = (r.gen_ppl is not None and base.gen_ppl is not None and r.gen_ppl <= 1.10 * base.gen_ppl)
-            fewer.append({"rule": r.name, "calls_fewer": round(r.calls_fewer_than_baseline, 2),
+            fewer.append({"rule": r.name, "baseline": base.name, "calls_fewer": round(r.calls_fewer_than_baseline, 2),
                           "gen_ppl_ratio": None if r.gen_ppl is None or base.gen_ppl is None
                           else round(r.gen_ppl / base.gen_ppl, 3), "meets": ok_ppl})
     cached = next(r for r in rows if r.strategy == "blocks" and r.knobs.get("kv_cache"))
     uncached = next(r for r in rows if r.strategy == "blocks" and not r.knobs.get("kv_cache"))
     speedup = cached.tokens_per_s / max(uncached.tokens_per_s, 1e-9)
     out = {
-        "fewer_calls_same_quality": {"target": ">= 4x fewer model calls than one-token-per-step, gen PPL within 10%",
+        "fewer_calls_same_quality": {"target": ">= 4x fewer model calls than one-token-per-step, gen PPL within "
+                                               "10% of the one-token-per-step baseline of its family",
                                      "candidates": fewer, "met": any(c["meets"] for c in fewer)},
         "kv_cache_blocks": {"target": "KV-cached blocks >= 2x tokens/s of uncached at equal output",
                             "speedup": round(speedup, 2), "same_output": cached.same_output,
@@ -204,16 +226,23 @@ def check_targets(rows: list[Row]) -> dict:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["rule", "model", "NFE/token", "calls vs 1/step", "tokens/s", "gen PPL", "same output"]
+    head = ["rule", "model", "NFE/token", "calls vs 1/step", "tokens/s", "gen PPL (+-SE)", "vs baseline",
+            "entropy", "same output"]
+    by_name = {r.name: r for r in rows}
     lines = []
     for r in rows:
+        base = by_name.get(r.baseline) if r.baseline else None
+        ratio = ("-" if base is None or r.gen_ppl is None or base.gen_ppl is None
+                 else f"x{r.gen_ppl / base.gen_ppl:.3f} ({'random' if base.strategy == 'random' else 'conf'})")
         lines.append([r.name, r.model, f"{r.nfe_per_token:.3f}",
                       "-" if r.calls_fewer_than_baseline is None else f"{r.calls_fewer_than_baseline:.2f}x fewer",
-                      f"{r.tokens_per_s:.1f}", "n/a" if r.gen_ppl is None else f"{r.gen_ppl:.2f}",
+                      f"{r.tokens_per_s:.1f}",
+                      "n/a" if r.gen_ppl is None else f"{r.gen_ppl:.2f} +-{100 * (r.gen_ppl_stderr or 0):.1f}%",
+                      ratio, "n/a" if r.entropy is None else f"{r.entropy:.2f}",
                       "-" if r.same_output is None else (f"yes (= {r.same_output_as})" if r.same_output
                                                           else f"NO (vs {r.same_output_as})")])
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    numeric = {2, 3, 4, 5}
+    numeric = {2, 3, 4, 5, 6, 7}
 
     def fmt(cells):
         return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -246,6 +275,9 @@ def run(args, log=print) -> dict:
             ar = judge
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else list(DEFAULT_PROMPTS)
     prompts = prompts[:args.num_prompts] if args.num_prompts else prompts
+    if args.samples_per_prompt < 1:
+        raise ValueError(f"--samples_per_prompt must be >= 1, got {args.samples_per_prompt}")
+    prompts = [p for p in prompts for _ in range(args.samples_per_prompt)]
     L = args.gen_length
     if args.random_init:
         log(RANDOM_WARNING)
@@ -261,7 +293,7 @@ def run(args, log=print) -> dict:
         t0 = time.perf_counter()
         run_row(r, diffusion if r.model == "diffusion" else ar, prompts, args, judge)
         log(f"  {r.name:<28} done in {time.perf_counter() - t0:.1f} s")
-    base = rows[0]
+    base = rows[0]  # both one-token-per-step baselines make exactly L calls
     for r in rows:
         if r.model == "diffusion":
             r.calls_fewer_than_baseline = base.nfe_per_token / max(r.nfe_per_token, 1e-9)
@@ -280,7 +312,8 @@ def run(args, log=print) -> dict:
         log(RANDOM_WARNING)
     log(format_table(rows))
     t1, t2 = targets["fewer_calls_same_quality"], targets["kv_cache_blocks"]
-    best = ", ".join(f"{c['rule']} ({c['calls_fewer']}x fewer, PPL x{c['gen_ppl_ratio']})" for c in t1["candidates"])
+    best = ", ".join(f"{c['rule']} ({c['calls_fewer']}x fewer, PPL x{c['gen_ppl_ratio']} of {c['baseline']})"
+                     for c in t1["candidates"])
     log(f"target 1 ({t1['target']}): {'MET' if t1['met'] else 'NOT MET'}; candidates: {best or 'none'}")
     log(f"target 2 ({t2['target']}): {'MET' if t2['met'] else 'NOT MET'}; speedup {t2['speedup']}x, "
         f"same output {t2['same_output']}")

@@ -4,7 +4,8 @@ All rules start from MASK at every generated position of a `Layout` canvas and n
 prompt. One model call (one NFE) gives the final hidden states of the canvas; a rule then commits
 some still-masked positions to tokens drawn by `inference.sampling.predict_tokens`.
 
-  decode_by_confidence   top-k confidence (LLaDA low-confidence remasking), threshold (Fast-dLLM),
+  decode_by_confidence   top-k confidence (LLaDA low-confidence remasking), random order (LLaDA random
+                         remasking; one token per step = exact sampling), threshold (Fast-dLLM),
                          optionally semi-autoregressive: block by block, left to right, with a KV cache
                          of the finished prefix (exact for block-causal models, refreshed once per
                          block for bidirectional ones)
@@ -75,6 +76,25 @@ class CommitTopK:
         return CommitTopK(steps=steps)
 
 
+class CommitRandom(CommitTopK):
+    """LLaDA's random remasking: commit k still-masked positions chosen uniformly at random per step
+    (same k / steps budget as CommitTopK). With k = 1 this is exact sampling from the model: a masked
+    diffusion model is an any-order autoregressive model, and drawing one token at a time in a random
+    order samples its joint without the independence error of committing several tokens at once. That
+    makes k = 1 the honest one-token-per-step baseline for every parallel rule."""
+
+    def __init__(self, generator: torch.Generator, steps=None, tokens_per_step: Optional[int] = None):
+        super().__init__(steps=steps, tokens_per_step=tokens_per_step)
+        self.generator = generator
+
+    def choose(self, conf, rows, step):
+        scores = torch.rand(conf.shape, generator=self.generator, device=conf.device)
+        return super().choose(scores.masked_fill(~torch.isfinite(conf), float("-inf")), rows, step)
+
+    def with_steps(self, steps) -> "CommitRandom":
+        return CommitRandom(self.generator, steps=steps)
+
+
 class CommitThreshold:
     """Fast-dLLM: commit every masked token whose confidence exceeds tau, and at least one per step
     (the most confident), so decoding always terminates. steps=S additionally caps the calls: a row
@@ -104,6 +124,14 @@ class CommitThreshold:
 def _per_row(steps, rows):
     """A step budget that is one int for all rows or a (B,) tensor, for the rows being decoded."""
     return steps[rows] if isinstance(steps, torch.Tensor) else steps
+
+
+def steps_per_block(layout: Layout, total_steps: int, block_length: int) -> torch.Tensor:
+    """(B,) steps for each block of a row: `total_steps` spread over the blocks its generation spans
+    (rounded up, so a row never gets fewer steps than asked for)."""
+    n_blocks = torch.div(layout.key_lengths - layout.anchor + block_length - 1, block_length,
+                         rounding_mode="floor").clamp(min=1)
+    return torch.div(total_steps + n_blocks - 1, n_blocks, rounding_mode="floor")
 
 
 def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generator, mask_id: int,
@@ -143,9 +171,7 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
     else:
         regions = [(lo, min(lo + block_length, T)) for lo in range(layout.anchor, T, block_length)]
     if block_steps is not None and block_length is not None:
-        n_blocks = torch.div(layout.key_lengths - layout.anchor + block_length - 1, block_length,
-                             rounding_mode="floor").clamp(min=1)  # (B,) blocks each row's generation spans
-        rule = rule.with_steps(torch.div(block_steps + n_blocks - 1, n_blocks, rounding_mode="floor"))
+        rule = rule.with_steps(steps_per_block(layout, block_steps, block_length))
     cache = RowKVCache(B) if kv_cache else None
 
     for lo, hi in regions:
@@ -208,8 +234,8 @@ def ancestral_commit_probability(schedule: NoiseSchedule, t: float, s: float) ->
     return (a_s - a_t) / (1.0 - a_t)
 
 
-def decode_ancestral(model, layout: Layout, num_steps: int, schedule: NoiseSchedule, sampler: Sampler,
-                     generator, mask_id: int, vocab_limit: int,
+def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, sampler: Sampler,
+                     generator, mask_id: int, vocab_limit: int, block_length: Optional[int] = None,
                      on_step: Optional[StepHook] = None) -> DecodeResult:
     """MDLM ancestral sampling from t = 1 to 0 in num_steps equal steps (t_j = j / num_steps).
 
@@ -218,36 +244,54 @@ def decode_ancestral(model, layout: Layout, num_steps: int, schedule: NoiseSched
     is drawn first, and the model runs only for rows that commit something AND whose canvas changed
     since their last call (our GPT has no time input: an unchanged canvas gives the same prediction).
     Hence at most min(num_steps, L) calls per row; with num_steps > L most steps are free.
+
+    block_length=b: BD3-LM's sampler: the blocks [anchor + i b, anchor + (i+1) b) are sampled left to
+    right, each by its own ancestral chain of num_steps steps (an int, or a (B,) tensor: one per row),
+    conditioned on the finished blocks before it. A block-causal model is then fed the canvas only up
+    to the current block's end (later blocks cannot influence it); no KV cache here.
     """
     x = layout.x.clone()
     runner = ModelRunner(model, layout, x)
     B, T = x.shape
     dev = x.device
+    cols = torch.arange(T, device=dev)
     masked = (x == mask_id) & layout.gen
     fresh = torch.zeros(B, dtype=torch.bool, device=dev)  # h_cache[row] matches the row's canvas
     h_cache = None  # (B, T, C) final hidden states of the last call of each row
     steps = torch.zeros(B, dtype=torch.long)
-    for j in range(num_steps, 0, -1):
-        if not bool(masked.any()):
-            break
-        steps[masked.any(1).cpu()] += 1
-        p = ancestral_commit_probability(schedule, j / num_steps, (j - 1) / num_steps)
-        u = torch.rand(masked.shape, generator=generator, device=dev)  # (B, T)
-        commit = masked & (u < p)
-        committing = commit.any(1)  # (B,)
-        stale = committing & ~fresh
-        if bool(stale.any()):
-            rows = stale.nonzero().squeeze(1)
-            h, _ = runner.hidden(rows, 0, T)
-            if h_cache is None:
-                h_cache = h.new_zeros(B, T, h.size(-1))
-            h_cache[rows] = h
-            fresh[rows] = True
-        if bool(committing.any()):
-            tokens, _ = predict_tokens(model, h_cache[commit], vocab_limit, sampler, generator)
-            x[commit] = tokens
-            masked &= ~commit
-            fresh &= ~committing
-            if on_step is not None:
-                on_step(x, DecodeResult(x, runner.nfe, steps, runner.calls, layout))
+    block_causal = runner.kind == "block_causal"
+    regions = [(0, T)] if block_length is None else [
+        (lo, min(lo + block_length, T)) for lo in range(layout.anchor, T, block_length)]
+    row_steps = (num_steps if isinstance(num_steps, torch.Tensor)
+                 else torch.full((B,), int(num_steps), dtype=torch.long)).cpu()
+    for lo, hi in regions:
+        fed = hi if (block_causal and block_length) else T  # columns a model call needs
+        region = masked & ((cols >= lo) & (cols < hi))[None, :]  # (B, T)
+        for S in sorted(set(row_steps.tolist())):  # rows with the same step budget share one time grid
+            group = (row_steps == S).to(dev)
+            for j in range(S, 0, -1):
+                todo = region & group[:, None]
+                if not bool(todo.any()):
+                    break
+                steps[todo.any(1).cpu()] += 1
+                p = ancestral_commit_probability(schedule, j / S, (j - 1) / S)
+                u = torch.rand(todo.shape, generator=generator, device=dev)  # (B, T)
+                commit = todo & (u < p)
+                committing = commit.any(1)  # (B,)
+                stale = committing & ~fresh
+                if bool(stale.any()):
+                    rows = stale.nonzero().squeeze(1)
+                    h, _ = runner.hidden(rows, 0, fed)
+                    if h_cache is None:
+                        h_cache = h.new_zeros(B, T, h.size(-1))
+                    h_cache[rows, :fed] = h
+                    fresh[rows] = True
+                if bool(committing.any()):
+                    tokens, _ = predict_tokens(model, h_cache[commit], vocab_limit, sampler, generator)
+                    x[commit] = tokens
+                    masked &= ~commit
+                    region &= ~commit
+                    fresh &= ~committing
+                    if on_step is not None:
+                        on_step(x, DecodeResult(x, runner.nfe, steps, runner.calls, layout))
     return DecodeResult(x, runner.nfe, steps, runner.calls, layout)

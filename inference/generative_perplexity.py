@@ -9,7 +9,9 @@ Caveat (as in the MDLM paper): repetitive text gets a low gen PPL, so read it be
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,25 @@ class JudgeScore:
     perplexity: float
     nats_per_token: float
     num_tokens: int
+    sequence_nats: list = field(default_factory=list)  # mean NLL of each scored completion (for error bars)
+
+    def stderr_nats(self) -> float:
+        """Standard error of nats_per_token across completions (0 with fewer than two). exp(+-2 SE)
+        brackets the perplexity: two samplers whose PPLs differ by less than that are not told apart."""
+        n = len(self.sequence_nats)
+        if n < 2:
+            return 0.0
+        mean = sum(self.sequence_nats) / n
+        return math.sqrt(sum((v - mean) ** 2 for v in self.sequence_nats) / (n - 1) / n)
+
+
+def unigram_entropy(ids: Sequence[int]) -> float:
+    """Entropy in nats of the empirical token distribution of one sample (0 for a single repeated token)."""
+    if not ids:
+        return 0.0
+    counts = torch.tensor(list(Counter(ids).values()), dtype=torch.float64)
+    p = counts / counts.sum()
+    return float(-(p * p.log()).sum())
 
 
 def same_tokenizer(a, b) -> bool:
@@ -44,7 +65,7 @@ def generative_perplexity(judge, judge_tokenizer, completions, generator_tokeniz
     if not seqs:
         return JudgeScore(float("nan"), float("nan"), 0)
     device = next(judge.parameters()).device
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_tokens, per_sequence = 0.0, 0, []
     with torch.inference_mode():
         for start in range(0, len(seqs), batch_size):
             chunk = seqs[start:start + batch_size]
@@ -58,7 +79,9 @@ def generative_perplexity(judge, judge_tokenizer, completions, generator_tokeniz
             x, scored = x.to(device), scored.to(device)
             logits = judge(x[:, :-1])[..., :judge_tokenizer.vocab_size].float()  # (B, T-1, V): i predicts i+1
             nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (B, T-1)
-            total_nll += float(nll[scored[:, 1:]].sum())
-            total_tokens += int(scored[:, 1:].sum())
+            keep = scored[:, 1:].to(nll.dtype)
+            total_nll += float((nll * keep).sum())
+            total_tokens += int(keep.sum())
+            per_sequence += ((nll * keep).sum(1) / keep.sum(1)).tolist()
     nats = total_nll / total_tokens
-    return JudgeScore(math.exp(nats), nats, total_tokens)
+    return JudgeScore(math.exp(nats), nats, total_tokens, per_sequence)

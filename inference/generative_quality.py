@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -33,19 +32,10 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 
 from inference.evaluate import (check_tokenizer_matches, load_model, read_meta, read_split, resolve_model_dir,
                                 split_windows)
-from inference.generative_perplexity import generative_perplexity
+from inference.generative_perplexity import generative_perplexity, unigram_entropy
 from models.tokenizer import get_tokenizer, tokenizer_from_meta
 
 DEFAULT_STRATEGIES = ("ancestral", "topk", "threshold")
-
-
-def unigram_entropy(ids: Sequence[int]) -> float:
-    """Entropy in nats of the empirical token distribution of one sample (0 for a single repeated token)."""
-    if not ids:
-        return 0.0
-    counts = torch.tensor(list(Counter(ids).values()), dtype=torch.float64)
-    p = counts / counts.sum()
-    return float(-(p * p.log()).sum())
 
 
 @dataclass

@@ -8,11 +8,14 @@
 
 Strategies (default: ancestral for diffusion models, ar for AR models):
   ancestral  MDLM ancestral sampling over --steps time steps (skips the model when nothing changed)
-  topk       commit the --tokens_per_step most confident tokens per step (or spread over --steps);
-             --tokens_per_step 1 is the one-token-per-step baseline
+  topk       commit the --tokens_per_step most confident tokens per step (or spread over --steps)
+  random     commit --tokens_per_step random masked positions per step (or spread over --steps);
+             --tokens_per_step 1 is exact sampling, the one-token-per-step baseline
   threshold  commit every token whose confidence > --threshold (at least one per step)
   blocks     semi-autoregressive blocks of --block_length with a KV cache of the finished prefix
-             (--block_rule topk|threshold inside a block, --steps in total, --no_kv_cache to disable)
+             (--block_rule topk|random|threshold inside a block, --steps in total, --no_kv_cache to disable)
+Block-causal (BD3-LM) models decode block by block whatever the strategy (the rule runs inside the
+model's blocks, with the exact KV cache of the finished blocks).
   ar         autoregressive sampling with a KV cache (--no_kv_cache to disable)
 """
 from __future__ import annotations

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from inference.batching import Request, build_layout, plan_batches
-from inference.diffusion_decoding import (CommitThreshold, CommitTopK, ancestral_commit_probability,
-                                          decode_ancestral, decode_by_confidence)
+from inference.diffusion_decoding import (CommitRandom, CommitThreshold, CommitTopK,
+                                          ancestral_commit_probability, decode_ancestral, decode_by_confidence)
 from inference.api import generate, generate_with_stats
 from inference.sampling import Sampler, filter_logits, sample_from_logits
 from models.diffusion import NoiseSchedule
@@ -161,6 +161,59 @@ def test_commit_rules_choose_the_most_confident():
     assert picked.tolist() == [[False, False, False, False, True]]
     picked = CommitThreshold(0.99).choose(conf, torch.tensor([0]), torch.tensor([0]))  # none above: the best
     assert picked.tolist() == [[False, False, False, False, True]]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_random_rule_takes_exactly_ceil_L_over_k_calls(k):
+    done = generate_with_stats(tiny_model(), TOK, PROMPTS, LENGTHS, "random", tokens_per_step=k, stop_at_eot=False)
+    assert [c.nfe for c in done] == [math.ceil(n / k) for n in LENGTHS]
+
+
+def test_random_rule_picks_positions_uniformly_whatever_the_confidence():
+    # one candidate is far more confident than the others; random order must ignore that. 4000 draws of
+    # 1 of 4 candidates: each count ~ Binomial(4000, 1/4), sd ~27, so +-150 (5.5 sd) never fails by chance
+    conf = torch.tensor([[0.99, 0.01, float("-inf"), 0.02, 0.03]]).expand(4000, 5)
+    rule = CommitRandom(torch.Generator().manual_seed(0), tokens_per_step=1)
+    picked = rule.choose(conf, torch.arange(4000), torch.zeros(4000, dtype=torch.long))
+    assert picked.sum(1).eq(1).all() and not picked[:, 2].any()  # one per row, never a non-candidate
+    counts = picked.sum(0)[[0, 1, 3, 4]]
+    assert ((counts - 1000).abs() < 150).all(), counts
+
+
+@pytest.mark.parametrize("strategy,knobs", [("topk", dict(tokens_per_step=2)), ("random", dict(tokens_per_step=1)),
+                                            ("threshold", dict(threshold=0.05)), ("ancestral", dict(steps=16))])
+def test_block_causal_models_always_decode_block_by_block(strategy, knobs):
+    """A BD3-LM block is predicted from the clean blocks before it, so every rule finishes a model block
+    before it commits anything in the next one."""
+    model = tiny_model("block_causal", block_length=4)
+    first_masked_block = []
+
+    def watch(info):
+        ids = info.token_ids[0]
+        masked = [i // 4 for i, t in enumerate(ids) if t == TOK.mask_id]
+        committed = [i // 4 for i, t in enumerate(ids) if t != TOK.mask_id]
+        if masked:  # nothing committed beyond the first block that still has a mask
+            assert max(committed, default=-1) <= min(masked), (ids, committed, masked)
+        first_masked_block.append(min(masked, default=None))
+
+    done = generate_with_stats(model, TOK, ["abcd"], 16, strategy, temperature=1.0, stop_at_eot=False,
+                               on_step=watch, **knobs)
+    assert len(done[0].token_ids) == 16 and TOK.mask_id not in done[0].token_ids
+
+
+def test_block_causal_topk_equals_blocks_with_the_same_rule():
+    model = tiny_model("block_causal", block_length=4)
+    kw = dict(temperature=0, stop_at_eot=False, tokens_per_step=2)
+    a = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "topk", **kw)
+    b = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "blocks", block_length=4, block_rule="topk", **kw)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b] and [c.nfe for c in a] == [c.nfe for c in b]
+
+
+def test_block_ancestral_spreads_its_steps_over_the_blocks():
+    # 16 tokens in blocks of 4 with 8 steps in total: 2 time steps per block, so at most 2 calls per block
+    model = tiny_model("block_causal", block_length=4)
+    done = generate_with_stats(model, TOK, ["abcd"], 16, "ancestral", steps=8, stop_at_eot=False)
+    assert 4 <= done[0].nfe <= 8 and done[0].steps <= 8 and len(done[0].token_ids) == 16
 
 
 def test_ancestral_commit_probability_follows_the_schedule():

@@ -7,6 +7,7 @@ import torch
 
 import inference.loading as loading
 from inference import generate, load_model
+from inference.bench import CONFIDENCE_BASELINE, RANDOM_BASELINE, Row, check_targets
 from inference.bench import main as bench_main
 from inference.sample import SEPARATOR
 from inference.sample import main as sample_main
@@ -187,14 +188,39 @@ def test_bench_runs_on_random_models_and_says_quality_is_meaningless(tmp_path, c
     assert "MEANINGLESS" in printed and "one-token-per-step" in printed and "AR +KV cache" in printed
     data = json.loads(out.read_text())
     names = [r["name"] for r in data["rows"]]
-    assert names[0] == "one-token-per-step" and len(names) == 11
+    assert names[:2] == [RANDOM_BASELINE, CONFIDENCE_BASELINE] and len(names) == 13
     assert data["random_init"] is True
     by = {r["name"]: r for r in data["rows"]}
-    assert by["one-token-per-step"]["nfe_per_token"] == 1.0
-    assert by["top-k k=4"]["nfe_per_token"] == pytest.approx(0.25)
+    assert by[RANDOM_BASELINE]["nfe_per_token"] == 1.0 and by[CONFIDENCE_BASELINE]["nfe_per_token"] == 1.0
+    # the random diffusion model is block-causal (b = 4): 8 tokens after a prompt that ends mid-block span at
+    # most 3 model blocks, and a 4-per-step rule takes one call per block
+    assert by["top-k k=4"]["nfe_per_token"] == by["random order k=4"]["nfe_per_token"] <= 3 / 8
+    assert by["top-k k=4"]["baseline"] == CONFIDENCE_BASELINE and by["random order k=4"]["baseline"] == RANDOM_BASELINE
+    assert all(r["entropy"] is not None and r["gen_ppl_stderr"] is not None for r in data["rows"])
     assert by["blocks b=4 +KV cache"]["same_output"] is True  # random diffusion model is block-causal
     assert by["AR +KV cache"]["same_output"] is True
     assert set(result["targets"]) >= {"fewer_calls_same_quality", "kv_cache_blocks"}
+
+
+def test_bench_target_compares_each_rule_with_its_own_family_baseline():
+    """A confidence rule is held to the confidence-order baseline, a random-order rule to exact sampling;
+    a rule passes only with >= 4x fewer calls AND a perplexity within 10% of its own baseline."""
+    rows = [Row(RANDOM_BASELINE, "diffusion", "random", nfe_per_token=1.0, gen_ppl=100.0),
+            Row(CONFIDENCE_BASELINE, "diffusion", "topk", nfe_per_token=1.0, gen_ppl=40.0),
+            Row("random k=4", "diffusion", "random", nfe_per_token=0.25, gen_ppl=109.0, baseline=RANDOM_BASELINE),
+            Row("top-k k=4", "diffusion", "topk", nfe_per_token=0.25, gen_ppl=60.0, baseline=CONFIDENCE_BASELINE),
+            Row("blocks +KV cache", "diffusion", "blocks", {"kv_cache": True}, tokens_per_s=3.0, same_output=True,
+                baseline=CONFIDENCE_BASELINE, nfe_per_token=1.0, gen_ppl=40.0),
+            Row("blocks no cache", "diffusion", "blocks", {"kv_cache": False}, tokens_per_s=1.0,
+                baseline=CONFIDENCE_BASELINE, nfe_per_token=1.0, gen_ppl=40.0)]
+    for r in rows:
+        r.calls_fewer_than_baseline = 1.0 / r.nfe_per_token
+    t = check_targets(rows)
+    verdict = {c["rule"]: c["meets"] for c in t["fewer_calls_same_quality"]["candidates"]}
+    assert verdict == {"random k=4": True, "top-k k=4": False}  # 109 <= 110, but 60 > 44
+    assert t["fewer_calls_same_quality"]["met"] and t["kv_cache_blocks"]["met"]
+    rows[2].gen_ppl = 111.0  # now nothing is within 10% of its own baseline
+    assert not check_targets(rows)["fewer_calls_same_quality"]["met"]
 
 
 def test_bench_needs_a_model(capsys):
