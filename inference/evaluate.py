@@ -8,6 +8,8 @@ For every model and split it reads the same deterministic windows (evenly spaced
 with enough windows the split is covered end to end) and reports, in nats per token:
   AR (causal)   the mean next-token cross-entropy over every predicted token; PPL = exp(mean CE), exact.
   MDLM          the continuous-time NELBO and the T-step NELBO for each T in --steps, PPL bound = exp(NELBO).
+  BD3-LM        the same two bounds of block diffusion (block_diffusion_loss: one t per block, each block
+                conditioned on the clean blocks before it); the window length must be whole blocks.
 The NELBOs are Monte-Carlo estimates: every window is repeated --samples_per_window times with
 antithetic (evenly spaced) diffusion times, and the standard error comes from the spread of the
 per-window estimates. Every estimator sees the same windows with the same seeds, so the noise that
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.diffusion import NoiseSchedule, masked_diffusion_loss
+from models.diffusion import NoiseSchedule, diffusion_nelbo
 from inference import loading
 
 DEFAULT_STEPS = (8, 16, 32, 64, 128, 256, 1024)
@@ -246,19 +248,21 @@ def ar_window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Te
 @torch.no_grad()
 def diffusion_window_nelbo(model, windows: torch.Tensor, schedule: NoiseSchedule, mask_id: int,
                            num_steps: Optional[int], samples_per_window: int, seed: int,
-                           t_min: float = 1e-3) -> torch.Tensor:
+                           t_min: float = 1e-3, objective: str = "mdlm", block_length: int = 0) -> torch.Tensor:
     """NELBO of each window (N, L) -> (N,) nats per token, each the mean of samples_per_window samples.
+    objective "mdlm" (masked_diffusion_loss) or "bd3lm" (block_diffusion_loss with block_length).
 
     Window w is repeated K = samples_per_window times in one batch, so the antithetic sampler spreads
-    its K diffusion times evenly over [0, 1). Its seed is seed + 2 w (masked_diffusion_loss uses seed and
-    seed + 1) whatever num_steps is: every estimator shares the uniforms that choose t and the mask, so
-    for the same window the masked set only grows with t (common random numbers)."""
+    its K diffusion times (K * L / block_length for bd3lm: one per block) evenly over [0, 1). Its seed is
+    seed + 2 w (the losses use seed and seed + 1) whatever num_steps is: every estimator shares the
+    uniforms that choose t and the mask, so for the same window the masked set only grows with t
+    (common random numbers)."""
     device = next(model.parameters()).device
     out = torch.empty(len(windows), dtype=torch.float64)
     for i, w in enumerate(windows):
         x0 = w.to(device).unsqueeze(0).expand(samples_per_window, -1).contiguous()  # (K, L)
-        out[i] = masked_diffusion_loss(model, x0, schedule, mask_id, seed=seed + 2 * i, num_steps=num_steps,
-                                       t_min=t_min, antithetic=True, masking_impl="torch").item()
+        out[i] = diffusion_nelbo(model, x0, objective, schedule, mask_id, seed=seed + 2 * i, block_length=block_length,
+                                 num_steps=num_steps, t_min=t_min, antithetic=True, masking_impl="torch").item()
     return out
 
 
@@ -293,9 +297,13 @@ def evaluate_model(model, info: dict, name: str, windows_by_split: dict, cfg: Ev
                 raise ValueError(f"{name}: config.json has no mask_id; a diffusion model needs one")
             x0 = windows[:, :-1]  # the same context windows as the AR models score
             L = x0.size(1)
+            block_length = model.config.block_length if objective == "bd3lm" else 0
+            if block_length and L % block_length:
+                raise ValueError(f"{name} is a bd3lm model with blocks of {block_length} tokens: the window "
+                                 f"length {L} must be a multiple of it (set --block_size)")
             estimators = ([None] if cfg.continuous else []) + sorted(cfg.steps)
             per = {T: diffusion_window_nelbo(model, x0, schedule, mask_id, T, cfg.samples_per_window, cfg.seed,
-                                             t_min) for T in estimators}
+                                             t_min, objective, block_length) for T in estimators}
             bounds = []
             for T in estimators:
                 m, se = mean_and_stderr(per[T])

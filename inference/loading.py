@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from inference.api import check_model_and_tokenizer, model_kind
+from models.diffusion import OBJECTIVES, ObjectiveConfig
 from models.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
 from models.weights import CONFIG_FILE, FORMAT, WEIGHTS_FILE, load_consolidated
 
@@ -32,7 +33,7 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: Tokenizer
-    objective: str  # "ar" | "mdlm"
+    objective: str  # "ar" | "mdlm" | "bd3lm" (models.diffusion.is_diffusion tells the diffusion ones apart)
     schedule: str = "loglinear"  # MDLM noise schedule (ancestral sampling uses the one it was trained with)
     source: str = ""
     info: dict = field(default_factory=dict)
@@ -152,7 +153,9 @@ def load_model(ckpt: Optional[str] = None, init_from: Optional[str] = None, devi
             raise ValueError(f"{model_dir}/{CONFIG_FILE} says {key}={info[key]} but its tokenizer "
                              f"{tokenizer.name!r} has {getattr(tokenizer, key)}: the export is inconsistent")
     objective = (info.get("objective") or {}).get("name") or ("ar" if model_kind(model) == "ar" else "mdlm")
-    if (objective == "ar") != (model_kind(model) == "ar"):
+    if objective not in OBJECTIVES:
+        raise ValueError(f"{model_dir}: unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    if model.config.attention not in ObjectiveConfig(objective).required_attention():
         raise ValueError(f"{model_dir}: objective {objective!r} does not match attention "
                          f"{model.config.attention!r}")
     schedule = (info.get("objective") or {}).get("schedule", "loglinear")

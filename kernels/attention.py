@@ -10,7 +10,8 @@ per query row; the backward recomputes the probabilities tile by tile (one kerne
 walks query tiles, one for dQ that walks key tiles; no atomics). The mask is evaluated inside the
 kernel from row/column indices, and key tiles that the mask hides completely are never visited:
 the loop bounds start after the left padding and stop at the causal / block-causal frontier and at
-the right padding.
+the right padding. The block-diffusion mask (two disjoint visible key ranges per query tile) walks two
+tile ranges, so it skips its fully masked tiles too.
 
 Supported by the Triton path (impl="triton"):
   - dtypes fp32, fp16, bf16 (q, k, v all the same dtype); fp32 matmuls are exact IEEE unless
@@ -41,7 +42,7 @@ except ImportError:  # pragma: no cover - depends on the install
     tl = None
     HAS_TRITON = False
 
-MASK_KINDS = ("causal", "bidirectional", "block_causal")
+MASK_KINDS = ("causal", "bidirectional", "block_causal", "block_diffusion")
 MAX_TRITON_HEAD_DIM = 128  # larger heads would need smaller tiles than the configs below
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -50,9 +51,11 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class AttentionMask:
     """Which keys each query may see, described by indices.
 
-    kind:        "causal" (key j <= query position), "bidirectional" (all keys), or
-                 "block_causal" (full attention inside a block of `block_size`, causal across blocks).
-    block_size:  block length for "block_causal" (b=1 is causal, b>=T is bidirectional).
+    kind:        "causal" (key j <= query position), "bidirectional" (all keys),
+                 "block_causal" (full attention inside a block of `block_size`, causal across blocks), or
+                 "block_diffusion": the BD3-LM training pass over [x_t ; x_0] (see `dense_mask`).
+    block_size:  block length for "block_causal" (b=1 is causal, b>=T is bidirectional) and
+                 "block_diffusion".
     key_lengths: (B,) int tensor; keys at index >= key_lengths[b] are padding (right padding).
     key_starts:  (B,) int tensor; keys at index < key_starts[b] are padding (left padding).
     q_offset:    absolute position of query 0 among the keys. With a KV cache the queries are the
@@ -68,18 +71,44 @@ class AttentionMask:
     def __post_init__(self):
         if self.kind not in MASK_KINDS:
             raise ValueError(f"unknown attention mask kind {self.kind!r}; expected one of {MASK_KINDS}")
-        if self.kind == "block_causal" and self.block_size < 1:
-            raise ValueError("block_causal attention needs block_size >= 1")
+        if self.kind in ("block_causal", "block_diffusion") and self.block_size < 1:
+            raise ValueError(f"{self.kind} attention needs block_size >= 1")
+        if self.kind == "block_diffusion" and (self.key_lengths is not None or self.key_starts is not None
+                                               or self.q_offset != 0):
+            raise ValueError("block_diffusion attention is the training pass over [x_t ; x_0]: it takes no "
+                             "key_lengths / key_starts padding and no q_offset (KV cache)")
+
+
+def check_block_diffusion_shape(mask: AttentionMask, tq: int, tk: int) -> None:
+    """block_diffusion needs Tq == Tk = 2 L (x_t then x_0) with L a multiple of the block size."""
+    if mask.kind != "block_diffusion":
+        return
+    if tq != tk or tk % 2 or (tk // 2) % mask.block_size:
+        raise ValueError(f"block_diffusion attention needs Tq == Tk = 2 L (the noised then the clean sequence) "
+                         f"with L a multiple of block_size={mask.block_size}; got Tq={tq}, Tk={tk}")
 
 
 def dense_mask(mask: AttentionMask, batch: int, tq: int, tk: int, device) -> torch.Tensor:
-    """Materialise `mask` as a (B, 1, Tq, Tk) bool tensor, True = may attend. Reference only."""
+    """Materialise `mask` as a (B, 1, Tq, Tk) bool tensor, True = may attend. Reference only.
+
+    block_diffusion (BD3-LM's vectorised training pass): the input is [x_t ; x_0], half = L tokens each,
+    both with positions 0..L-1. With qb, kb the block indices of query and key inside their half:
+      x_t query -> x_t key  iff qb == kb   (its own noised block, all of it)
+      x_t query -> x_0 key  iff kb <  qb   (the clean blocks before it)
+      x_0 query -> x_0 key  iff kb <= qb   (block-causal over the clean sequence); never an x_t key.
+    """
+    check_block_diffusion_shape(mask, tq, tk)
     q_pos = torch.arange(tq, device=device)[:, None] + mask.q_offset  # (Tq, 1)
     k_pos = torch.arange(tk, device=device)[None, :]  # (1, Tk)
     if mask.kind == "causal":
         allowed = k_pos <= q_pos
     elif mask.kind == "block_causal":
         allowed = (k_pos // mask.block_size) <= (q_pos // mask.block_size)
+    elif mask.kind == "block_diffusion":
+        half = tk // 2
+        q_xt, k_xt = q_pos < half, k_pos < half
+        qb, kb = (q_pos % half) // mask.block_size, (k_pos % half) // mask.block_size
+        allowed = torch.where(q_xt, torch.where(k_xt, qb == kb, kb < qb), ~k_xt & (kb <= qb))
     else:
         allowed = torch.ones(tq, tk, dtype=torch.bool, device=device)
     allowed = allowed[None, None].expand(batch, 1, tq, tk)  # (B, 1, Tq, Tk)
@@ -137,7 +166,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRETER_BLOCK_M = 64  # tests may lower these to exercise more tiles with short sequences
 INTERPRETER_BLOCK_N = 64
 _LOG2E = 1.4426950408889634
-_KIND_CODE = {"bidirectional": 0, "causal": 1, "block_causal": 2}
+_KIND_CODE = {"bidirectional": 0, "causal": 1, "block_causal": 2, "block_diffusion": 3}
 
 
 def triton_unsupported_reason(q, k, v) -> Optional[str]:
@@ -183,6 +212,7 @@ def _check_inputs(q, k, v, mask: AttentionMask):
                              f"{tuple(t.shape)}, strides {t.stride()}")
     if mask.q_offset < 0:
         raise ValueError(f"q_offset must be >= 0; got {mask.q_offset}")
+    check_block_diffusion_shape(mask, Tq, k.shape[2])
     for name, t in (("key_lengths", mask.key_lengths), ("key_starts", mask.key_starts)):
         if t is None:
             continue
@@ -284,13 +314,20 @@ if HAS_TRITON:
         return kv_start, kv_end
 
     @triton.jit
-    def _visible(q_pos, k_pos, kv_start, kv_end, block_size, KIND: tl.constexpr):
-        """Mask from indices: q_pos (M, 1) absolute query positions, k_pos (1, N) key indices."""
+    def _visible(q_pos, k_pos, kv_start, kv_end, block_size, half, KIND: tl.constexpr):
+        """Mask from indices: q_pos (M, 1) absolute query positions, k_pos (1, N) key indices (or the
+        transpose). half = Tk // 2, read by block_diffusion only."""
         ok = (k_pos >= kv_start) & (k_pos < kv_end)
         if KIND == 1:  # causal
             ok = ok & (k_pos <= q_pos)
         elif KIND == 2:  # block-causal: whole blocks visible, causal across blocks
             ok = ok & ((k_pos // block_size) <= (q_pos // block_size))
+        elif KIND == 3:  # block diffusion over [x_t ; x_0] (dense_mask states the rule)
+            q_xt = q_pos < half
+            k_xt = k_pos < half
+            qb = tl.where(q_xt, q_pos, q_pos - half) // block_size
+            kb = tl.where(k_xt, k_pos, k_pos - half) // block_size
+            ok = ok & tl.where(q_xt, tl.where(k_xt, qb == kb, kb < qb), (k_pos >= half) & (kb <= qb))
         return ok
 
     @triton.jit
@@ -304,8 +341,32 @@ if HAS_TRITON:
             hi = tl.minimum(hi, last_q + 1)
         elif KIND == 2:
             hi = tl.minimum(hi, (last_q // block_size + 1) * block_size)
+        elif KIND == 3:
+            # block diffusion (no padding, q_offset 0): this is the x_t-key range, the blocks of the
+            # tile's x_t queries; the x_0 keys are the second range (_clean_key_tile_range)
+            half = TQ // 2
+            last_t = tl.minimum(last_q, half - 1)
+            has_xt = start_m < half
+            lo = tl.where(has_xt, ((start_m // block_size) * block_size // BLOCK_N) * BLOCK_N, 0)
+            hi = tl.where(has_xt, (last_t // block_size + 1) * block_size, 0)
         hi = tl.where(hi <= kv_start, lo, hi)  # nothing visible (e.g. all left padding): no tile
         return lo, hi
+
+    @triton.jit
+    def _clean_key_tile_range(start_m, TQ, block_size, hi_first,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """block_diffusion only: the x_0 keys [half, half + n) a query tile sees, as a tile range that
+        starts after the tiles the first range [.., hi_first) already visited (one tile may hold the
+        last x_t keys and the first x_0 keys when half is not a multiple of BLOCK_N)."""
+        half = TQ // 2
+        last_q = tl.minimum(start_m + BLOCK_M, TQ) - 1
+        # x_t queries see the clean blocks before their own; x_0 queries see their own clean block too
+        n_t = tl.where(start_m < half, (tl.minimum(last_q, half - 1) // block_size) * block_size, 0)
+        n_0 = tl.where(last_q >= half, ((last_q - half) // block_size + 1) * block_size, 0)
+        n = tl.maximum(n_t, n_0)
+        lo = tl.maximum((half // BLOCK_N) * BLOCK_N, ((hi_first + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.where(n > 0, half + n, lo)
+        return lo, tl.maximum(hi, lo)
 
     @triton.jit
     def _query_tile_range(start_n, TQ, q_offset, kv_start, kv_end, block_size,
@@ -320,7 +381,103 @@ if HAS_TRITON:
         lo = (tl.maximum(first_q, 0) // BLOCK_M) * BLOCK_M
         padding_only = first_k >= tl.minimum(start_n + BLOCK_N, kv_end)
         hi = tl.where(padding_only, 0, TQ)
+        if KIND == 3:
+            # block diffusion (no padding): this is the x_t-query range. An x_t key is seen by the x_t
+            # queries of its block, an x_0 key by the x_t queries of later blocks; both end at half
+            # when the tile holds both kinds, so their union is one range. x_0 queries: second range.
+            half = TQ // 2
+            last_k = tl.minimum(start_n + BLOCK_N, TQ) - 1
+            has_kt = start_n < half
+            first_k0 = tl.maximum(start_n, half) - half
+            lo_0 = (first_k0 // block_size + 1) * block_size  # x_t queries that see x_0 key first_k0
+            has_k0 = (last_k >= half) & (lo_0 < half)
+            q_lo = tl.minimum(tl.where(has_kt, (start_n // block_size) * block_size, half),
+                              tl.where(has_k0, lo_0, half))
+            q_hi = tl.maximum(tl.where(has_kt, (tl.minimum(last_k, half - 1) // block_size + 1) * block_size, 0),
+                              tl.where(has_k0, half, 0))
+            lo = tl.where(q_hi > q_lo, (q_lo // BLOCK_M) * BLOCK_M, 0)
+            hi = tl.where(q_hi > q_lo, q_hi, 0)
         return lo, hi
+
+    @triton.jit
+    def _clean_query_tile_range(start_n, TQ, block_size, hi_first,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """block_diffusion only: the x_0 queries [half + kb * b, 2 half) that see some x_0 key of the
+        tile (kb = block of its first x_0 key), after the tiles the first range already visited."""
+        half = TQ // 2
+        last_k = tl.minimum(start_n + BLOCK_N, TQ) - 1
+        first_k0 = tl.maximum(start_n, half) - half
+        q_lo = half + (first_k0 // block_size) * block_size
+        lo = tl.maximum((q_lo // BLOCK_M) * BLOCK_M, ((hi_first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+        hi = tl.where(last_k >= half, TQ, lo)
+        return lo, tl.maximum(hi, lo)
+
+    @triton.jit
+    def _fwd_tile(acc, l_i, m_i, q, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start, kv_end, block_size,
+                  qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+                  KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One key tile of the forward's online softmax (in base 2): m_i running max of the scaled
+        logits, l_i running denominator, acc running numerator."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < TK
+        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+        qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+        ok = _visible(q_pos, offs_n[None, :], kv_start, kv_end, block_size, TK // 2, KIND)
+        s = tl.where(ok, qk * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no visible key yet keeps m = -inf; subtract 0 there, not -inf,
+        # so exp2 gives 0 instead of NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _dkdv_tile(dk, dv, k, v, k_idx, Q, DO, LSE, DELTA, start_m, offs_d, d_ok, TQ, TK, q_offset,
+                   kv_start, kv_end, block_size, qk_scale_log2, stride_qm, stride_qd, stride_dom, stride_dod,
+                   KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+        """One query tile's contribution to dK and dV of this program's key tile (transposed scores)."""
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < TQ
+        qT = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        qkT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        ok = _visible((offs_m + q_offset)[None, :], k_idx, kv_start, kv_end, block_size, TK // 2, KIND)
+        ok = ok & m_ok[None, :]
+        pT = tl.where(ok, tl.exp2(qkT * qk_scale_log2 - lse[None, :]), 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _dq_tile(dq, q, do, lse, delta, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start, kv_end, block_size,
+                 qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+                 KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One key tile's contribution to dQ of this program's query tile."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < TK
+        dn_ok = d_ok[:, None] & n_ok[None, :]
+        kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=dn_ok, other=0.0)
+        vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=dn_ok, other=0.0)
+        qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ok = _visible(q_pos, offs_n[None, :], kv_start, kv_end, block_size, TK // 2, KIND)
+        p = tl.where(ok, tl.exp2(qk * qk_scale_log2 - lse[:, None]), 0.0)
+        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+        return dq
 
     @_FWD_TUNING
     @triton.jit
@@ -363,25 +520,15 @@ if HAS_TRITON:
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < TK
-            kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-            qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
-            ok = _visible(q_pos, offs_n[None, :], kv_start, kv_end, block_size, KIND)
-            s = tl.where(ok, qk * qk_scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row that has seen no visible key yet keeps m = -inf; subtract 0 there, not -inf,
-            # so exp2 gives 0 instead of NaN
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-            m_i = m_new
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start, kv_end,
+                                      block_size, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+                                      KIND, INPUT_PRECISION, BLOCK_N)
+        if KIND == 3:  # block diffusion: the clean (x_0) keys are a second, disjoint range
+            lo2, hi2 = _clean_key_tile_range(start_m, TQ, block_size, hi, BLOCK_M, BLOCK_N)
+            for start_n in range(lo2, hi2, BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start,
+                                          kv_end, block_size, qk_scale_log2, stride_kn, stride_kd, stride_vn,
+                                          stride_vd, KIND, INPUT_PRECISION, BLOCK_N)
 
         empty = l_i == 0.0  # no visible key: output 0 (acc is 0 there), lse = +inf so p = 0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -433,22 +580,15 @@ if HAS_TRITON:
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < TQ
-            qT = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_M)
-            do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-            lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
-            delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
-            qkT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-            ok = _visible((offs_m + q_offset)[None, :], k_idx, kv_start, kv_end, block_size, KIND)
-            ok = ok & m_ok[None, :]
-            pT = tl.where(ok, tl.exp2(qkT * qk_scale_log2 - lse[None, :]), 0.0)
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-            dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-            dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+            dk, dv = _dkdv_tile(dk, dv, k, v, k_idx, Q, DO, LSE, DELTA, start_m, offs_d, d_ok, TQ, TK, q_offset,
+                                kv_start, kv_end, block_size, qk_scale_log2, stride_qm, stride_qd, stride_dom,
+                                stride_dod, KIND, INPUT_PRECISION, BLOCK_M)
+        if KIND == 3:  # block diffusion: the clean (x_0) queries are a second, disjoint range
+            lo2, hi2 = _clean_query_tile_range(start_n, TQ, block_size, hi, BLOCK_M, BLOCK_N)
+            for start_m in range(lo2, hi2, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, k_idx, Q, DO, LSE, DELTA, start_m, offs_d, d_ok, TQ, TK,
+                                    q_offset, kv_start, kv_end, block_size, qk_scale_log2, stride_qm, stride_qd,
+                                    stride_dom, stride_dod, KIND, INPUT_PRECISION, BLOCK_M)
         dk = dk * sm_scale
         tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
                  dk.to(DK.dtype.element_ty), mask=nd_ok)
@@ -498,17 +638,15 @@ if HAS_TRITON:
                                  KIND, BLOCK_M, BLOCK_N)
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < TK
-            dn_ok = d_ok[:, None] & n_ok[None, :]
-            kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=dn_ok, other=0.0)
-            vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=dn_ok, other=0.0)
-            qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            ok = _visible(q_pos, offs_n[None, :], kv_start, kv_end, block_size, KIND)
-            p = tl.where(ok, tl.exp2(qk * qk_scale_log2 - lse[:, None]), 0.0)
-            dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+            dq = _dq_tile(dq, q, do, lse, delta, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start, kv_end,
+                          block_size, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+                          KIND, INPUT_PRECISION, BLOCK_N)
+        if KIND == 3:  # block diffusion: the clean (x_0) keys are a second, disjoint range
+            lo2, hi2 = _clean_key_tile_range(start_m, TQ, block_size, hi, BLOCK_M, BLOCK_N)
+            for start_n in range(lo2, hi2, BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse, delta, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start, kv_end,
+                              block_size, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+                              KIND, INPUT_PRECISION, BLOCK_N)
         dq = dq * sm_scale
         tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
                  dq.to(DQ.dtype.element_ty), mask=md_ok)

@@ -1,4 +1,4 @@
-"""Objectives: masked diffusion (MDLM, absorbing state) and autoregressive, beside the model.
+"""Objectives: masked diffusion (MDLM, absorbing state), block diffusion (BD3-LM) and autoregressive.
 
 The maths follows ../shared/DESIGN.md (binding for every module):
   forward process  each token becomes MASK with probability 1 - alpha(t), t ~ U(0, 1) per sequence
@@ -6,7 +6,11 @@ The maths follows ../shared/DESIGN.md (binding for every module):
   continuous NELBO L = E_t[ -alpha'(t) / (1 - alpha(t)) * sum_{masked i} -log p(x0_i | x_t) ] / L_seq
   T-step NELBO     L_T = sum_j E[(alpha(t_{j-1}) - alpha(t_j)) / (1 - alpha(t_j)) * sum_masked -log p]
                    with t_j = j / T;  L_T >= L_inf and decreases with T
-All losses are in nats per token; exp(loss) on held-out data is the perplexity (upper bound for MDLM).
+BD3-LM (Arriola et al. 2025) splits the sequence into blocks of b tokens: one t per block, each block
+noised independently and predicted from its noised self and the CLEAN blocks before it; its NELBO is the
+sum of the blocks' MDLM NELBOs (b = L is MDLM, b = 1 is AR).
+All losses are in nats per token; exp(loss) on held-out data is the perplexity (upper bound for the
+diffusion objectives).
 """
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kernels.attention import AttentionMask
 from kernels.masking import apply_diffusion_mask
 
-OBJECTIVES = ("ar", "mdlm")
+OBJECTIVES = ("ar", "mdlm", "bd3lm")
+DIFFUSION_OBJECTIVES = ("mdlm", "bd3lm")
 SCHEDULES = ("linear", "loglinear", "cosine")
 
 
@@ -91,50 +97,126 @@ def ar_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
 
 
+def is_diffusion(objective: str) -> bool:
+    """True for the masked-diffusion objectives (mdlm, bd3lm): their loss is a NELBO, their models
+    predict MASKed tokens and are decoded by diffusion samplers."""
+    return objective in DIFFUSION_OBJECTIVES
+
+
+def forward_process(x0: torch.Tensor, schedule: NoiseSchedule, mask_id: int, seed: int,
+                    num_steps: Optional[int] = None, t: Optional[torch.Tensor] = None, t_min: float = 1e-3,
+                    antithetic: bool = True, masking_impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise each row of x0 (N, T) with its own time: -> (xt (N, T), token_weight (N, T) fp32), where
+    token_weight is the NELBO weight of each masked token (0 where unmasked).
+
+    num_steps=None: the continuous-time bound, t ~ U(t_min, 1), weight -alpha'(t) / (1 - alpha(t)).
+    num_steps=T:    the T-step discrete bound; step j ~ U{1..T} per row and the sum over j becomes T
+                    times its expectation, so each row is weighted by
+                    T * (alpha(t_{j-1}) - alpha(t_j)) / (1 - alpha(t_j)).
+    t (N,), if given, replaces the sampled times. seed fixes t (seed) and the mask (seed + 1).
+    """
+    N = x0.shape[0]
+    gen = torch.Generator(device=x0.device).manual_seed(int(seed))
+    if num_steps is None:
+        if t is None:
+            t = sample_times(N, gen, t_min, antithetic, x0.device)
+        weight = schedule.continuous_loss_weight(t)
+    else:
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1 (got {num_steps})")
+        if t is None:
+            u = sample_times(N, gen, 0.0, antithetic, x0.device)  # [0, 1)
+            j = torch.clamp(torch.floor(u * num_steps) + 1, max=num_steps)  # step index 1..T
+            t = j / num_steps
+        s = t - 1.0 / num_steps
+        weight = num_steps * (schedule.alpha(s) - schedule.alpha(t)) / (1 - schedule.alpha(t))
+    return apply_diffusion_mask(x0, schedule.mask_prob(t), weight, mask_id, seed=int(seed) + 1, impl=masking_impl)
+
+
+def _subs_nelbo(model, x0: torch.Tensor, xt: torch.Tensor, token_weight: torch.Tensor, mask_id: int,
+                run_model) -> torch.Tensor:
+    """sum over masked tokens of weight * -log p_SUBS(x0 | x_t), divided by the number of tokens.
+    run_model() -> hidden states (B, L, C) aligned with xt; only called when some token is masked."""
+    B, L = x0.shape
+    masked = xt == mask_id  # (B, L)
+    if not bool(masked.any()):
+        # nothing masked -> nothing to predict; keep the graph alive so every rank runs backward
+        return model.lm_head.weight.sum() * 0.0
+    h = run_model()  # (B, L, C)
+    logits = subs_logits(model.lm_head(h[masked]), mask_id)  # (N_masked, V): only masked positions matter
+    nll = F.cross_entropy(logits.float(), x0[masked], reduction="none")  # (N_masked,)
+    return (token_weight[masked] * nll).sum() / (B * L)
+
+
 def masked_diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, mask_id: int, seed: int,
                           num_steps: Optional[int] = None, t: Optional[torch.Tensor] = None,
                           t_min: float = 1e-3, antithetic: bool = True, masking_impl: str = "auto",
                           ) -> torch.Tensor:
     """MDLM NELBO of clean ids x0 (B, T), nats per token (a one-sample Monte-Carlo estimate).
 
-    num_steps=None: the continuous-time bound, t ~ U(t_min, 1).
-    num_steps=T:    the T-step discrete bound; step j ~ U{1..T} per sequence and the sum over j
-                    becomes T times its expectation, so each sequence is weighted by
-                    T * (alpha(t_{j-1}) - alpha(t_j)) / (1 - alpha(t_j)).
-    seed fixes t (unless given) and the mask, so a step is reproducible.
+    One t per sequence (B,); num_steps=None is the continuous-time bound, num_steps=T the T-step
+    bound (see `forward_process`). seed fixes t (unless given) and the mask, so a step is reproducible.
+    """
+    xt, token_weight = forward_process(x0, schedule, mask_id, seed, num_steps, t, t_min, antithetic, masking_impl)
+    return _subs_nelbo(model, x0, xt, token_weight, mask_id, lambda: model.hidden_states(xt)[0])
+
+
+def block_diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, mask_id: int, seed: int,
+                         block_length: int, num_steps: Optional[int] = None, t: Optional[torch.Tensor] = None,
+                         t_min: float = 1e-3, antithetic: bool = True, masking_impl: str = "auto",
+                         ) -> torch.Tensor:
+    """BD3-LM NELBO of clean ids x0 (B, L), nats per token: the sum of the per-block MDLM NELBOs
+    (block i conditioned on the clean blocks before it) divided by B * L.
+
+    One t per block: B * L / b times, antithetic over all of them; block i of a sequence is masked with
+    probability 1 - alpha(t_i) and weighted as in `forward_process` (num_steps as in MDLM). t, if given,
+    is (B, L // b) or (B * L // b,), block-major within a sequence. The model runs ONCE on [x_t ; x_0]
+    (2L tokens, positions 0..L-1 twice) under the "block_diffusion" attention mask: a noised block sees
+    itself and the clean blocks before it, the clean half is block-causal (kernels/attention.py).
+    Its context block_size must hold L positions (not 2L). b = L gives masked_diffusion_loss exactly
+    (same t, same mask); b = 1 is an AR model scored through MASK inputs.
     """
     B, L = x0.shape
-    gen = torch.Generator(device=x0.device).manual_seed(int(seed))
-    if num_steps is None:
-        if t is None:
-            t = sample_times(B, gen, t_min, antithetic, x0.device)
-        weight = schedule.continuous_loss_weight(t)
-    else:
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1 (got {num_steps})")
-        if t is None:
-            u = sample_times(B, gen, 0.0, antithetic, x0.device)  # [0, 1)
-            j = torch.clamp(torch.floor(u * num_steps) + 1, max=num_steps)  # step index 1..T
-            t = j / num_steps
-        s = t - 1.0 / num_steps
-        weight = num_steps * (schedule.alpha(s) - schedule.alpha(t)) / (1 - schedule.alpha(t))
-    xt, token_weight = apply_diffusion_mask(x0, schedule.mask_prob(t), weight, mask_id,
-                                            seed=int(seed) + 1, impl=masking_impl)
-    masked = xt == mask_id  # (B, L)
-    if not bool(masked.any()):
-        # nothing masked -> nothing to predict; keep the graph alive so every rank runs backward
-        return model.lm_head.weight.sum() * 0.0
-    h, _ = model.hidden_states(xt)  # (B, L, C)
-    logits = subs_logits(model.lm_head(h[masked]), mask_id)  # (N_masked, V): only masked positions matter
-    nll = F.cross_entropy(logits.float(), x0[masked], reduction="none")  # (N_masked,)
-    return (token_weight[masked] * nll).sum() / (B * L)
+    if block_length < 1 or L % block_length:
+        raise ValueError(f"block diffusion needs a sequence length that is a multiple of block_length >= 1; "
+                         f"got L={L}, block_length={block_length}")
+    n_blocks = L // block_length
+    if t is not None:
+        if t.numel() != B * n_blocks:
+            raise ValueError(f"t must hold one time per block: ({B}, {n_blocks}) values, got {tuple(t.shape)}")
+        t = t.reshape(B * n_blocks)
+    # each block is a row of its own: the masking kernel draws per-row probabilities and weights, and
+    # the flat token order (hence every random draw) is that of x0 itself
+    rows = x0.reshape(B * n_blocks, block_length)
+    xt_rows, weight_rows = forward_process(rows, schedule, mask_id, seed, num_steps, t, t_min, antithetic,
+                                           masking_impl)
+    xt, token_weight = xt_rows.view(B, L), weight_rows.view(B, L)
+
+    def run_model():
+        positions = torch.arange(L, device=x0.device).repeat(2)  # (2L,): x_t and x_0 share positions
+        mask = AttentionMask("block_diffusion", block_size=block_length)
+        h, _ = model.hidden_states(torch.cat([xt, x0], dim=1), mask=mask, positions=positions)  # (B, 2L, C)
+        return h[:, :L]  # predictions are read at the noised half only
+
+    return _subs_nelbo(model, x0, xt, token_weight, mask_id, run_model)
+
+
+def diffusion_nelbo(model, x0: torch.Tensor, objective: str, schedule: NoiseSchedule, mask_id: int, seed: int,
+                    block_length: int = 0, **kwargs) -> torch.Tensor:
+    """The NELBO of a diffusion objective ("mdlm" | "bd3lm"; block_length for bd3lm); kwargs as in
+    masked_diffusion_loss (num_steps, t, t_min, antithetic, masking_impl)."""
+    if objective == "bd3lm":
+        return block_diffusion_loss(model, x0, schedule, mask_id, seed, block_length, **kwargs)
+    if objective == "mdlm":
+        return masked_diffusion_loss(model, x0, schedule, mask_id, seed, **kwargs)
+    raise ValueError(f"{objective!r} is not a diffusion objective; expected one of {DIFFUSION_OBJECTIVES}")
 
 
 # ----------------------------------------------------------------------------- one entry for the loop
 @dataclass
 class ObjectiveConfig:
-    name: str = "mdlm"  # ar | mdlm
-    schedule: str = "loglinear"  # linear | loglinear | cosine (mdlm only)
+    name: str = "mdlm"  # ar | mdlm | bd3lm (block diffusion: blocks of model.block_length tokens)
+    schedule: str = "loglinear"  # linear | loglinear | cosine (mdlm and bd3lm)
     t_min: float = 1e-3  # smallest diffusion time sampled (keeps the 1/t weight finite)
     antithetic: bool = True  # low-discrepancy sampling of t across the batch
     masking_impl: str = "auto"  # auto | triton | torch
@@ -146,7 +228,11 @@ class ObjectiveConfig:
 
     def required_attention(self) -> tuple[str, ...]:
         """Attention kinds this objective can be trained with."""
-        return ("causal",) if self.name == "ar" else ("bidirectional", "block_causal")
+        if self.name == "ar":
+            return ("causal",)
+        if self.name == "bd3lm":
+            return ("block_causal",)
+        return ("bidirectional", "block_causal")
 
 
 def compute_loss(model, x: torch.Tensor, y: torch.Tensor, objective: ObjectiveConfig, mask_id: int,
@@ -154,6 +240,6 @@ def compute_loss(model, x: torch.Tensor, y: torch.Tensor, objective: ObjectiveCo
     """Loss of one batch for any objective, nats per token. x, y: (B, T) with y = x shifted by one."""
     if objective.name == "ar":
         return ar_loss(model, x, y)
-    return masked_diffusion_loss(model, x, NoiseSchedule(objective.schedule), mask_id, seed,
-                                 t_min=objective.t_min, antithetic=objective.antithetic,
-                                 masking_impl=objective.masking_impl)
+    return diffusion_nelbo(model, x, objective.name, NoiseSchedule(objective.schedule), mask_id, seed,
+                           block_length=model.config.block_length, t_min=objective.t_min,
+                           antithetic=objective.antithetic, masking_impl=objective.masking_impl)

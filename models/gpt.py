@@ -19,6 +19,7 @@ from kernels.attention import AttentionMask, attention
 
 ATTENTION_KINDS = ("causal", "bidirectional", "block_causal")
 ATTENTION_IMPLS = ("auto", "triton", "torch")
+POS_EMBS = ("learned", "rope")
 
 # A KV cache is a list with one (k, v) pair per layer, each (B, n_head, T_past, head_dim).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -36,14 +37,20 @@ class GPTConfig:
     attention: str = "causal"  # causal (AR) | bidirectional (MDLM) | block_causal (block diffusion)
     block_length: int = 0  # block size b for attention="block_causal"
     attn_impl: str = "auto"  # auto (Triton on GPU, PyTorch elsewhere) | triton | torch
+    pos_emb: str = "learned"  # learned (GPT-2's wpe table) | rope (rotary q/k, as in LLaMA and MDLM; no wpe)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"GPTConfig.attention={self.attention!r}: expected one of {ATTENTION_KINDS}")
         if self.attn_impl not in ATTENTION_IMPLS:
             raise ValueError(f"GPTConfig.attn_impl={self.attn_impl!r}: expected one of {ATTENTION_IMPLS}")
+        if self.pos_emb not in POS_EMBS:
+            raise ValueError(f"GPTConfig.pos_emb={self.pos_emb!r}: expected one of {POS_EMBS}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos_emb='rope' rotates feature pairs: head size n_embd/n_head="
+                             f"{self.n_embd // self.n_head} must be even")
         if self.attention == "block_causal" and self.block_length < 1:
             raise ValueError("attention='block_causal' needs block_length >= 1")
 
@@ -74,6 +81,46 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings (RoFormer, Su et al. 2021; LLaMA, MDLM), for pos_emb="rope".
+
+    Nothing is added to the residual stream; instead each query and key is rotated by its position:
+    feature pair (i, i + hs/2) turns by the angle pos * base^(-2i/hs). Rotations compose, so the score of
+    a query at m and a key at n is q . R(n - m) k: it depends on the offset n - m only.
+    cos/sin are precomputed for block_size positions as non-persistent buffers (not in checkpoints)."""
+
+    def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0):
+        super().__init__()
+        self.head_dim, self.max_positions, self.base = head_dim, max_positions, base
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build(torch.device("cpu"))
+
+    def _build(self, device):
+        inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
+        angles = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=device), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # (block_size, hs): pair (i, i + hs/2) shares an angle
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.cos.dtype != torch.float32:  # .bfloat16()/.half() rounded the table: rebuild it in fp32
+            self._build(self.cos.device)
+        return self
+
+    def forward(self, positions: torch.Tensor):
+        """positions (T,) or (B, T) -> cos, sin of shape (1, T, hs) or (B, 1, T, hs), fp32, which
+        broadcast against q and k (B, n_head, T, hs)."""
+        return self.cos[positions].unsqueeze(-3), self.sin[positions].unsqueeze(-3)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each feature pair (x_i, x_{i + hs/2}) of x (B, n_head, T, hs) by its angle (in fp32)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -84,13 +131,15 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask: AttentionMask, past_kv: Optional[tuple] = None):
+    def forward(self, x, mask: AttentionMask, past_kv: Optional[tuple] = None, rope: Optional[tuple] = None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:  # (cos, sin) of these tokens' positions; rotate before k enters the cache
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         present = (k, v)  # this call's keys/values, for the caller's KV cache
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, T_past + T, hs)
@@ -122,8 +171,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask: AttentionMask, past_kv=None):
-        a, present = self.attn(self.ln_1(x), mask, past_kv)
+    def forward(self, x, mask: AttentionMask, past_kv=None, rope=None):
+        a, present = self.attn(self.ln_1(x), mask, past_kv, rope)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -135,11 +184,14 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if config.pos_emb == "learned" else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
+        # rope: rotary q/k instead of wpe; outside `transformer` so GPT-2's parameter names stay as they are
+        self.rotary = (RotaryEmbedding(config.n_embd // config.n_head, config.block_size)
+                       if config.pos_emb == "rope" else None)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds
         self.transformer.wte.weight = self.lm_head.weight
@@ -160,9 +212,9 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count. Position embeddings are subtracted by default (as in nanoGPT); token
-        embeddings are kept because they are tied to (and used as) the output layer."""
+        embeddings are kept because they are tied to (and used as) the output layer. Rope has none."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -172,21 +224,32 @@ class GPT(nn.Module):
 
         mask:      which keys each query sees; default is the config's kind with q_offset = T_past.
         past_kv:   keys/values of earlier tokens (one (k, v) per layer); queries are appended after them.
-        positions: (B, T) position ids, for left-padded batches; default T_past .. T_past + T - 1.
+        positions: (B, T) or (T,) position ids, for left-padded batches (or BD3-LM's [x_t ; x_0] input,
+                   whose halves share positions); default T_past .. T_past + T - 1. The context limit
+                   is on positions: every id must be < block_size, however many tokens there are.
         """
         B, T = idx.size()
         t_past = 0 if past_kv is None else past_kv[0][0].size(2)
-        if t_past + T > self.config.block_size:
+        if positions is None and t_past + T > self.config.block_size:
             raise ValueError(f"sequence of {t_past + T} tokens is longer than the model's context "
                              f"block_size={self.config.block_size}")
+        if positions is not None and positions.numel() and int(positions.max()) >= self.config.block_size:
+            raise ValueError(f"position id {int(positions.max())} is outside the model's context "
+                             f"block_size={self.config.block_size}: the sequence is longer than the context")
         if mask is None:
             mask = self.config.default_mask(q_offset=t_past)
         if positions is None:
             positions = torch.arange(t_past, t_past + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.rotary is None:
+            x = x + self.transformer.wpe(positions)  # learned: a position vector added to each token
+        else:
+            rope = self.rotary(positions)  # rope: q and k are rotated inside every attention layer
+        x = self.transformer.drop(x)
         presents = []
         for i, block in enumerate(self.transformer.h):
-            x, present = block(x, mask, None if past_kv is None else past_kv[i])
+            x, present = block(x, mask, None if past_kv is None else past_kv[i], rope)
             presents.append(present)
         return self.transformer.ln_f(x), presents
 
@@ -236,6 +299,10 @@ class GPT(nn.Module):
         from transformers import GPT2LMHeadModel  # heavy import, only needed here
 
         allowed = {"attention", "block_length", "attn_impl", "dropout"}
+        if overrides.get("pos_emb", "learned") != "learned":
+            raise ValueError("from_pretrained: GPT-2 checkpoints have learned position embeddings (wpe); "
+                             "pos_emb must stay 'learned'")
+        overrides.pop("pos_emb", None)
         if set(overrides) - allowed:
             raise ValueError(f"from_pretrained can only override {sorted(allowed)}, got {sorted(overrides)}")
         hf = GPT2LMHeadModel.from_pretrained(name_or_dir)

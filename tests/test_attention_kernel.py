@@ -61,6 +61,9 @@ CASES = {
         AttentionMask("bidirectional", q_offset=130, key_starts=_lengths(0, 50), key_lengths=_lengths(150, 120)),
         2, 2, 20, 150),
     "kv_cache_decode_one_token": (AttentionMask("causal", q_offset=199, key_starts=_lengths(0, 9)), 2, 2, 1, 200),
+    # BD3-LM training pass over [x_t ; x_0], L = 48: the halves meet inside a 64-wide tile
+    "block_diffusion_b8": (AttentionMask("block_diffusion", block_size=8), 2, 2, 96, 96),
+    "block_diffusion_b16": (AttentionMask("block_diffusion", block_size=16), 1, 2, 96, 96),
 }
 
 
@@ -121,7 +124,7 @@ def test_head_dims_that_are_not_powers_of_two_or_small_are_zero_padded(head_dim)
 @pytest.mark.skipif(CUDA, reason="tile sizes are chosen by the autotuner on a GPU")
 @pytest.mark.parametrize("tiles", [(32, 32), (16, 64), (64, 16)], ids=lambda t: f"M{t[0]}xN{t[1]}")
 @pytest.mark.parametrize("case", ["causal_multi_tile", "block_causal_b24_unaligned", "block_causal_padding",
-                                  "kv_cache_causal", "kv_cache_bidirectional_padded"])
+                                  "kv_cache_causal", "kv_cache_bidirectional_padded", "block_diffusion_b8"])
 def test_tile_skipping_is_exact_for_other_tile_shapes(case, tiles, monkeypatch):
     """Loop bounds (which tiles are skipped) depend on BLOCK_M/BLOCK_N; unequal tiles catch off-by-one
     errors that square 64x64 tiles hide."""
@@ -133,29 +136,44 @@ def test_tile_skipping_is_exact_for_other_tile_shapes(case, tiles, monkeypatch):
 
 # ----------------------------------------------------------------------------- which tiles run
 @triton.jit
+def _store_ranges(RANGE, slot, lo, hi, lo2, hi2):
+    tl.store(RANGE + slot, lo)
+    tl.store(RANGE + slot + 1, hi)
+    tl.store(RANGE + slot + 2, lo2)
+    tl.store(RANGE + slot + 3, hi2)
+
+
+@triton.jit
 def _probe_tile_ranges(KEY_LEN, KEY_START, KEY_RANGE, QUERY_RANGE, n_slots, TQ, TK, q_offset, block_size,
                        KIND: tl.constexpr, HAS_LEN: tl.constexpr, HAS_START: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Record the loop bounds the kernels use: key range per query tile (forward, dq) and query
-    range per key tile (dk/dv), for tile `pid` of sequence b."""
+    """Record the loop bounds the kernels use: key ranges per query tile (forward, dq) and query
+    ranges per key tile (dk/dv), for tile `pid` of sequence b. Two ranges per tile: the second is the
+    clean half of block_diffusion (empty for the other kinds)."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
+    slot = (b * n_slots + pid) * 4
     kv_start, kv_end = attn_mod._key_bounds(KEY_LEN, KEY_START, b, TK, HAS_LEN, HAS_START)
     lo, hi = attn_mod._key_tile_range(pid * BLOCK_M, TQ, q_offset, kv_start, kv_end, block_size,
                                       KIND, BLOCK_M, BLOCK_N)
-    tl.store(KEY_RANGE + (b * n_slots + pid) * 2, lo)
-    tl.store(KEY_RANGE + (b * n_slots + pid) * 2 + 1, hi)
+    lo2, hi2 = lo * 0, hi * 0
+    if KIND == 3:
+        lo2, hi2 = attn_mod._clean_key_tile_range(pid * BLOCK_M, TQ, block_size, hi, BLOCK_M, BLOCK_N)
+    _store_ranges(KEY_RANGE, slot, lo, hi, lo2, hi2)
     lo, hi = attn_mod._query_tile_range(pid * BLOCK_N, TQ, q_offset, kv_start, kv_end, block_size,
                                         KIND, BLOCK_M, BLOCK_N)
-    tl.store(QUERY_RANGE + (b * n_slots + pid) * 2, lo)
-    tl.store(QUERY_RANGE + (b * n_slots + pid) * 2 + 1, hi)
+    lo2, hi2 = lo * 0, hi * 0
+    if KIND == 3:
+        lo2, hi2 = attn_mod._clean_query_tile_range(pid * BLOCK_N, TQ, block_size, hi, BLOCK_M, BLOCK_N)
+    _store_ranges(QUERY_RANGE, slot, lo, hi, lo2, hi2)
 
 
 @pytest.mark.parametrize("tiles", [(64, 64), (32, 16), (16, 32)], ids=lambda t: f"M{t[0]}xN{t[1]}")
 @pytest.mark.parametrize("case", list(CASES) + ["all_padding"])
 def test_exactly_the_tiles_with_a_visible_pair_are_visited(case, tiles):
     """The loop bounds are tight: a (query tile, key tile) pair is computed iff the mask lets at least
-    one of its queries see one of its keys. Fully masked tiles are skipped, never computed."""
+    one of its queries see one of its keys. Fully masked tiles are skipped, never computed, and no
+    pair is computed twice (block_diffusion's two ranges never share a tile)."""
     if case == "all_padding":  # left padding past the right padding: no key at all
         mask, B, Tq, Tk = AttentionMask("causal", key_starts=_lengths(70), key_lengths=_lengths(66)), 1, 100, 100
     else:
@@ -163,8 +181,8 @@ def test_exactly_the_tiles_with_a_visible_pair_are_visited(case, tiles):
     BM, BN = tiles
     n_m, n_n = triton.cdiv(Tq, BM), triton.cdiv(Tk, BN)
     n_slots = max(n_m, n_n)
-    key_range = torch.full((B, n_slots, 2), -1, dtype=torch.int32, device=DEVICE)
-    query_range = torch.full((B, n_slots, 2), -1, dtype=torch.int32, device=DEVICE)
+    key_range = torch.full((B, n_slots, 4), -1, dtype=torch.int32, device=DEVICE)
+    query_range = torch.full((B, n_slots, 4), -1, dtype=torch.int32, device=DEVICE)
     dev_mask = _mask_to(mask, DEVICE)
     _probe_tile_ranges[(n_slots, B)](
         attn_mod._key_bound_tensor(dev_mask.key_lengths, key_range),
@@ -178,14 +196,20 @@ def test_exactly_the_tiles_with_a_visible_pair_are_visited(case, tiles):
     padded = torch.zeros(B, n_m * BM, n_n * BN, dtype=torch.bool)
     padded[:, :Tq, :Tk] = allowed
     needed = padded.view(B, n_m, BM, n_n, BN).any(4).any(2)  # (B, query tiles, key tiles)
+
+    def tiles(bounds, size):
+        lo, hi, lo2, hi2 = bounds
+        first, second = [t // size for t in range(lo, hi, size)], [t // size for t in range(lo2, hi2, size)]
+        assert (lo2, hi2) == (0, 0) or mask.kind == "block_diffusion"
+        assert len(set(first + second)) == len(first) + len(second), f"a tile is visited twice: {bounds}"
+        return set(first + second)
+
     for b in range(B):
         for m in range(n_m):
-            lo, hi = key_range[b, m].tolist()
-            visited = {n // BN for n in range(lo, hi, BN)}
+            visited = tiles(key_range[b, m].tolist(), BN)
             assert visited == set(needed[b, m].nonzero().flatten().tolist()), f"seq {b} query tile {m}"
         for n in range(n_n):
-            lo, hi = query_range[b, n].tolist()
-            visited = {m // BM for m in range(lo, hi, BM)}
+            visited = tiles(query_range[b, n].tolist(), BM)
             assert visited == set(needed[b, :, n].nonzero().flatten().tolist()), f"seq {b} key tile {n}"
 
 
@@ -280,12 +304,41 @@ def _qkv(shape_q=(1, 2, 16, 32), shape_kv=(1, 2, 16, 32), dtype=torch.float32):
     (lambda: (*_qkv(), AttentionMask(key_lengths=torch.tensor([3, 4]))), ValueError, "key_lengths"),
     (lambda: (*_qkv(), AttentionMask(key_starts=torch.tensor([0.5]))), TypeError, "integer"),
     (lambda: (*_qkv(), AttentionMask(q_offset=-1)), ValueError, "q_offset"),
+    (lambda: (*_qkv(), AttentionMask("block_diffusion", block_size=3)), ValueError, "multiple of block_size=3"),
+    (lambda: (*_qkv((1, 2, 15, 32), (1, 2, 15, 32)), AttentionMask("block_diffusion", block_size=1)), ValueError,
+     "Tq == Tk = 2 L"),
+    (lambda: (*_qkv((1, 2, 8, 32)), AttentionMask("block_diffusion", block_size=4)), ValueError, "Tq == Tk"),
 ], ids=["3d_input", "head_dim_mismatch", "heads_mismatch", "fp64", "head_dim_too_large",
-        "lengths_shape", "float_starts", "negative_q_offset"])
+        "lengths_shape", "float_starts", "negative_q_offset", "block_diffusion_half_not_whole_blocks",
+        "block_diffusion_odd_length", "block_diffusion_tq_neq_tk"])
 def test_bad_inputs_raise_clear_errors(make, error, match):
     q, k, v, mask = make()
     with pytest.raises(error, match=match):
         attention(q, k, v, mask, impl="triton")
+
+
+@pytest.mark.parametrize("kw", [dict(key_lengths=_lengths(8)), dict(key_starts=_lengths(2)), dict(q_offset=4),
+                                dict(block_size=0)], ids=["key_lengths", "key_starts", "q_offset", "block_size_0"])
+def test_block_diffusion_rejects_padding_kv_cache_and_empty_blocks(kw):
+    with pytest.raises(ValueError, match="block_diffusion"):
+        AttentionMask("block_diffusion", **{"block_size": 4, **kw})
+
+
+def test_block_diffusion_mask_picture():
+    """[x_t ; x_0] with L = 4, b = 2: x_t blocks see themselves and the clean blocks before them;
+    the clean half is block-causal and never sees x_t. The reference rejects bad shapes too."""
+    want = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0, 0, 0, 0],
+                         [0, 0, 1, 1, 1, 1, 0, 0],
+                         [0, 0, 1, 1, 1, 1, 0, 0],
+                         [0, 0, 0, 0, 1, 1, 0, 0],
+                         [0, 0, 0, 0, 1, 1, 0, 0],
+                         [0, 0, 0, 0, 1, 1, 1, 1],
+                         [0, 0, 0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = AttentionMask("block_diffusion", block_size=2)
+    assert torch.equal(dense_mask(mask, 1, 8, 8, "cpu")[0, 0], want)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        attention_reference(*_qkv((1, 1, 12, 8), (1, 1, 12, 8)), AttentionMask("block_diffusion", block_size=4))
 
 
 def test_mixed_dtypes_raise():
@@ -333,6 +386,9 @@ _COMPILE_FOR_SM90 = textwrap.dedent("""
             constexprs = dict(HEAD_DIM=64, BLOCK_D=64, KIND=2, HAS_LEN=True, HAS_START=True,
                               INPUT_PRECISION="ieee", **config.kwargs)
             compile_for_sm90(tuner.fn, pointers, constexprs, config.num_warps, config.num_stages)
+            if dtype == "fp16":  # block diffusion: the second (clean-half) tile loop
+                constexprs.update(KIND=3, HAS_LEN=False, HAS_START=False)
+                compile_for_sm90(tuner.fn, pointers, constexprs, config.num_warps, config.num_stages)
     compile_for_sm90(M._diffusion_mask_kernel,
                      dict(X0="*i64", XT="*i64", WEIGHT="*fp32", MASK_PROB="*fp32", LOSS_WEIGHT="*fp32",
                           MASKABLE="*u8"),
@@ -352,8 +408,8 @@ def _has_nvidia_backend():
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton install has no NVIDIA backend (ptxas)")
 def test_kernels_lower_to_sm90_machine_code_without_a_gpu(tmp_path):
     """The interpreter accepts programs the GPU compiler rejects (types, layouts, shared memory).
-    Compile the real kernels (fp16/bf16/fp32, block-causal with padding: every mask branch) for an
-    H100 with Triton's bundled ptxas; no GPU is needed for that."""
+    Compile the real kernels (fp16/bf16/fp32 block-causal with padding, fp16 block diffusion: every mask
+    branch) for an H100 with Triton's bundled ptxas; no GPU is needed for that."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -365,7 +421,8 @@ def test_kernels_lower_to_sm90_machine_code_without_a_gpu(tmp_path):
 
 # ----------------------------------------------------------------------------- GPU only
 @needs_cuda
-@pytest.mark.parametrize("case", ["causal", "block_causal_padding", "causal_left_padding", "kv_cache_block_causal"])
+@pytest.mark.parametrize("case", ["causal", "block_causal_padding", "causal_left_padding", "kv_cache_block_causal",
+                                  "block_diffusion_b8"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_bf16_matches_fp64_reference_on_gpu(case, head_dim):
     mask, B, H, Tq, Tk = CASES[case]

@@ -159,6 +159,34 @@ def test_evaluator_ar_ppl_is_exp_of_the_mean_cross_entropy(tmp_path):
     assert entry["tokens"] == 5 * 16
 
 
+def test_bd3lm_model_is_evaluated_with_the_block_diffusion_nelbo(tmp_path):
+    """A saved bd3lm model loads as objective "bd3lm" and reports its continuous and T-step NELBOs, each
+    window's value being block_diffusion_loss on it repeated K times with seed = base + 2 w."""
+    from inference.loading import load_model
+    from models.diffusion import block_diffusion_loss
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=ROWS, n_layer=2, n_head=2, n_embd=32, attention="block_causal",
+                          block_length=4)).eval()
+    data = write_dataset(tmp_path / "data", arithmetic_stream(20, 16, seed=1))
+    saved = save_model(model, tmp_path / "bd3lm", "bd3lm")
+    assert load_model(ckpt=str(saved), device="cpu", log=lambda *a: None).objective == "bd3lm"
+    res = evaluate(cfg(model=[str(saved)], data_dir=str(data), steps=[4], max_windows=3, seed=50))
+    m = res["models"][0]
+    assert m["objective"] == "bd3lm"
+    bounds = m["splits"]["val"]["bounds"]
+    assert [b["steps"] for b in bounds] == ["inf", 4]
+    windows = split_windows(np.fromfile(data / "val.bin", dtype=np.uint16), 17, 3)[:, :-1]
+    for b in bounds:
+        with torch.no_grad():
+            want = [block_diffusion_loss(model, w.expand(4, -1), NoiseSchedule("loglinear"), MASK_ID, seed=50 + 2 * i,
+                                         block_length=4, num_steps=None if b["steps"] == "inf" else b["steps"],
+                                         masking_impl="torch").item() for i, w in enumerate(windows)]
+        assert b["nelbo"] == pytest.approx(sum(want) / len(want), rel=1e-6)
+    with pytest.raises(ValueError, match="multiple of it"):
+        evaluate(cfg(model=[str(saved)], data_dir=str(data), block_size=10, steps=[4]))
+
+
 def test_evaluation_writes_json_table_plot_and_logs(tmp_path):
     data = write_dataset(tmp_path / "data", arithmetic_stream(20, 16, seed=1))
     ar = save_model(tiny_gpt("causal"), tmp_path / "ar", "ar")

@@ -12,11 +12,11 @@ from training.hf_export import export_to_hf, main
 GPT2_ROWS = 50304  # GPT-2's 50257 ids + MASK, padded to a multiple of 64
 
 
-def saved_ar_model(d, bias=True, attention="causal", objective="ar", seed=0):
+def saved_ar_model(d, bias=True, attention="causal", objective="ar", seed=0, pos_emb="learned"):
     """A tiny GPT-2-vocabulary model in the consolidated format, as training/export.py writes it."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=32, vocab_size=GPT2_ROWS, n_layer=2, n_head=2, n_embd=32, bias=bias,
-                          attention=attention)).eval()
+                          attention=attention, pos_emb=pos_emb)).eval()
     with torch.no_grad():  # non-zero biases and LayerNorm parameters, so a missed copy cannot hide
         for name, p in model.named_parameters():
             if name.endswith("bias") or ".ln_" in name:
@@ -72,3 +72,14 @@ def test_diffusion_model_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "mdlm"), "--out", str(tmp_path / "hf")])
     assert "only AR" in capsys.readouterr().err
+
+
+def test_rope_model_is_refused(tmp_path, capsys):
+    """GPT2LMHeadModel only has a learned position table: a rope model has no faithful export."""
+    saved_ar_model(tmp_path / "rope", pos_emb="rope")
+    with pytest.raises(ValueError, match="GPT2LMHeadModel has learned position embeddings"):
+        export_to_hf(tmp_path / "rope", tmp_path / "hf")
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "rope"), "--out", str(tmp_path / "hf")])
+    assert "rotary" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

@@ -77,6 +77,23 @@ def check_finished(proc: subprocess.CompletedProcess, out_dir) -> None:
         f"training failed (exit {proc.returncode})\n{output[-6000:]}"
 
 
+def replayed_val_loss(model, info: dict, data_dir) -> float:
+    """The final evaluation of a run, redone on its export: the same val batches and seeds as
+    training/pretrain.py's evaluate (2 ranks), one process."""
+    from models.diffusion import ObjectiveConfig, compute_loss
+    from training.data import TokenDataset
+    from training.engine import mix_seed
+
+    cfg = info["train_config"]
+    objective = ObjectiveConfig(**info["objective"])
+    val = TokenDataset(data_dir, "val")
+    num_batches = math.ceil(cfg["eval_iters"] / 2) * 2
+    with torch.no_grad():
+        losses = [compute_loss(model, x, y, objective, info["mask_id"], mix_seed(cfg["seed"], 1, b)).item()
+                  for b, (x, y) in enumerate(val.val_batches(cfg["batch_size"], cfg["model"]["block_size"], num_batches))]
+    return sum(losses) / len(losses)
+
+
 def deepspeed_run(out_dir, ds_config, *extra, nproc=2, timeout=300) -> subprocess.CompletedProcess:
     cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), "training/pretrain.py",
            "--config", str(TINY_CONFIG), "--deepspeed_config", str(ds_config), "--out_dir", str(out_dir), *extra]
@@ -201,25 +218,15 @@ def test_checkpoint_is_complete_and_marked(stage_runs, stage):
 def test_export_reproduces_the_trained_model(stage_runs, tiny_data, stage):
     """The auto-export at the end of training evaluates to exactly the val NELBO the run logged, and
     the exports of all stages give the same logits."""
-    from models.diffusion import ObjectiveConfig, compute_loss
     from models.tokenizer import tokenizer_from_meta
     from models.weights import load_consolidated
-    from training.data import TokenDataset
-    from training.engine import mix_seed
 
     out = stage_runs[stage]["full"]
     model, info = load_consolidated(out / "export")
     assert info["step"] == 20 and info["mask_id"] == tokenizer_from_meta(info["tokenizer"]).mask_id
     assert info["objective"]["name"] == "mdlm" and info["train_config"]["max_iters"] == 20
-    cfg = info["train_config"]
-    objective = ObjectiveConfig(**info["objective"])
-    val = TokenDataset(tiny_data, "val")
-    num_batches = math.ceil(cfg["eval_iters"] / 2) * 2
-    with torch.no_grad():
-        losses = [compute_loss(model, x, y, objective, info["mask_id"], mix_seed(cfg["seed"], 1, b)).item()
-                  for b, (x, y) in enumerate(val.val_batches(cfg["batch_size"], cfg["model"]["block_size"], num_batches))]
     logged = records(out, "eval")[-1]["val_loss"]
-    assert sum(losses) / len(losses) == pytest.approx(logged, abs=1e-5)
+    assert replayed_val_loss(model, info, tiny_data) == pytest.approx(logged, abs=1e-5)
 
     x = torch.arange(32).view(1, 32) % 60
     ref, _ = load_consolidated(stage_runs["zero0"]["full"] / "export")
@@ -290,6 +297,30 @@ def test_sigterm_writes_a_checkpoint_then_exits(tiny_data, ds_configs, tmp_path)
     assert max(train_losses(out)) <= step < 100000
 
 
+@pytest.mark.slow
+def test_bd3lm_trains_on_two_ranks_and_exports_its_objective(tiny_data, ds_configs, tmp_path):
+    """Block diffusion through the real launcher (ZeRO-2 only: the objective does not touch sharding):
+    the loss falls, the export records objective bd3lm, inference loads it as bd3lm, and the export
+    reproduces the val NELBO the run logged (exactly as for mdlm above)."""
+    from inference.loading import load_model
+
+    out = tmp_path / "bd3lm"
+    proc = deepspeed_run(out, ds_configs["zero2"], "--data_dir", str(tiny_data), "--objective=bd3lm",
+                         "--model.attention=block_causal", "--model.block_length=8")
+    check_finished(proc, out)
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, 21))
+    first, last = sum(losses[s] for s in range(1, 4)) / 3, sum(losses[s] for s in range(18, 21)) / 3
+    assert last < first - 0.3, losses
+    assert records(out, "eval")[-1]["val_ppl_is_bound"] is True
+    loaded = load_model(ckpt=str(out), device="cpu", log=lambda *a: None)
+    info = loaded.info
+    assert loaded.objective == "bd3lm" and info["objective"]["name"] == "bd3lm"
+    assert loaded.model.config.attention == "block_causal" and loaded.model.config.block_length == 8
+    logged = records(out, "eval")[-1]["val_loss"]
+    assert replayed_val_loss(loaded.model, info, tiny_data) == pytest.approx(logged, abs=1e-5)
+
+
 # ----------------------------------------------------------------------------- launch.sh
 @pytest.mark.slow
 def test_launch_sh_end_to_end(tmp_path):
@@ -328,6 +359,18 @@ def test_overrides_file_then_flags(tmp_path):
     assert {"max_iters", "model.n_layer", "compile", "objective.name"} <= explicit
     with pytest.raises(ValueError, match="needs one of .'causal'"):
         load_config(None, ["--objective=ar"])  # the default model is bidirectional
+
+
+def test_bd3lm_config_and_its_errors():
+    cfg, _ = load_config(str(REPO / "training/configs/shakespeare_bd3lm.json"), [])
+    assert (cfg.objective.name, cfg.model.attention, cfg.model.block_length) == ("bd3lm", "block_causal", 8)
+    assert cfg.out_dir == "out/shakespeare_bd3lm" and cfg.model.block_size % cfg.model.block_length == 0
+    with pytest.raises(ValueError, match="needs one of .'block_causal',."):
+        load_config(None, ["--objective=bd3lm"])  # the default model is bidirectional
+    with pytest.raises(ValueError, match="block_size=64 tokens, which must be a multiple of model.block_length=5"):
+        load_config(None, ["--objective=bd3lm", "--model.attention=block_causal", "--model.block_length=5"])
+    with pytest.raises(ValueError, match="block_length >= 1"):
+        load_config(None, ["--objective=bd3lm", "--model.attention=block_causal", "--model.block_length=0"])
 
 
 def test_ds_json_auto_is_filled_from_the_train_config():

@@ -39,7 +39,7 @@ class TrainConfig:
     data_dir: str = field(default="data/shakespeare_char", metadata={"help": "prepared dataset (train.bin, val.bin, meta.json)"})
     out_dir: str = field(default="out", metadata={"help": "checkpoints, metrics.jsonl, tb/, wandb/, export/"})
     model: GPTConfig = field(default_factory=_quickstart_model, metadata={"help": "the backbone (models/gpt.py GPTConfig); model.vocab_size=0 takes it from the data"})
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "ar | mdlm and its noise schedule (models/diffusion.py)"})
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "ar | mdlm | bd3lm and its noise schedule (models/diffusion.py)"})
     tokenizer: str = field(default="", metadata={"help": "expected tokenizer of the data ('' = whatever the data was prepared with)"})
     # batch: stated here or in the DeepSpeed JSON, not both (ds_config.py)
     batch_size: int = field(default=32, metadata={"help": "micro batch per rank (DeepSpeed train_micro_batch_size_per_gpu)"})
@@ -90,6 +90,14 @@ class TrainConfig:
             raise ValueError(
                 f"objective {self.objective.name!r} cannot train a model with attention={self.model.attention!r}: "
                 f"it needs one of {allowed} (set --model.attention={allowed[0]})")
+        if self.objective.name == "bd3lm":
+            b, T = self.model.block_length, self.model.block_size
+            if b < 1:
+                raise ValueError(f"objective 'bd3lm' needs --model.block_length >= 1 (the diffusion block size); "
+                                 f"got {b}")
+            if T % b:
+                raise ValueError(f"objective 'bd3lm' trains on sequences of model.block_size={T} tokens, which "
+                                 f"must be a multiple of model.block_length={b}")
 
     @property
     def decay_iters(self) -> int:

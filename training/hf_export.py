@@ -4,6 +4,9 @@
     python -c "from transformers import pipeline; print(pipeline('text-generation', 'hf/gpt2-owt')('Hello'))"
     lm_eval --model hf --model_args pretrained=hf/gpt2-owt --tasks hellaswag
 
+Only models with GPT-2's learned position embeddings (pos_emb="learned", the default) are exported: a
+rope model has no GPT2LMHeadModel equivalent and is refused.
+
 Our GPT is GPT-2's network with two differences the export undoes:
   * the embedding is padded (GPT-2 BPE: 50257 real ids + MASK + padding = 50304 rows). Only the
     tokenizer's real ids are exported, so the HF model has GPT-2's 50257-row vocabulary and its logits are
@@ -98,6 +101,10 @@ def export_to_hf(model_dir, out_dir, with_tokenizer: bool = True) -> Path:
     if model.config.attention != "causal" or objective != "ar":
         raise ValueError(f"{model_dir} is a {objective} model with {model.config.attention} attention; only AR "
                          f"(causal) models are GPT-2 models. A diffusion model has no GPT2LMHeadModel equivalent.")
+    if model.config.pos_emb != "learned":
+        raise ValueError(f"{model_dir} uses pos_emb={model.config.pos_emb!r} (rotary position embeddings); "
+                         f"GPT2LMHeadModel has learned position embeddings (wpe) only, so there is no GPT-2 "
+                         f"equivalent. Train with --model.pos_emb=learned to export to Hugging Face.")
     vocab = real_vocab_size(info, model.config.vocab_size)
     if vocab > model.config.vocab_size:
         raise ValueError(f"tokenizer has {vocab} ids but the model only {model.config.vocab_size} rows")

@@ -1,4 +1,5 @@
-"""Pretrain a GPT (objective ar) or a masked-diffusion language model (objective mdlm) with DeepSpeed.
+"""Pretrain a GPT (objective ar) or a masked-diffusion language model (objective mdlm, or bd3lm: block
+diffusion with block-causal attention) with DeepSpeed.
 
     # CPU, 2 ranks (DS_ACCELERATOR=cpu; OMP_NUM_THREADS=1 keeps 2 ranks off each other's cores)
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 training/pretrain.py \\
@@ -33,6 +34,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from models.diffusion import is_diffusion  # noqa: E402
 from models.gpt import GPT  # noqa: E402
 from models.tokenizer import tokenizer_from_meta  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
@@ -86,7 +88,7 @@ def all_mean(values: list[float]) -> list[float]:
 
 @torch.no_grad()
 def evaluate(engine, val_data, cfg, rank, world) -> float:
-    """Mean loss over the same eval batches every time (for mdlm: the continuous-time NELBO with a
+    """Mean loss over the same eval batches every time (for mdlm/bd3lm: the continuous-time NELBO with a
     fixed seed per batch, so evaluations are comparable). Each rank runs its share; under ZeRO-3 every
     rank must run the same number of forwards, hence eval_iters rounded up to a multiple of world."""
     engine.eval()
@@ -162,7 +164,7 @@ def main(argv=None):
 
     def run_eval():
         val = evaluate(engine, val_data, cfg, rank, world)
-        bound = cfg.objective.name != "ar"
+        bound = is_diffusion(cfg.objective.name)
         metrics.log("eval", step, val_loss=val, val_ppl=math.exp(val), val_ppl_is_bound=bound, tokens_seen=tokens_seen)
         what = "val NELBO" if bound else "val loss"
         metrics.print(f"step {step}: {what} {val:.4f} nats/token, PPL {'<= ' if bound else ''}{math.exp(val):.2f}")
