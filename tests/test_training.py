@@ -265,6 +265,32 @@ def test_corrupt_checkpoint_falls_back_to_previous_good(stage_runs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("change", ["--model.pos_emb=rope", "--model.n_layer=3", "--objective.name=ar"])
+def test_resume_with_another_network_names_the_difference_and_the_fix(stage_runs, tmp_path, change):
+    out = tmp_path / "run"
+    shutil.copytree(stage_runs["zero0"]["full"] / "ckpt", out / "ckpt")
+    data_dir = json.loads((out / "ckpt/step_000010/data_meta.json").read_text())["data_dir"]
+    extra = ["--model.attention=causal"] if change == "--objective.name=ar" else []
+    proc = python_run("--config", str(TINY_CONFIG), "--deepspeed_config", str(REPO / "ds_configs/zero0.json"),
+                      "--out_dir", str(out), "--resume", "--eval_only", "--data_dir", data_dir, change, *extra)
+    key = change[2:].split("=")[0]
+    assert proc.returncode != 0
+    assert "another network" in proc.stderr and key in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["latest", "step_000010", "step_000020"]  # nothing lost
+
+
+@pytest.mark.slow
+def test_resume_with_another_number_of_ranks_under_zero2_is_a_clear_error(stage_runs, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stage_runs["zero2"]["full"] / "ckpt", out / "ckpt")  # written by 2 ranks
+    data_dir = json.loads((out / "ckpt/step_000010/data_meta.json").read_text())["data_dir"]
+    proc = python_run("--config", str(TINY_CONFIG), "--deepspeed_config", str(REPO / "ds_configs/zero2.json"),
+                      "--out_dir", str(out), "--resume", "--eval_only", "--data_dir", data_dir)  # 1 rank
+    assert proc.returncode != 0
+    assert "written by 2 rank(s)" in proc.stderr and "Resume with 2 ranks" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_then_exits(tiny_data, ds_configs, tmp_path):
     out = tmp_path / "run"
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "training/pretrain.py",

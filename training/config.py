@@ -30,7 +30,7 @@ def _quickstart_model() -> GPTConfig:
     # the char-level Shakespeare quickstart model (training/configs/shakespeare_mdlm.json states it too);
     # vocab_size=0 means "take padded_vocab_size from the data's meta.json"
     return GPTConfig(block_size=64, vocab_size=0, n_layer=4, n_head=4, n_embd=128, dropout=0.0,
-                     bias=False, attention="bidirectional")
+                     bias=False, attention="bidirectional", pos_emb="rope")
 
 
 @dataclass

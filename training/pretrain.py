@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from models.diffusion import is_diffusion  # noqa: E402
-from models.gpt import GPT  # noqa: E402
+from models.gpt import GPT, GPTConfig  # noqa: E402
 from models.tokenizer import tokenizer_from_meta  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training.config import config_help, load_config  # noqa: E402
@@ -101,6 +101,39 @@ def evaluate(engine, val_data, cfg, rank, world) -> float:
     return all_mean([total * world / num_batches])[0]
 
 
+# model keys that may change when a run is resumed: they do not change the parameters
+RESUMABLE_MODEL_KEYS = ("dropout", "attn_impl")
+
+
+def check_same_architecture(saved: dict, cfg, tag_dir) -> None:
+    """A resumed run must rebuild the checkpoint's network: a config file edited since (another
+    pos_emb, width, objective, ...) would otherwise fail deep inside DeepSpeed's state-dict loading."""
+    now = cfg.to_dict()
+    then = GPTConfig.from_dict(saved["model"]).to_dict()  # keys added since the checkpoint: their defaults
+    diffs = [(f"model.{k}", v, now["model"].get(k)) for k, v in then.items()
+             if k not in RESUMABLE_MODEL_KEYS and now["model"].get(k) != v
+             and not (k == "vocab_size" and now["model"].get(k) == 0)]  # 0 = "from the data"
+    if saved["objective"]["name"] != now["objective"]["name"]:
+        diffs.append(("objective.name", saved["objective"]["name"], now["objective"]["name"]))
+    if diffs:
+        what = "; ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, old, new in diffs)
+        flags = " ".join(f"--{key}={old}" for key, old, _ in diffs)
+        raise ValueError(f"--resume: the checkpoint {tag_dir} was trained with another network than the config "
+                         f"now describes ({what}). Resume with the checkpoint's values ({flags}) or train "
+                         f"into a new --out_dir.")
+
+
+def check_same_world(saved_ds: dict, world: int, tag_dir) -> None:
+    """ZeRO stages >= 1 shard the optimizer state over the ranks, and DeepSpeed cannot re-shard it."""
+    per_rank = saved_ds["train_micro_batch_size_per_gpu"] * saved_ds["gradient_accumulation_steps"]
+    saved_world = saved_ds["train_batch_size"] // per_rank
+    if saved_world != world and saved_ds.get("zero_optimization", {}).get("stage", 0) >= 1:
+        raise ValueError(f"--resume: the checkpoint {tag_dir} was written by {saved_world} rank(s) with ZeRO "
+                         f"stage {saved_ds['zero_optimization']['stage']}, whose optimizer state is sharded per "
+                         f"rank; this run has {world}. Resume with {saved_world} ranks (e.g. NPROC={saved_world} "
+                         f"bash launch.sh --resume), or train into a new --out_dir.")
+
+
 def setup_config(args, overrides, world):
     """Config, data meta and resolved DeepSpeed config; every mistake a user can make shows up here."""
     cfg, explicit = load_config(args.config, overrides)
@@ -109,9 +142,11 @@ def setup_config(args, overrides, world):
         found = ckpt.find_latest_good(cfg.out_dir)
         if found is None:
             raise FileNotFoundError(ckpt.no_checkpoint_message(cfg.out_dir))
-        saved_cfg, _, _ = ckpt.load_side_files(ckpt.ckpt_root(cfg.out_dir) / found.tag)
+        saved_cfg, saved_ds, _ = ckpt.load_side_files(ckpt.ckpt_root(cfg.out_dir) / found.tag)
+        check_same_world(saved_ds, world, ckpt.ckpt_root(cfg.out_dir) / found.tag)
         # the saved, resolved config is the base; the file and flags given now still override it
         cfg, explicit = load_config(args.config, overrides, base=saved_cfg)
+        check_same_architecture(saved_cfg, cfg, ckpt.ckpt_root(cfg.out_dir) / found.tag)
     meta = load_meta(cfg.data_dir)  # names the prepare command when the data is missing
     tokenizer = tokenizer_from_meta(meta)
     if cfg.model.vocab_size == 0:
