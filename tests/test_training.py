@@ -7,6 +7,11 @@ then read those runs' metrics.jsonl, checkpoints and exports.
 
 Tolerances: ZeRO stages reduce gradients in different orders, so their losses agree to ~3e-7 here; the
 tests allow 1e-5. A resumed run reproduces the uninterrupted one exactly (CPU, fp32).
+
+The FSDP engine (--engine=fsdp, training/fsdp_engine.py) runs through `torchrun --nproc_per_node 2` on
+gloo. Its losses match a DeepSpeed ZeRO-0 run of the same config within the same 1e-5 (~2e-7 seen):
+both are fp32 and do the same maths, but FSDP reduce-scatters and shards gradients, AdamW and the norm,
+so floating-point sums run in another order; resume and export are checked exactly as for DeepSpeed.
 """
 from __future__ import annotations
 
@@ -32,10 +37,12 @@ from training.ds_config import ConfigConflict, load_ds_json, resolve
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 TINY_CONFIG = REPO / "training/configs/tiny_test.json"
 STAGES = ["zero0", "zero1", "zero2", "zero3", "zero3_offload"]
 RESUMED_STAGES = ["zero0", "zero1", "zero2", "zero3"]
 STAGE_TOLERANCE = 1e-5  # nats/token, between ZeRO stages
+FSDP_TOLERANCE = 1e-5  # nats/token, FSDP vs ZeRO-0: fp32 both, reductions in another order
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
@@ -97,6 +104,13 @@ def replayed_val_loss(model, info: dict, data_dir) -> float:
 def deepspeed_run(out_dir, ds_config, *extra, nproc=2, timeout=300) -> subprocess.CompletedProcess:
     cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), "training/pretrain.py",
            "--config", str(TINY_CONFIG), "--deepspeed_config", str(ds_config), "--out_dir", str(out_dir), *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env_for_cpu_ranks(), capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_fsdp(out_dir, *extra, nproc=2, timeout=300) -> subprocess.CompletedProcess:
+    """The FSDP engine as a user launches it: torchrun --nproc_per_node 2 ... --engine=fsdp."""
+    cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "training/pretrain.py",
+           "--config", str(TINY_CONFIG), "--engine=fsdp", "--out_dir", str(out_dir), *extra]
     return subprocess.run(cmd, cwd=REPO, env=env_for_cpu_ranks(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -265,7 +279,7 @@ def test_corrupt_checkpoint_falls_back_to_previous_good(stage_runs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change", ["--model.pos_emb=rope", "--model.n_layer=3", "--objective.name=ar"])
+@pytest.mark.parametrize("change", ["--model.pos_emb=learned", "--model.n_layer=3", "--objective.name=ar"])
 def test_resume_with_another_network_names_the_difference_and_the_fix(stage_runs, tmp_path, change):
     out = tmp_path / "run"
     shutil.copytree(stage_runs["zero0"]["full"] / "ckpt", out / "ckpt")
@@ -288,6 +302,19 @@ def test_resume_with_another_number_of_ranks_under_zero2_is_a_clear_error(stage_
                       "--out_dir", str(out), "--resume", "--eval_only", "--data_dir", data_dir)  # 1 rank
     assert proc.returncode != 0
     assert "written by 2 rank(s)" in proc.stderr and "Resume with 2 ranks" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_cpu_runs_leave_no_shared_memory_behind(tiny_data, ds_configs, tmp_path):
+    """DeepSpeed's CPU all-reduce creates a 66 MB /dev/shm file per rank and never removes it
+    (training/shm_buffers.py); without the cleanup this run leaves two files named after its port."""
+    port = free_port()
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "training/pretrain.py", "--config",
+           str(TINY_CONFIG), "--deepspeed_config", str(ds_configs["zero0"]), "--out_dir", str(tmp_path / "run"),
+           "--data_dir", str(tiny_data), "--max_iters=2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env_for_cpu_ranks(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) == []
 
 
 @pytest.mark.slow
@@ -347,6 +374,115 @@ def test_bd3lm_trains_on_two_ranks_and_exports_its_objective(tiny_data, ds_confi
     assert replayed_val_loss(loaded.model, info, tiny_data) == pytest.approx(logged, abs=1e-5)
 
 
+# ----------------------------------------------------------------------------- the FSDP engine (torchrun)
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_data, ds_configs, tmp_path_factory) -> dict[str, Path]:
+    """A 20-step FSDP run (2 ranks), the same run resumed from its step-10 checkpoint, and the DeepSpeed
+    ZeRO-0 run of the same config as the reference."""
+    root = tmp_path_factory.mktemp("fsdp_runs")
+    runs = {"fsdp": root / "fsdp", "resumed": root / "fsdp_resumed", "zero0": root / "zero0"}
+    proc = torchrun_fsdp(runs["fsdp"], "--data_dir", str(tiny_data))
+    check_finished(proc, runs["fsdp"])
+    (runs["resumed"] / "ckpt").mkdir(parents=True)
+    shutil.copytree(runs["fsdp"] / "ckpt" / "step_000010", runs["resumed"] / "ckpt" / "step_000010")
+    (runs["resumed"] / "ckpt" / "latest").write_text("step_000010")
+    # no --engine flag: the engine comes back from the checkpoint's saved config
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "training/pretrain.py",
+           "--config", str(TINY_CONFIG), "--out_dir", str(runs["resumed"]), "--resume", "--data_dir", str(tiny_data)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env_for_cpu_ranks(), capture_output=True, text=True, timeout=300)
+    check_finished(proc, runs["resumed"])
+    proc = deepspeed_run(runs["zero0"], ds_configs["zero0"], "--data_dir", str(tiny_data))
+    check_finished(proc, runs["zero0"])
+    return runs
+
+
+@pytest.mark.slow
+def test_fsdp_matches_deepspeed_zero0(fsdp_runs):
+    ref, got = train_losses(fsdp_runs["zero0"]), train_losses(fsdp_runs["fsdp"])
+    assert sorted(got) == list(range(1, 21))
+    worst = max(abs(ref[s] - got[s]) for s in ref)
+    assert worst < FSDP_TOLERANCE, f"fsdp differs from zero0 by {worst:.2e} nats/token"
+    ref_val = [r["val_loss"] for r in records(fsdp_runs["zero0"], "eval")]
+    got_val = [r["val_loss"] for r in records(fsdp_runs["fsdp"], "eval")]
+    assert len(got_val) == 3 and got_val == pytest.approx(ref_val, abs=FSDP_TOLERANCE)
+    ref_train, got_train = records(fsdp_runs["zero0"], "train"), records(fsdp_runs["fsdp"], "train")
+    assert [r["lr"] for r in got_train] == [r["lr"] for r in ref_train]  # the same schedule function
+    assert [r["grad_norm"] for r in got_train] == pytest.approx([r["grad_norm"] for r in ref_train], rel=1e-4)
+    config = records(fsdp_runs["fsdp"], "config")[0]
+    assert config["engine"] == "fsdp" and config["world_size"] == 2 and config["zero_stage"] is None
+    assert config["fsdp_config"]["train_batch_size"] == 16
+
+
+@pytest.mark.slow
+def test_fsdp_resume_reproduces_losses(fsdp_runs):
+    full, resumed = train_losses(fsdp_runs["fsdp"]), train_losses(fsdp_runs["resumed"])
+    assert sorted(resumed) == list(range(11, 21))
+    assert [resumed[s] for s in range(11, 21)] == [full[s] for s in range(11, 21)]  # exact on CPU fp32
+    assert records(fsdp_runs["resumed"], "resumed")[0]["checkpoint"] == "step_000010"
+    assert records(fsdp_runs["resumed"], "config")[0]["engine"] == "fsdp"
+    assert records(fsdp_runs["resumed"], "eval")[-1]["val_loss"] == records(fsdp_runs["fsdp"], "eval")[-1]["val_loss"]
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_is_complete_and_marked(fsdp_runs):
+    from training.fsdp_engine import is_fsdp_checkpoint
+
+    root = ckpt.ckpt_root(fsdp_runs["fsdp"])
+    assert (root / "latest").read_text() == "step_000020"
+    for tag in ("step_000010", "step_000020"):
+        assert ckpt.verify(root / tag) is None and is_fsdp_checkpoint(root / tag)
+        names = {p.name for p in (root / tag).iterdir()}
+        assert {"rng_rank0.pt", "rng_rank1.pt", "train_config.json", "fsdp_config.json", "fsdp"} <= names
+        assert "ds_config.json" not in names
+        manifest = json.loads((root / tag / ckpt.MANIFEST).read_text())["files"]
+        assert "fsdp/.metadata" in manifest and any(k.endswith(".distcp") for k in manifest)
+    marker = json.loads((root / "step_000010" / "fsdp_checkpoint.json").read_text())
+    assert marker["client_state"]["step"] == 10 and marker["world_size"] == 2
+    train_config, engine_config, _ = ckpt.load_side_files(root / "step_000020")
+    assert train_config["engine"] == "fsdp" and engine_config["engine"] == "fsdp"
+
+
+@pytest.mark.slow
+def test_fsdp_export_reproduces_the_trained_model(fsdp_runs, tiny_data, tmp_path):
+    from models.weights import load_consolidated
+
+    out = fsdp_runs["fsdp"]
+    model, info = load_consolidated(out / "export")
+    assert info["step"] == 20 and info["train_config"]["engine"] == "fsdp"
+    logged = records(out, "eval")[-1]["val_loss"]
+    assert replayed_val_loss(model, info, tiny_data) == pytest.approx(logged, abs=1e-5)
+    x = torch.arange(32).view(1, 32) % 39
+    ref, _ = load_consolidated(fsdp_runs["zero0"] / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+    # the CLI, from one tag dir, gives the same weights as the end-of-training export
+    proc = subprocess.run([PY, "-m", "training.export", "--ckpt", str(ckpt.ckpt_root(out) / "step_000020"),
+                           "--out", str(tmp_path / "e")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    again, _ = load_consolidated(tmp_path / "e")
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_refuses_the_other_engine(fsdp_runs):
+    proc = python_run("--config", str(TINY_CONFIG), "--out_dir", str(fsdp_runs["fsdp"]), "--resume", "--eval_only",
+                      "--engine=deepspeed", "--data_dir", records(fsdp_runs["fsdp"], "config")[0]["data"])
+    assert proc.returncode != 0
+    assert "written by engine=fsdp; resume it with --engine=fsdp" in proc.stderr
+
+
+@pytest.mark.slow
+def test_fsdp_gradient_accumulation_matches_deepspeed(tiny_data, ds_configs, tmp_path):
+    """Accumulation: backward scales by 1/accumulation and the update happens every 2nd step() in both."""
+    extra = ("--data_dir", str(tiny_data), "--gradient_accumulation_steps=2", "--max_iters=4", "--export_dir=none",
+             "--eval_interval=100")
+    check_finished(torchrun_fsdp(tmp_path / "fsdp", *extra), tmp_path / "fsdp")
+    check_finished(deepspeed_run(tmp_path / "zero0", ds_configs["zero0"], *extra), tmp_path / "zero0")
+    ref, got = train_losses(tmp_path / "zero0"), train_losses(tmp_path / "fsdp")
+    assert sorted(got) == [1, 2, 3, 4] and max(abs(ref[s] - got[s]) for s in ref) < FSDP_TOLERANCE
+
+
 # ----------------------------------------------------------------------------- launch.sh
 @pytest.mark.slow
 def test_launch_sh_end_to_end(tmp_path):
@@ -375,6 +511,47 @@ def test_unknown_key_is_an_error_listing_known_keys():
     proc = python_run("--config", str(TINY_CONFIG), "--modle.n_layer=2")
     assert proc.returncode != 0 and "unknown config key --modle.n_layer" in proc.stderr
     assert "model.n_layer" in proc.stderr
+
+
+def test_engine_key_and_its_errors(tiny_data):
+    cfg, _ = load_config(str(TINY_CONFIG), [])
+    assert cfg.engine == "deepspeed"  # the default
+    cfg, explicit = load_config(str(TINY_CONFIG), ["--engine=fsdp"])
+    assert cfg.engine == "fsdp" and "engine" in explicit
+    with pytest.raises(ValueError, match=r"engine='fdsp': expected deepspeed \| fsdp"):
+        load_config(None, ["--engine=fdsp"])
+    proc = python_run("--config", str(TINY_CONFIG), "--engine=megatron")
+    assert proc.returncode != 0 and "engine='megatron': expected deepspeed | fsdp" in proc.stderr
+    # FSDP takes every setting from the training config: a DeepSpeed JSON as well is a mistake
+    proc = python_run("--config", str(TINY_CONFIG), "--engine=fsdp", f"--data_dir={tiny_data}",
+                      "--deepspeed_config", str(REPO / "ds_configs/zero2.json"))
+    assert proc.returncode != 0 and "--deepspeed_config" in proc.stderr and "engine=fsdp" in proc.stderr
+
+
+def test_fsdp_settings_come_from_the_train_config():
+    from training.ds_config import warmup_cosine_lr
+    from training.engine import build_lr_scheduler, build_optimizer
+    from training.fsdp_engine import resolve_fsdp
+    from models.gpt import GPT
+
+    cfg, _ = load_config(str(TINY_CONFIG), ["--engine=fsdp", "--model.vocab_size=40"])
+    r = resolve_fsdp(cfg, world_size=2)
+    assert r.config["train_batch_size"] == 16 and r.config["gradient_clipping"] == cfg.grad_clip
+    assert r.client_optimizer == {"lr": 3e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}
+    assert cfg.dtype == "fp32" and r.config["mixed_precision"]["param_dtype"] == "fp32"  # CPU
+    # the same optimizer and schedule as the DeepSpeed engine builds
+    opt = build_optimizer(GPT(cfg.model), r.client_optimizer)
+    sched = build_lr_scheduler(opt, r.client_scheduler)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([warmup_cosine_lr(s, **r.client_scheduler) for s in range(8)], rel=1e-12)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    cfg, _ = load_config(str(TINY_CONFIG), ["--engine=fsdp", "--dtype=fp16"])
+    with pytest.raises(ValueError, match="engine=fsdp trains in fp32 or bf16"):
+        resolve_fsdp(cfg, world_size=1)
 
 
 def test_overrides_file_then_flags(tmp_path):

@@ -1,8 +1,9 @@
 """Checkpoints that are either complete or ignored.
 
-    OUT_DIR/ckpt/step_000500/      one DeepSpeed tag: model/optimizer shards of every rank, plus
+    OUT_DIR/ckpt/step_000500/      one tag: model/optimizer shards of every rank (DeepSpeed's files, or
+                                   FSDP's fsdp/ DCP dir + fsdp_checkpoint.json), plus
         train_config.json          the resolved training config
-        ds_config.json             the resolved DeepSpeed config
+        ds_config.json             the resolved DeepSpeed config (fsdp_config.json for FSDP)
         data_meta.json             the tokenizer meta, mask_id, eot_id (what export needs, offline)
         rng_rank{r}.pt             each rank's RNG states (dropout)
         manifest.json              written last: step and the size + sha256 of every file above
@@ -32,6 +33,8 @@ import numpy as np
 import torch
 
 MANIFEST = "manifest.json"
+DS_CONFIG = "ds_config.json"
+ENGINE_CONFIGS = (DS_CONFIG, "fsdp_config.json")  # the resolved engine config: one of these per tag
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d+)$")
 
@@ -66,11 +69,13 @@ def _files(tag_dir: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- saving
-def write_side_files(tag_dir: Path, rank: int, train_config: dict, ds_config: dict, data_meta: dict) -> None:
-    """Our files beside DeepSpeed's shards: configs and tokenizer meta (rank 0), RNG state (every rank)."""
+def write_side_files(tag_dir: Path, rank: int, train_config: dict, ds_config: dict, data_meta: dict,
+                     engine_config_name: str = "ds_config.json") -> None:
+    """Our files beside the engine's shards: configs and tokenizer meta (rank 0), RNG state (every rank).
+    `ds_config` is the resolved engine config: ds_config.json for DeepSpeed, fsdp_config.json for FSDP."""
     tag_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        for name, obj in (("train_config.json", train_config), ("ds_config.json", ds_config),
+        for name, obj in (("train_config.json", train_config), (engine_config_name, ds_config),
                           ("data_meta.json", data_meta)):
             _atomic_write_text(tag_dir / name, json.dumps(obj, indent=2) + "\n")
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -158,8 +163,10 @@ def find_latest_good(out_dir) -> Found | None:
 
 
 def load_side_files(tag_dir: Path) -> tuple[dict, dict, dict]:
-    """(train_config, ds_config, data_meta) saved with a checkpoint."""
-    return tuple(json.loads((tag_dir / n).read_text()) for n in ("train_config.json", "ds_config.json", "data_meta.json"))
+    """(train_config, engine config, data_meta) saved with a checkpoint (the engine config is
+    ds_config.json for DeepSpeed, fsdp_config.json for FSDP)."""
+    engine_file = next((n for n in ENGINE_CONFIGS if (tag_dir / n).is_file()), DS_CONFIG)
+    return tuple(json.loads((tag_dir / n).read_text()) for n in ("train_config.json", engine_file, "data_meta.json"))
 
 
 def restore_rng(tag_dir: Path, rank: int) -> None:

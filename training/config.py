@@ -26,6 +26,9 @@ from models.diffusion import ObjectiveConfig
 from models.gpt import GPTConfig
 
 
+ENGINES = ("deepspeed", "fsdp")
+
+
 def _quickstart_model() -> GPTConfig:
     # the char-level Shakespeare quickstart model (training/configs/shakespeare_mdlm.json states it too);
     # vocab_size=0 means "take padded_vocab_size from the data's meta.json"
@@ -35,6 +38,8 @@ def _quickstart_model() -> GPTConfig:
 
 @dataclass
 class TrainConfig:
+    # the engine that shards the model (training/engine.py): DeepSpeed (ZeRO stage from --deepspeed_config) or FSDP2
+    engine: str = field(default="deepspeed", metadata={"help": "deepspeed | fsdp (FSDP2: launch with torchrun; all settings from this config, --deepspeed_config is an error)"})
     # data and output
     data_dir: str = field(default="data/shakespeare_char", metadata={"help": "prepared dataset (train.bin, val.bin, meta.json)"})
     out_dir: str = field(default="out", metadata={"help": "checkpoints, metrics.jsonl, tb/, wandb/, export/"})
@@ -77,6 +82,8 @@ class TrainConfig:
     peak_flops: float = field(default=0.0, metadata={"help": "peak FLOP/s per rank for MFU (0 = a default per device, see metrics.py)"})
 
     def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r}: expected {' | '.join(ENGINES)}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype={self.dtype!r}: expected auto | fp32 | bf16 | fp16")
         if self.wandb_mode not in ("auto", "online", "offline", "disabled"):

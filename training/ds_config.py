@@ -159,8 +159,7 @@ def resolve(ds_json: dict, cfg: TrainConfig, explicit: set[str], world_size: int
     client_scheduler = None
     sched = ds.get("scheduler")
     if sched is None:
-        client_scheduler = {"lr": cfg.learning_rate, "min_lr": cfg.min_lr, "warmup_iters": cfg.warmup_iters,
-                            "decay_iters": cfg.decay_iters}
+        client_scheduler = schedule_kwargs(cfg)
     elif sched.get("type") == "WarmupCosineLR":
         sp = sched.setdefault("params", {})
         sp["warmup_num_steps"] = r.reconcile("scheduler.params.warmup_num_steps", sp.get("warmup_num_steps"),
@@ -202,6 +201,18 @@ def resolve(ds_json: dict, cfg: TrainConfig, explicit: set[str], world_size: int
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves (metrics.py); DeepSpeed's prints would duplicate
     return ResolvedDeepSpeed(config=ds, client_optimizer=client_optimizer, client_scheduler=client_scheduler,
                              source=source)
+
+
+def optimizer_kwargs(cfg: TrainConfig) -> dict:
+    """The torch AdamW settings of the training config (what resolve() hands the DeepSpeed engine as
+    client_optimizer when the JSON says "auto"; the FSDP engine takes them as they are)."""
+    return {"lr": cfg.learning_rate, "betas": [cfg.beta1, cfg.beta2], "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+
+
+def schedule_kwargs(cfg: TrainConfig) -> dict:
+    """warmup_cosine_lr's keyword arguments from the training config."""
+    return {"lr": cfg.learning_rate, "min_lr": cfg.min_lr, "warmup_iters": cfg.warmup_iters,
+            "decay_iters": cfg.decay_iters}
 
 
 def warmup_cosine_lr(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:

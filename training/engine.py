@@ -1,7 +1,8 @@
 """The engine boundary: what the training loop may ask of whatever shards the model.
 
 pretrain.py talks to an `Engine` (loss, backward, step, lr, grad_norm, save, load) and never to
-DeepSpeed directly, so a second engine (FSDP) can sit behind the same few methods. DeepSpeed's engine
+DeepSpeed directly, so a second engine (FSDP2, training/fsdp_engine.py) sits behind the same few methods;
+`make_engine` picks one from the training config's `engine` key. DeepSpeed's engine
 does the ZeRO stage its JSON names, gradient accumulation (backward scales the loss by 1/accumulation;
 step() only updates at the accumulation boundary), clipping and the LR schedule.
 
@@ -81,27 +82,37 @@ def compile_blocks(gpt: GPT) -> None:
         block.compile()
 
 
+def build_optimizer(gpt: GPT, client_optimizer: dict) -> torch.optim.Optimizer:
+    """torch AdamW over GPT.optimizer_param_groups (no decay on biases and LayerNorms), from the
+    resolved kwargs (lr, betas, eps, weight_decay); both engines build it here."""
+    fused = torch.cuda.is_available()  # fused AdamW is the fast path on GPUs; foreach is on CPU
+    return torch.optim.AdamW(gpt.optimizer_param_groups(client_optimizer["weight_decay"]),
+                             lr=client_optimizer["lr"], betas=tuple(client_optimizer["betas"]),
+                             eps=client_optimizer["eps"], **({"fused": True} if fused else {}))
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, client_scheduler: dict):
+    """nanoGPT's warmup + cosine (training/ds_config.py warmup_cosine_lr) as a LambdaLR stepped once
+    per optimizer update; both engines build it here."""
+    from training.ds_config import warmup_cosine_lr
+
+    peak = client_scheduler["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine_lr(step, **client_scheduler) / peak)
+
+
 class Engine:
     """The DeepSpeed engine behind the small interface the loop uses."""
 
     def __init__(self, module: TrainingModule, ds_config: dict, client_optimizer: dict | None,
                  client_scheduler: dict | None = None):
         import deepspeed  # after prepare_environment()
-        from training.ds_config import warmup_cosine_lr
 
-        optimizer = None
-        if client_optimizer is not None:
-            fused = torch.cuda.is_available()  # fused AdamW is the fast path on GPUs; foreach is on CPU
-            optimizer = torch.optim.AdamW(module.gpt.optimizer_param_groups(client_optimizer["weight_decay"]),
-                                          lr=client_optimizer["lr"], betas=tuple(client_optimizer["betas"]),
-                                          eps=client_optimizer["eps"], **({"fused": True} if fused else {}))
+        optimizer = build_optimizer(module.gpt, client_optimizer) if client_optimizer is not None else None
         params = None if optimizer else module.gpt.optimizer_param_groups(ds_config["optimizer"]["params"]["weight_decay"])
         scheduler = None
         if client_scheduler is not None:
-            peak = client_scheduler["lr"]
             # a callable: DeepSpeed hands it the optimizer it built; it steps it after every update
-            scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
-                opt, lambda step: warmup_cosine_lr(step, **client_scheduler) / peak)
+            scheduler = lambda opt: build_lr_scheduler(opt, client_scheduler)  # noqa: E731
         # DeepSpeed reports the grad norm from its ZeRO / bf16 / fp16 optimizers, but its plain fp32 ZeRO-0
         # path computes it for clipping and throws it away: there we clip ourselves (same maths, one
         # pass over the already all-reduced grads) and keep the norm
@@ -158,3 +169,12 @@ class Engine:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
         return client_state
+
+
+def make_engine(name: str, module: TrainingModule, resolved):
+    """The engine the training config names ("deepspeed" | "fsdp") over `resolved` (ds_config.resolve's
+    or fsdp_engine.resolve_fsdp's result: config dict, client optimizer and scheduler kwargs)."""
+    if name == "fsdp":
+        from training.fsdp_engine import FSDPEngine
+        return FSDPEngine(module, resolved.config, resolved.client_optimizer, resolved.client_scheduler)
+    return Engine(module, resolved.config, resolved.client_optimizer, resolved.client_scheduler)

@@ -1,4 +1,4 @@
-"""Turn a DeepSpeed checkpoint (any ZeRO stage) into consolidated weights that inference/ reads.
+"""Turn a training checkpoint (DeepSpeed, any ZeRO stage, or FSDP) into consolidated weights that inference/ reads.
 
     python -m training.export --ckpt out/shakespeare_mdlm --out out/shakespeare_mdlm/export
     python -m training.export --ckpt out/run/ckpt/step_000500 --out exported/
@@ -11,6 +11,8 @@ mask_id, eot_id, the step and the training config.
 ZeRO-1/2/3 shards (and bf16 runs' fp32 master weights) are merged by DeepSpeed's
 get_fp32_state_dict_from_zero_checkpoint, in-process; its zero_to_fp32.py script is not used (it
 needs huggingface_hub). A ZeRO-0 fp32 checkpoint holds the whole model in one file and is read as is.
+An FSDP checkpoint (a tag dir with fsdp_checkpoint.json, training/fsdp_engine.py) is a
+torch.distributed.checkpoint directory: its model shards are loaded whole in this one process.
 """
 from __future__ import annotations
 
@@ -46,8 +48,12 @@ def resolve_tag_dir(path) -> Path:
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The GPT's fp32 state dict from one DeepSpeed tag directory."""
-    if list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+    """The GPT's fp32 state dict from one DeepSpeed or FSDP tag directory."""
+    from training.fsdp_engine import consolidated_state_dict as fsdp_state_dict, is_fsdp_checkpoint
+
+    if is_fsdp_checkpoint(tag_dir):
+        state = fsdp_state_dict(tag_dir)
+    elif list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:  # ZeRO-0 in fp32: the model file holds the full weights

@@ -1,5 +1,5 @@
 """Pretrain a GPT (objective ar) or a masked-diffusion language model (objective mdlm, or bd3lm: block
-diffusion with block-causal attention) with DeepSpeed.
+diffusion with block-causal attention) with DeepSpeed (default) or FSDP2 (--engine=fsdp).
 
     # CPU, 2 ranks (DS_ACCELERATOR=cpu; OMP_NUM_THREADS=1 keeps 2 ranks off each other's cores)
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 training/pretrain.py \\
@@ -9,11 +9,14 @@ diffusion with block-causal attention) with DeepSpeed.
     deepspeed --hostfile hosts training/pretrain.py --config ... --deepspeed_config ds_configs/zero3.json
     # one process, no launcher (torchrun works too)
     python training/pretrain.py --config training/configs/tiny_test.json --max_iters=50
+    # the FSDP2 engine (training/fsdp_engine.py): torchrun, no DeepSpeed JSON; gloo on CPU, nccl on GPUs
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 training/pretrain.py --config ... --engine=fsdp
 
 Config: defaults (training/config.py) < --config FILE.json|.toml < --key=value / --key value flags
 (nested keys with a dot: --model.n_layer=4, --objective.name=ar). The DeepSpeed JSON states the ZeRO
 stage; batch, clipping, optimizer, LR schedule and precision are "auto" there and come from the training
-config (training/ds_config.py). --resume continues from the latest verified checkpoint in out_dir.
+config (training/ds_config.py); with --engine=fsdp everything comes from the training config, and
+giving --deepspeed_config is an error. --resume continues from the latest verified checkpoint in out_dir.
 SIGTERM: every rank finishes its step, a checkpoint is written, and the run exits cleanly.
 """
 import argparse
@@ -26,9 +29,11 @@ from pathlib import Path
 # the top-level folders are import roots, not installed packages: put the repository root on the path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.engine import Engine, TrainingModule, compile_blocks, mix_seed, prepare_environment, rank_and_world
+from training.engine import TrainingModule, compile_blocks, make_engine, mix_seed, prepare_environment, rank_and_world
+from training.shm_buffers import release_at_exit
 
 prepare_environment()  # before DeepSpeed is imported: accelerator and single-process rank variables
+release_at_exit()  # DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm file per rank behind otherwise
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
@@ -41,6 +46,7 @@ from training import checkpoint as ckpt  # noqa: E402
 from training.config import config_help, load_config  # noqa: E402
 from training.data import TokenDataset, check_compatible, load_meta  # noqa: E402
 from training.ds_config import load_ds_json, resolve, zero_stage  # noqa: E402
+from training.fsdp_engine import CONFIG_FILE as FSDP_CONFIG_FILE, is_fsdp_checkpoint, resolve_fsdp  # noqa: E402
 from training.metrics import Metrics, default_peak_flops, memory_mb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +60,9 @@ def parse_args(argv=None):
         epilog="training config keys (override with --key=value):\n" + config_help())
     parser.add_argument("--config", help="training config file (.json or .toml); flags override it")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    parser = deepspeed.add_config_arguments(parser)  # --deepspeed, --deepspeed_config
+    # --deepspeed, --deepspeed_config (default None: ds_configs/zero2.json for engine=deepspeed, an error for fsdp)
+    parser = deepspeed.add_config_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
-    args.deepspeed_config = args.deepspeed_config or str(DEFAULT_DS_CONFIG)
     return args, overrides
 
 
@@ -152,7 +158,18 @@ def setup_config(args, overrides, world):
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["padded_vocab_size"]
     check_compatible(meta, cfg.tokenizer or meta["tokenizer"], cfg.model.vocab_size, cfg.model.block_size)
-    ds = resolve(load_ds_json(args.deepspeed_config), cfg, explicit, world, source=args.deepspeed_config)
+    if found is not None:
+        kind = "fsdp" if is_fsdp_checkpoint(ckpt.ckpt_root(cfg.out_dir) / found.tag) else "deepspeed"
+        if kind != cfg.engine:
+            raise ValueError(f"checkpoint {found.tag} in {cfg.out_dir} was written by engine={kind}; resume it with "
+                             f"--engine={kind} (or export it and start a new run)")
+    if cfg.engine == "fsdp":
+        if args.deepspeed_config is not None:
+            raise ValueError(f"--deepspeed_config={args.deepspeed_config} is for engine=deepspeed; engine=fsdp takes "
+                             f"batch, optimizer, schedule, clipping and dtype from the training config: drop it")
+        return cfg, found, meta, tokenizer, resolve_fsdp(cfg, world)
+    ds_path = args.deepspeed_config or str(DEFAULT_DS_CONFIG)
+    ds = resolve(load_ds_json(ds_path), cfg, explicit, world, source=ds_path)
     return cfg, found, meta, tokenizer, ds
 
 
@@ -173,7 +190,7 @@ def main(argv=None):
     num_params, flops_per_token = gpt.num_params(), gpt.flops_per_token(T)  # before ZeRO-3 partitions them
     if cfg.compile:
         compile_blocks(gpt)
-    engine = Engine(TrainingModule(gpt, cfg.objective, mask_id), ds.config, ds.client_optimizer, ds.client_scheduler)
+    engine = make_engine(cfg.engine, TrainingModule(gpt, cfg.objective, mask_id), ds)
     step, tokens_seen = 0, 0
     if found is not None:
         client = engine.load(str(ckpt.ckpt_root(cfg.out_dir)), found.tag)
@@ -185,10 +202,12 @@ def main(argv=None):
                  "data_dir": cfg.data_dir}
     peak_flops = cfg.peak_flops or default_peak_flops(cfg.dtype)
     metrics = Metrics(cfg.out_dir, rank, cfg, cfg.max_iters, step)
-    metrics.log("config", step, train_config=cfg.to_dict(), ds_config=ds.config, world_size=world,
-                zero_stage=zero_stage(ds.config), num_params=num_params, peak_flops=peak_flops,
-                data=meta["data_dir"], tokenizer=meta["tokenizer"])
-    metrics.print(f"{cfg.objective.name} model, {num_params / 1e6:.2f}M params, ZeRO-{zero_stage(ds.config)}, "
+    fsdp = cfg.engine == "fsdp"
+    metrics.log("config", step, train_config=cfg.to_dict(), **{"fsdp_config" if fsdp else "ds_config": ds.config},
+                engine=cfg.engine, world_size=world, zero_stage=None if fsdp else zero_stage(ds.config),
+                num_params=num_params, peak_flops=peak_flops, data=meta["data_dir"], tokenizer=meta["tokenizer"])
+    sharding = "FSDP2" if fsdp else f"ZeRO-{zero_stage(ds.config)}"
+    metrics.print(f"{cfg.objective.name} model, {num_params / 1e6:.2f}M params, {sharding}, "
                   f"{world} rank(s) on {engine.device}, {cfg.dtype}, {tokens_per_step:,} tokens/step "
                   f"(batch {B} x block {T} x accum {gas} x {world} ranks)")
     for note in found.skipped if found else []:
@@ -208,7 +227,8 @@ def main(argv=None):
     def save():
         tag = ckpt.tag_for(step)
         root = ckpt.ckpt_root(cfg.out_dir)
-        ckpt.write_side_files(root / tag, rank, cfg.to_dict(), ds.config, data_meta)
+        ckpt.write_side_files(root / tag, rank, cfg.to_dict(), ds.config, data_meta,
+                              engine_config_name=FSDP_CONFIG_FILE if cfg.engine == "fsdp" else ckpt.DS_CONFIG)
         engine.save(str(root), tag, {"step": step, "tokens_seen": tokens_seen})
         dist.barrier()  # every rank's shards are on disk before rank 0 hashes them
         if rank == 0:
