@@ -1,4 +1,4 @@
-"""Where a model comes from: consolidated weights, a DeepSpeed checkpoint, or OpenAI's GPT-2.
+"""Where a model comes from: consolidated weights, a training checkpoint (DeepSpeed or FSDP), or OpenAI's GPT-2.
 
     load_model(ckpt="out/mdlm/export")   consolidated dir (model.safetensors + config.json)
     load_model(ckpt="out/mdlm")          a training out dir: uses out/mdlm/export, or consolidates
@@ -88,10 +88,10 @@ def consolidate(ckpt: Path, log=print) -> Path:
     cmd = export_command(ckpt, out)
     shown = " ".join(["python"] + cmd[1:])
     if not (REPO_ROOT / "training" / "export.py").is_file():
-        raise FileNotFoundError(f"{ckpt} is a DeepSpeed checkpoint, not consolidated weights, and training.export "
+        raise FileNotFoundError(f"{ckpt} is a training checkpoint (DeepSpeed or FSDP), not consolidated weights, and training.export "
                                 f"is not available here to consolidate it. Run on a machine with the training "
                                 f"dependencies: {shown}  then pass --ckpt {out}")
-    log(f"consolidating the DeepSpeed checkpoint {ckpt} -> {out}: {shown}")
+    log(f"consolidating the training checkpoint (DeepSpeed or FSDP) {ckpt} -> {out}: {shown}")
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
     if proc.returncode != 0 or not is_consolidated(out):
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])

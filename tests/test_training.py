@@ -465,6 +465,20 @@ def test_fsdp_export_reproduces_the_trained_model(fsdp_runs, tiny_data, tmp_path
 
 
 @pytest.mark.slow
+def test_inference_loads_an_fsdp_run_without_an_export(fsdp_runs, tmp_path):
+    """inference.load_model consolidates a training checkpoint it is given (in a subprocess), FSDP too."""
+    from inference.loading import load_model
+    from models.weights import load_consolidated
+
+    run = tmp_path / "run"
+    shutil.copytree(fsdp_runs["fsdp"] / "ckpt", run / "ckpt")  # no export/ beside it
+    loaded = load_model(ckpt=str(run), log=lambda msg: None)
+    ref, _ = load_consolidated(fsdp_runs["fsdp"] / "export")
+    for (k, a), (k2, b) in zip(loaded.model.state_dict().items(), ref.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+@pytest.mark.slow
 def test_fsdp_checkpoint_refuses_the_other_engine(fsdp_runs):
     proc = python_run("--config", str(TINY_CONFIG), "--out_dir", str(fsdp_runs["fsdp"]), "--resume", "--eval_only",
                       "--engine=deepspeed", "--data_dir", records(fsdp_runs["fsdp"], "config")[0]["data"])
