@@ -55,7 +55,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file, fsync it, then rename it over `path`: readers see the old file or the
+    whole new one, never a torn write."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -70,14 +72,14 @@ def _files(tag_dir: Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- saving
 def write_side_files(tag_dir: Path, rank: int, train_config: dict, ds_config: dict, data_meta: dict,
-                     engine_config_name: str = "ds_config.json") -> None:
+                     engine_config_name: str = DS_CONFIG) -> None:
     """Our files beside the engine's shards: configs and tokenizer meta (rank 0), RNG state (every rank).
     `ds_config` is the resolved engine config: ds_config.json for DeepSpeed, fsdp_config.json for FSDP."""
     tag_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         for name, obj in (("train_config.json", train_config), (engine_config_name, ds_config),
                           ("data_meta.json", data_meta)):
-            _atomic_write_text(tag_dir / name, json.dumps(obj, indent=2) + "\n")
+            atomic_write_text(tag_dir / name, json.dumps(obj, indent=2) + "\n")
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(rng, tag_dir / f"rng_rank{rank}.pt")
@@ -87,11 +89,11 @@ def finalize(ckpt_dir: Path, tag: str, step: int, keep: int) -> None:
     """Rank 0, after every rank finished writing: manifest, verify, then move `latest`, then prune."""
     tag_dir = ckpt_dir / tag
     files = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tag_dir)}
-    _atomic_write_text(tag_dir / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
+    atomic_write_text(tag_dir / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
     problem = verify(tag_dir)
     if problem:
         raise RuntimeError(f"checkpoint {tag_dir} failed verification right after saving: {problem}")
-    _atomic_write_text(ckpt_dir / LATEST, tag)
+    atomic_write_text(ckpt_dir / LATEST, tag)
     # keep the newest `keep` complete checkpoints; never the one `latest` names
     tags = sorted(list_tags(ckpt_dir), key=lambda t: t[0])
     for _, old in tags[:-keep] if keep > 0 else []:

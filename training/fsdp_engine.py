@@ -24,7 +24,6 @@ training/export.py recognises the marker and consolidates the model shards into 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from training.checkpoint import atomic_write_text
 from training.config import TrainConfig
 from training.ds_config import default_dtype, optimizer_kwargs, schedule_kwargs
 from training.engine import TrainingModule, build_lr_scheduler, build_optimizer, rank_and_world
@@ -170,9 +170,7 @@ class FSDPEngine:
             marker = {"engine": "fsdp", "format": "torch.distributed.checkpoint", "dcp_dir": DCP_DIR,
                       "world_size": dist.get_world_size(), "micro_steps": self._micro_steps,
                       "scheduler": self.scheduler.state_dict(), "client_state": client_state}
-            tmp = tag_dir / (MARKER + ".tmp")
-            tmp.write_text(json.dumps(marker, indent=2) + "\n")
-            os.replace(tmp, tag_dir / MARKER)
+            atomic_write_text(tag_dir / MARKER, json.dumps(marker, indent=2) + "\n")
 
     def load(self, ckpt_dir: str, tag: str) -> dict:
         import torch.distributed.checkpoint as dcp
