@@ -1,7 +1,7 @@
 """
 Tokenizers: GPT-2 BPE (offline, through tiktoken) and a character-level one for tiny runs.
 
-Every tokenizer agrees on the vocabulary layout of DESIGN.md, so AR and diffusion share one
+Every tokenizer agrees on the vocabulary layout of docs/design.md, so AR and diffusion share one
 embedding table:
 
     ids 0 .. vocab_size-1    real tokens (the last real id of the char tokenizer is its EOT)
@@ -45,7 +45,7 @@ class Tokenizer:
 
     @property
     def mask_id(self) -> int:
-        return self.vocab_size  # the first id past the real ones (DESIGN.md)
+        return self.vocab_size  # the first id past the real ones (docs/design.md)
 
     @property
     def padded_vocab_size(self) -> int:

@@ -1,5 +1,5 @@
 """Tokenizers: GPT-2 BPE works offline with OpenAI's ids; char tokenizer rebuilds from meta; every
-tokenizer follows DESIGN.md's vocabulary layout (real ids, then MASK, then padding to a multiple of 64)."""
+tokenizer follows docs/design.md's vocabulary layout (real ids, then MASK, then padding to a multiple of 64)."""
 import json
 import pickle
 import shutil

@@ -38,7 +38,7 @@ def real_vocab_size(info: dict, model_vocab: int) -> int:
     tok = info.get("tokenizer")
     if isinstance(tok, dict) and tok.get("vocab_size"):
         return int(tok["vocab_size"])
-    if info.get("mask_id") is not None:  # DESIGN.md: mask id = the tokenizer's vocabulary size
+    if info.get("mask_id") is not None:  # docs/design.md: mask id = the tokenizer's vocabulary size
         return int(info["mask_id"])
     print(f"warning: no tokenizer recorded; exporting all {model_vocab} embedding rows", file=sys.stderr)
     return model_vocab
