@@ -22,6 +22,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# a fresh clone: create the project's virtualenv first (once), unless this Python already has everything
+if [ ! -x .venv/bin/python ] && ! python3 -c "import deepspeed, torch, tiktoken" 2>/dev/null; then
+  command -v make >/dev/null || { echo "launch.sh: no .venv and no 'make': run 'python3.11 -m venv .venv && .venv/bin/pip install -r requirements.txt'" >&2; exit 2; }
+  echo "== first run: installing the pinned dependencies into .venv (make install; a few minutes, once)"
+  make install
+fi
 BIN=""
 if [ -x .venv/bin/python ]; then BIN=".venv/bin/"; fi  # the project's virtualenv, when there is one
 PY="${BIN}python"
