@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--masks", nargs="+", default=["causal", "bidirectional", "block_causal"],
                    choices=["causal", "bidirectional", "block_causal"])
-    p.add_argument("--block-size", type=int, default=128, help="block length of the block-causal mask")
+    p.add_argument("--block-length", type=int, default=128, help="block length of the block-causal mask")
     p.add_argument("--tokens", type=int, default=16384, help="batch size = tokens // T (constant work per T)")
     p.add_argument("--model-dim", type=int, default=2048, help="heads = model_dim // head_dim")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -40,14 +40,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def visible_pairs(mask_kind: str, T: int, block_size: int) -> int:
+def visible_pairs(mask_kind: str, T: int, block_length: int) -> int:
     """Number of (query, key) pairs the mask lets through for one sequence of length T."""
     if mask_kind == "bidirectional":
         return T * T
     if mask_kind == "causal":
         return T * (T + 1) // 2
     # block-causal: query i sees every key of blocks 0..i//b
-    return sum(min(T, (i // block_size + 1) * block_size) for i in range(T))
+    return sum(min(T, (i // block_length + 1) * block_length) for i in range(T))
 
 
 def _timer(device: str):
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             return 0
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated (imported)
         args.seq_lens, args.head_dims, args.tokens, args.model_dim = [64, 100], [32], 128, 64
-        args.block_size, args.dtype = 16, "fp32"  # bf16 tl.dot is wrong in the interpreter
+        args.block_length, args.dtype = 16, "fp32"  # bf16 tl.dot is wrong in the interpreter
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                          f"{'flex ms':>10} {'TFLOP/s':>8} {'x faster':>8}"])
     print(f"device={torch.cuda.get_device_name() if dev == 'cuda' else 'cpu (Triton interpreter)'} "
           f"dtype={args.dtype} tokens/batch={args.tokens} model_dim={args.model_dim} "
-          f"block_size={args.block_size}")
+          f"block_length={args.block_length}")
     print(header)
     print("-" * len(header))
 
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
                        for _ in range(3))
             do = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=gen)
             for kind in args.masks:
-                mask = AttentionMask(kind, block_size=args.block_size if kind == "block_causal" else 0)
-                fwd_flops = 4 * B * H * D * visible_pairs(kind, T, args.block_size)
+                mask = AttentionMask(kind, block_length=args.block_length if kind == "block_causal" else 0)
+                fwd_flops = 4 * B * H * D * visible_pairs(kind, T, args.block_length)
 
                 runners = {"triton": lambda: attention(q, k, v, mask, impl="triton")}
                 forward_only = set()
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
                     runners["sdpa"] = run_sdpa
                 if flex is not None:
-                    bs = args.block_size
+                    bs = args.block_length
 
                     def mask_mod(b, h, q_idx, kv_idx, kind=kind, bs=bs):
                         if kind == "causal":

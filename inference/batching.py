@@ -133,7 +133,7 @@ class ModelRunner:
         self.layout = layout
         self.x = x  # the canvas being decoded (updated in place by the decoder)
         self.kind = model.config.attention
-        self.block = model.config.block_length
+        self.block_length = model.config.block_length
         self.calls = 0  # model calls for the whole batch
         self.nfe = torch.zeros(layout.batch_size, dtype=torch.long)  # calls each row took part in
 
@@ -141,7 +141,7 @@ class ModelRunner:
         if (q_lo > 0) != (past_kv is not None):
             raise AssertionError("queries from column q_lo > 0 need the KV cache of columns [0, q_lo)")
         lay = self.layout
-        mask = AttentionMask(kind=self.kind, block_size=self.block, key_lengths=lay.key_lengths[rows],
+        mask = AttentionMask(kind=self.kind, block_length=self.block_length, key_lengths=lay.key_lengths[rows],
                              key_starts=lay.key_starts[rows], q_offset=q_lo)
         h, presents = self.model.hidden_states(self.x[rows, q_lo:q_hi], mask=mask, past_kv=past_kv,
                                                positions=lay.positions[rows, q_lo:q_hi])

@@ -2,7 +2,7 @@
 
 Every attention call in diffusionGPT goes through `attention(q, k, v, mask, impl)`.
 The mask is never a T x T tensor handed in by the caller: it is described by `AttentionMask`
-(kind + block size + per-sequence key padding + query offset) and computed from indices.
+(kind + diffusion block length + per-sequence key padding + query offset) and computed from indices.
 
 The Triton kernel is FlashAttention-2 style: each program owns a tile of queries, walks the key
 tiles with an online softmax and never holds a Tq x Tk matrix. The forward saves the log-sum-exp
@@ -51,19 +51,20 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class AttentionMask:
     """Which keys each query may see, described by indices.
 
-    kind:        "causal" (key j <= query position), "bidirectional" (all keys),
-                 "block_causal" (full attention inside a block of `block_size`, causal across blocks), or
-                 "block_diffusion": the BD3-LM training pass over [x_t ; x_0] (see `dense_mask`).
-    block_size:  block length for "block_causal" (b=1 is causal, b>=T is bidirectional) and
-                 "block_diffusion".
-    key_lengths: (B,) int tensor; keys at index >= key_lengths[b] are padding (right padding).
-    key_starts:  (B,) int tensor; keys at index < key_starts[b] are padding (left padding).
-    q_offset:    absolute position of query 0 among the keys. With a KV cache the queries are the
-                 last Tq of Tk keys, so q_offset = Tk - Tq. Only matters for causal / block_causal.
+    kind:         "causal" (key j <= query position), "bidirectional" (all keys),
+                  "block_causal" (full attention inside a block of `block_length`, causal across blocks),
+                  or "block_diffusion": the BD3-LM training pass over [x_t ; x_0] (see `dense_mask`).
+    block_length: the diffusion block b (GPTConfig.block_length) for "block_causal" (b=1 is causal,
+                  b>=T is bidirectional) and "block_diffusion". Not the context (GPTConfig.block_size)
+                  and not a Triton tile (BLOCK_M / BLOCK_N).
+    key_lengths:  (B,) int tensor; keys at index >= key_lengths[b] are padding (right padding).
+    key_starts:   (B,) int tensor; keys at index < key_starts[b] are padding (left padding).
+    q_offset:     absolute position of query 0 among the keys. With a KV cache the queries are the
+                  last Tq of Tk keys, so q_offset = Tk - Tq. Only matters for causal / block_causal.
     """
 
     kind: str = "causal"
-    block_size: int = 0
+    block_length: int = 0
     key_lengths: Optional[torch.Tensor] = None
     key_starts: Optional[torch.Tensor] = None
     q_offset: int = 0
@@ -71,8 +72,8 @@ class AttentionMask:
     def __post_init__(self):
         if self.kind not in MASK_KINDS:
             raise ValueError(f"unknown attention mask kind {self.kind!r}; expected one of {MASK_KINDS}")
-        if self.kind in ("block_causal", "block_diffusion") and self.block_size < 1:
-            raise ValueError(f"{self.kind} attention needs block_size >= 1")
+        if self.kind in ("block_causal", "block_diffusion") and self.block_length < 1:
+            raise ValueError(f"{self.kind} attention needs block_length >= 1")
         if self.kind == "block_diffusion" and (self.key_lengths is not None or self.key_starts is not None
                                                or self.q_offset != 0):
             raise ValueError("block_diffusion attention is the training pass over [x_t ; x_0]: it takes no "
@@ -80,12 +81,12 @@ class AttentionMask:
 
 
 def check_block_diffusion_shape(mask: AttentionMask, tq: int, tk: int) -> None:
-    """block_diffusion needs Tq == Tk = 2 L (x_t then x_0) with L a multiple of the block size."""
+    """block_diffusion needs Tq == Tk = 2 L (x_t then x_0) with L a multiple of block_length."""
     if mask.kind != "block_diffusion":
         return
-    if tq != tk or tk % 2 or (tk // 2) % mask.block_size:
+    if tq != tk or tk % 2 or (tk // 2) % mask.block_length:
         raise ValueError(f"block_diffusion attention needs Tq == Tk = 2 L (the noised then the clean sequence) "
-                         f"with L a multiple of block_size={mask.block_size}; got Tq={tq}, Tk={tk}")
+                         f"with L a multiple of block_length={mask.block_length}; got Tq={tq}, Tk={tk}")
 
 
 def dense_mask(mask: AttentionMask, batch: int, tq: int, tk: int, device) -> torch.Tensor:
@@ -103,11 +104,11 @@ def dense_mask(mask: AttentionMask, batch: int, tq: int, tk: int, device) -> tor
     if mask.kind == "causal":
         allowed = k_pos <= q_pos
     elif mask.kind == "block_causal":
-        allowed = (k_pos // mask.block_size) <= (q_pos // mask.block_size)
+        allowed = (k_pos // mask.block_length) <= (q_pos // mask.block_length)
     elif mask.kind == "block_diffusion":
         half = tk // 2
         q_xt, k_xt = q_pos < half, k_pos < half
-        qb, kb = (q_pos % half) // mask.block_size, (k_pos % half) // mask.block_size
+        qb, kb = (q_pos % half) // mask.block_length, (k_pos % half) // mask.block_length
         allowed = torch.where(q_xt, torch.where(k_xt, qb == kb, kb < qb), ~k_xt & (kb <= qb))
     else:
         allowed = torch.ones(tq, tk, dtype=torch.bool, device=device)
@@ -314,24 +315,24 @@ if HAS_TRITON:
         return kv_start, kv_end
 
     @triton.jit
-    def _visible(q_pos, k_pos, kv_start, kv_end, block_size, half, KIND: tl.constexpr):
+    def _visible(q_pos, k_pos, kv_start, kv_end, block_length, half, KIND: tl.constexpr):
         """Mask from indices: q_pos (M, 1) absolute query positions, k_pos (1, N) key indices (or the
         transpose). half = Tk // 2, read by block_diffusion only."""
         ok = (k_pos >= kv_start) & (k_pos < kv_end)
         if KIND == 1:  # causal
             ok = ok & (k_pos <= q_pos)
         elif KIND == 2:  # block-causal: whole blocks visible, causal across blocks
-            ok = ok & ((k_pos // block_size) <= (q_pos // block_size))
+            ok = ok & ((k_pos // block_length) <= (q_pos // block_length))
         elif KIND == 3:  # block diffusion over [x_t ; x_0] (dense_mask states the rule)
             q_xt = q_pos < half
             k_xt = k_pos < half
-            qb = tl.where(q_xt, q_pos, q_pos - half) // block_size
-            kb = tl.where(k_xt, k_pos, k_pos - half) // block_size
+            qb = tl.where(q_xt, q_pos, q_pos - half) // block_length
+            kb = tl.where(k_xt, k_pos, k_pos - half) // block_length
             ok = ok & tl.where(q_xt, tl.where(k_xt, qb == kb, kb < qb), (k_pos >= half) & (kb <= qb))
         return ok
 
     @triton.jit
-    def _key_tile_range(start_m, TQ, q_offset, kv_start, kv_end, block_size,
+    def _key_tile_range(start_m, TQ, q_offset, kv_start, kv_end, block_length,
                         KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Key range [lo, hi) a query tile must visit; tiles outside it are fully masked."""
         lo = (kv_start // BLOCK_N) * BLOCK_N  # skip whole tiles of left padding
@@ -340,20 +341,20 @@ if HAS_TRITON:
         if KIND == 1:
             hi = tl.minimum(hi, last_q + 1)
         elif KIND == 2:
-            hi = tl.minimum(hi, (last_q // block_size + 1) * block_size)
+            hi = tl.minimum(hi, (last_q // block_length + 1) * block_length)
         elif KIND == 3:
             # block diffusion (no padding, q_offset 0): this is the x_t-key range, the blocks of the
             # tile's x_t queries; the x_0 keys are the second range (_clean_key_tile_range)
             half = TQ // 2
             last_t = tl.minimum(last_q, half - 1)
             has_xt = start_m < half
-            lo = tl.where(has_xt, ((start_m // block_size) * block_size // BLOCK_N) * BLOCK_N, 0)
-            hi = tl.where(has_xt, (last_t // block_size + 1) * block_size, 0)
+            lo = tl.where(has_xt, ((start_m // block_length) * block_length // BLOCK_N) * BLOCK_N, 0)
+            hi = tl.where(has_xt, (last_t // block_length + 1) * block_length, 0)
         hi = tl.where(hi <= kv_start, lo, hi)  # nothing visible (e.g. all left padding): no tile
         return lo, hi
 
     @triton.jit
-    def _clean_key_tile_range(start_m, TQ, block_size, hi_first,
+    def _clean_key_tile_range(start_m, TQ, block_length, hi_first,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """block_diffusion only: the x_0 keys [half, half + n) a query tile sees, as a tile range that
         starts after the tiles the first range [.., hi_first) already visited (one tile may hold the
@@ -361,15 +362,15 @@ if HAS_TRITON:
         half = TQ // 2
         last_q = tl.minimum(start_m + BLOCK_M, TQ) - 1
         # x_t queries see the clean blocks before their own; x_0 queries see their own clean block too
-        n_t = tl.where(start_m < half, (tl.minimum(last_q, half - 1) // block_size) * block_size, 0)
-        n_0 = tl.where(last_q >= half, ((last_q - half) // block_size + 1) * block_size, 0)
+        n_t = tl.where(start_m < half, (tl.minimum(last_q, half - 1) // block_length) * block_length, 0)
+        n_0 = tl.where(last_q >= half, ((last_q - half) // block_length + 1) * block_length, 0)
         n = tl.maximum(n_t, n_0)
         lo = tl.maximum((half // BLOCK_N) * BLOCK_N, ((hi_first + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
         hi = tl.where(n > 0, half + n, lo)
         return lo, tl.maximum(hi, lo)
 
     @triton.jit
-    def _query_tile_range(start_n, TQ, q_offset, kv_start, kv_end, block_size,
+    def _query_tile_range(start_n, TQ, q_offset, kv_start, kv_end, block_length,
                           KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Query range [lo, hi) that can see some key of the tile [start_n, start_n + BLOCK_N)."""
         first_k = tl.maximum(start_n, kv_start)  # first key of the tile that is not padding
@@ -377,7 +378,7 @@ if HAS_TRITON:
         if KIND == 1:
             first_q = first_k - q_offset
         elif KIND == 2:
-            first_q = (first_k // block_size) * block_size - q_offset
+            first_q = (first_k // block_length) * block_length - q_offset
         lo = (tl.maximum(first_q, 0) // BLOCK_M) * BLOCK_M
         padding_only = first_k >= tl.minimum(start_n + BLOCK_N, kv_end)
         hi = tl.where(padding_only, 0, TQ)
@@ -389,31 +390,31 @@ if HAS_TRITON:
             last_k = tl.minimum(start_n + BLOCK_N, TQ) - 1
             has_kt = start_n < half
             first_k0 = tl.maximum(start_n, half) - half
-            lo_0 = (first_k0 // block_size + 1) * block_size  # x_t queries that see x_0 key first_k0
+            lo_0 = (first_k0 // block_length + 1) * block_length  # x_t queries that see x_0 key first_k0
             has_k0 = (last_k >= half) & (lo_0 < half)
-            q_lo = tl.minimum(tl.where(has_kt, (start_n // block_size) * block_size, half),
+            q_lo = tl.minimum(tl.where(has_kt, (start_n // block_length) * block_length, half),
                               tl.where(has_k0, lo_0, half))
-            q_hi = tl.maximum(tl.where(has_kt, (tl.minimum(last_k, half - 1) // block_size + 1) * block_size, 0),
+            q_hi = tl.maximum(tl.where(has_kt, (tl.minimum(last_k, half - 1) // block_length + 1) * block_length, 0),
                               tl.where(has_k0, half, 0))
             lo = tl.where(q_hi > q_lo, (q_lo // BLOCK_M) * BLOCK_M, 0)
             hi = tl.where(q_hi > q_lo, q_hi, 0)
         return lo, hi
 
     @triton.jit
-    def _clean_query_tile_range(start_n, TQ, block_size, hi_first,
+    def _clean_query_tile_range(start_n, TQ, block_length, hi_first,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """block_diffusion only: the x_0 queries [half + kb * b, 2 half) that see some x_0 key of the
         tile (kb = block of its first x_0 key), after the tiles the first range already visited."""
         half = TQ // 2
         last_k = tl.minimum(start_n + BLOCK_N, TQ) - 1
         first_k0 = tl.maximum(start_n, half) - half
-        q_lo = half + (first_k0 // block_size) * block_size
+        q_lo = half + (first_k0 // block_length) * block_length
         lo = tl.maximum((q_lo // BLOCK_M) * BLOCK_M, ((hi_first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
         hi = tl.where(last_k >= half, TQ, lo)
         return lo, tl.maximum(hi, lo)
 
     @triton.jit
-    def _fwd_tile(acc, l_i, m_i, q, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start, kv_end, block_size,
+    def _fwd_tile(acc, l_i, m_i, q, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start, kv_end, block_length,
                   qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
                   KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
         """One key tile of the forward's online softmax (in base 2): m_i running max of the scaled
@@ -423,7 +424,7 @@ if HAS_TRITON:
         kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
-        ok = _visible(q_pos, offs_n[None, :], kv_start, kv_end, block_size, TK // 2, KIND)
+        ok = _visible(q_pos, offs_n[None, :], kv_start, kv_end, block_length, TK // 2, KIND)
         s = tl.where(ok, qk * qk_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no visible key yet keeps m = -inf; subtract 0 there, not -inf,
@@ -440,7 +441,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _dkdv_tile(dk, dv, k, v, k_idx, Q, DO, LSE, DELTA, start_m, offs_d, d_ok, TQ, TK, q_offset,
-                   kv_start, kv_end, block_size, qk_scale_log2, stride_qm, stride_qd, stride_dom, stride_dod,
+                   kv_start, kv_end, block_length, qk_scale_log2, stride_qm, stride_qd, stride_dom, stride_dod,
                    KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
         """One query tile's contribution to dK and dV of this program's key tile (transposed scores)."""
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -452,7 +453,7 @@ if HAS_TRITON:
         lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         qkT = tl.dot(k, qT, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        ok = _visible((offs_m + q_offset)[None, :], k_idx, kv_start, kv_end, block_size, TK // 2, KIND)
+        ok = _visible((offs_m + q_offset)[None, :], k_idx, kv_start, kv_end, block_length, TK // 2, KIND)
         ok = ok & m_ok[None, :]
         pT = tl.where(ok, tl.exp2(qkT * qk_scale_log2 - lse[None, :]), 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
@@ -462,7 +463,7 @@ if HAS_TRITON:
         return dk, dv
 
     @triton.jit
-    def _dq_tile(dq, q, do, lse, delta, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start, kv_end, block_size,
+    def _dq_tile(dq, q, do, lse, delta, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start, kv_end, block_length,
                  qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
                  KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
         """One key tile's contribution to dQ of this program's query tile."""
@@ -472,7 +473,7 @@ if HAS_TRITON:
         kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=dn_ok, other=0.0)
         vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=dn_ok, other=0.0)
         qk = tl.dot(q, kT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        ok = _visible(q_pos, offs_n[None, :], kv_start, kv_end, block_size, TK // 2, KIND)
+        ok = _visible(q_pos, offs_n[None, :], kv_start, kv_end, block_length, TK // 2, KIND)
         p = tl.where(ok, tl.exp2(qk * qk_scale_log2 - lse[:, None]), 0.0)
         dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
@@ -487,7 +488,7 @@ if HAS_TRITON:
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
-        H, TQ, TK, q_offset, block_size, qk_scale_log2,
+        H, TQ, TK, q_offset, block_length, qk_scale_log2,
         TQ_BUCKET, TK_BUCKET,  # autotune keys only
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KIND: tl.constexpr,
         HAS_LEN: tl.constexpr, HAS_START: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -512,7 +513,7 @@ if HAS_TRITON:
         q_pos = (offs_m + q_offset)[:, None]  # (BLOCK_M, 1)
 
         kv_start, kv_end = _key_bounds(KEY_LEN, KEY_START, b, TK, HAS_LEN, HAS_START)
-        lo, hi = _key_tile_range(start_m, TQ, q_offset, kv_start, kv_end, block_size,
+        lo, hi = _key_tile_range(start_m, TQ, q_offset, kv_start, kv_end, block_length,
                                  KIND, BLOCK_M, BLOCK_N)
 
         # online softmax in base 2: m_i running max of the scaled logits, l_i running denominator
@@ -521,13 +522,13 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start_n in range(lo, hi, BLOCK_N):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start, kv_end,
-                                      block_size, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+                                      block_length, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
                                       KIND, INPUT_PRECISION, BLOCK_N)
         if KIND == 3:  # block diffusion: the clean (x_0) keys are a second, disjoint range
-            lo2, hi2 = _clean_key_tile_range(start_m, TQ, block_size, hi, BLOCK_M, BLOCK_N)
+            lo2, hi2 = _clean_key_tile_range(start_m, TQ, block_length, hi, BLOCK_M, BLOCK_N)
             for start_n in range(lo2, hi2, BLOCK_N):
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start,
-                                          kv_end, block_size, qk_scale_log2, stride_kn, stride_kd, stride_vn,
+                                          kv_end, block_length, qk_scale_log2, stride_kn, stride_kd, stride_vn,
                                           stride_vd, KIND, INPUT_PRECISION, BLOCK_N)
 
         empty = l_i == 0.0  # no visible key: output 0 (acc is 0 there), lse = +inf so p = 0
@@ -546,7 +547,7 @@ if HAS_TRITON:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # dk and dv share a layout
-        H, TQ, TK, q_offset, block_size, sm_scale, qk_scale_log2,
+        H, TQ, TK, q_offset, block_length, sm_scale, qk_scale_log2,
         TQ_BUCKET, TK_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KIND: tl.constexpr,
         HAS_LEN: tl.constexpr, HAS_START: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -575,19 +576,19 @@ if HAS_TRITON:
         k_idx = offs_n[:, None]  # (BLOCK_N, 1): this kernel works on transposed scores (keys x queries)
 
         kv_start, kv_end = _key_bounds(KEY_LEN, KEY_START, b, TK, HAS_LEN, HAS_START)
-        lo, hi = _query_tile_range(start_n, TQ, q_offset, kv_start, kv_end, block_size,
+        lo, hi = _query_tile_range(start_n, TQ, q_offset, kv_start, kv_end, block_length,
                                    KIND, BLOCK_M, BLOCK_N)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         for start_m in range(lo, hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, k_idx, Q, DO, LSE, DELTA, start_m, offs_d, d_ok, TQ, TK, q_offset,
-                                kv_start, kv_end, block_size, qk_scale_log2, stride_qm, stride_qd, stride_dom,
+                                kv_start, kv_end, block_length, qk_scale_log2, stride_qm, stride_qd, stride_dom,
                                 stride_dod, KIND, INPUT_PRECISION, BLOCK_M)
         if KIND == 3:  # block diffusion: the clean (x_0) queries are a second, disjoint range
-            lo2, hi2 = _clean_query_tile_range(start_n, TQ, block_size, hi, BLOCK_M, BLOCK_N)
+            lo2, hi2 = _clean_query_tile_range(start_n, TQ, block_length, hi, BLOCK_M, BLOCK_N)
             for start_m in range(lo2, hi2, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, k_idx, Q, DO, LSE, DELTA, start_m, offs_d, d_ok, TQ, TK,
-                                    q_offset, kv_start, kv_end, block_size, qk_scale_log2, stride_qm, stride_qd,
+                                    q_offset, kv_start, kv_end, block_length, qk_scale_log2, stride_qm, stride_qd,
                                     stride_dom, stride_dod, KIND, INPUT_PRECISION, BLOCK_M)
         dk = dk * sm_scale
         tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -604,7 +605,7 @@ if HAS_TRITON:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-        H, TQ, TK, q_offset, block_size, sm_scale, qk_scale_log2,
+        H, TQ, TK, q_offset, block_length, sm_scale, qk_scale_log2,
         TQ_BUCKET, TK_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KIND: tl.constexpr,
         HAS_LEN: tl.constexpr, HAS_START: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -634,18 +635,18 @@ if HAS_TRITON:
         q_pos = (offs_m + q_offset)[:, None]
 
         kv_start, kv_end = _key_bounds(KEY_LEN, KEY_START, b, TK, HAS_LEN, HAS_START)
-        lo, hi = _key_tile_range(start_m, TQ, q_offset, kv_start, kv_end, block_size,
+        lo, hi = _key_tile_range(start_m, TQ, q_offset, kv_start, kv_end, block_length,
                                  KIND, BLOCK_M, BLOCK_N)
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start_n in range(lo, hi, BLOCK_N):
             dq = _dq_tile(dq, q, do, lse, delta, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start, kv_end,
-                          block_size, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+                          block_length, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
                           KIND, INPUT_PRECISION, BLOCK_N)
         if KIND == 3:  # block diffusion: the clean (x_0) keys are a second, disjoint range
-            lo2, hi2 = _clean_key_tile_range(start_m, TQ, block_size, hi, BLOCK_M, BLOCK_N)
+            lo2, hi2 = _clean_key_tile_range(start_m, TQ, block_length, hi, BLOCK_M, BLOCK_N)
             for start_n in range(lo2, hi2, BLOCK_N):
                 dq = _dq_tile(dq, q, do, lse, delta, K, V, start_n, q_pos, offs_d, d_ok, TK, kv_start, kv_end,
-                              block_size, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
+                              block_length, qk_scale_log2, stride_kn, stride_kd, stride_vn, stride_vd,
                               KIND, INPUT_PRECISION, BLOCK_N)
         dq = dq * sm_scale
         tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -661,7 +662,7 @@ def _launch_meta(q, k, mask: AttentionMask):
     else:
         precision = "ieee"
     return dict(
-        scalars=(H, Tq, Tk, mask.q_offset, max(mask.block_size, 1)),
+        scalars=(H, Tq, Tk, mask.q_offset, max(mask.block_length, 1)),
         buckets=(_bucket(Tq), _bucket(Tk)),
         consts=dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), KIND=_KIND_CODE[mask.kind],
                     HAS_LEN=mask.key_lengths is not None, HAS_START=mask.key_starts is not None,

@@ -1,6 +1,6 @@
 """Objectives: masked diffusion (MDLM, absorbing state), block diffusion (BD3-LM) and autoregressive.
 
-The maths follows ../shared/DESIGN.md (binding for every module):
+The maths follows docs/design.md ("The diffusion maths"; every module agrees with it):
   forward process  each token becomes MASK with probability 1 - alpha(t), t ~ U(0, 1) per sequence
   SUBS             the model never predicts MASK; unmasked positions copy their input
   continuous NELBO L = E_t[ -alpha'(t) / (1 - alpha(t)) * sum_{masked i} -log p(x0_i | x_t) ] / L_seq
@@ -194,7 +194,7 @@ def block_diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, mask_
 
     def run_model():
         positions = torch.arange(L, device=x0.device).repeat(2)  # (2L,): x_t and x_0 share positions
-        mask = AttentionMask("block_diffusion", block_size=block_length)
+        mask = AttentionMask("block_diffusion", block_length=block_length)
         h, _ = model.hidden_states(torch.cat([xt, x0], dim=1), mask=mask, positions=positions)  # (B, 2L, C)
         return h[:, :L]  # predictions are read at the noised half only
 

@@ -6,7 +6,6 @@ Parameter names and layout follow OpenAI's GPT-2 so its checkpoints load (see `f
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -27,7 +26,9 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # context length (number of position embeddings)
+    # context length in tokens (number of positions). nanoGPT's name, kept because its users know it;
+    # everywhere else "block" is the diffusion block, `block_length`
+    block_size: int = 1024
     vocab_size: int = 50304  # embedding rows: GPT-2's 50257 ids + MASK (50257), padded to a multiple of 64
     n_layer: int = 12
     n_head: int = 12
@@ -35,7 +36,7 @@ class GPTConfig:
     dropout: float = 0.0  # residual/embedding dropout; attention dropout is not implemented (fused kernels)
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2
     attention: str = "causal"  # causal (AR) | bidirectional (MDLM) | block_causal (block diffusion)
-    block_length: int = 0  # block size b for attention="block_causal"
+    block_length: int = 0  # diffusion block b (tokens) for attention="block_causal" (BD3-LM)
     attn_impl: str = "auto"  # auto (Triton on GPU, PyTorch elsewhere) | triton | torch
     pos_emb: str = "learned"  # learned (GPT-2's wpe table) | rope (rotary q/k, as in LLaMA and MDLM; no wpe)
 
@@ -66,7 +67,7 @@ class GPTConfig:
         return asdict(self)
 
     def default_mask(self, q_offset: int = 0) -> AttentionMask:
-        return AttentionMask(kind=self.attention, block_size=self.block_length, q_offset=q_offset)
+        return AttentionMask(kind=self.attention, block_length=self.block_length, q_offset=q_offset)
 
 
 class LayerNorm(nn.Module):
@@ -163,7 +164,10 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
-class Block(nn.Module):
+class TransformerLayer(nn.Module):
+    """One layer of the stack (`transformer.h[i]`): attention then MLP, each with a pre-LayerNorm and a
+    residual. (nanoGPT calls it Block; here a block is the diffusion block, `block_length`.)"""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
@@ -186,7 +190,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             **({"wpe": nn.Embedding(config.block_size, config.n_embd)} if config.pos_emb == "learned" else {}),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([TransformerLayer(config) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         # rope: rotary q/k instead of wpe; outside `transformer` so GPT-2's parameter names stay as they are
@@ -248,8 +252,8 @@ class GPT(nn.Module):
             rope = self.rotary(positions)  # rope: q and k are rotated inside every attention layer
         x = self.transformer.drop(x)
         presents = []
-        for i, block in enumerate(self.transformer.h):
-            x, present = block(x, mask, None if past_kv is None else past_kv[i], rope)
+        for i, layer in enumerate(self.transformer.h):
+            x, present = layer(x, mask, None if past_kv is None else past_kv[i], rope)
             presents.append(present)
         return self.transformer.ln_f(x), presents
 
@@ -269,21 +273,11 @@ class GPT(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str):
-        """AdamW over `optimizer_param_groups`, fused on CUDA when this PyTorch has it."""
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(self.optimizer_param_groups(weight_decay), lr=learning_rate, betas=betas,
-                                 **({"fused": True} if fused else {}))
-
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
         cfg = self.config
         T = seq_len or cfg.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
-
-    def estimate_mfu(self, tokens_per_s: float, peak_flops: float, seq_len: Optional[int] = None) -> float:
-        """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak FLOP/s."""
-        return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
 
     # ------------------------------------------------------------------ GPT-2 weights
     @classmethod
@@ -292,7 +286,7 @@ class GPT(nn.Module):
         gpt2-xl; needs network or a filled HF cache) or a local `save_pretrained` directory.
 
         OpenAI's checkpoints use a Conv1D module whose weight is the transpose of nn.Linear's, so the
-        four matmul weights of every block (c_attn, attn c_proj, c_fc, mlp c_proj) are transposed.
+        four matmul weights of every layer (c_attn, attn c_proj, c_fc, mlp c_proj) are transposed.
         The vocabulary stays at GPT-2's 50257 rows so the logits equal the original model's.
         `overrides` may set attention / attn_impl / dropout (e.g. to start a diffusion model from GPT-2).
         """

@@ -44,26 +44,26 @@ CASES = {
     "causal": (AttentionMask("causal"), 2, 2, 100, 100),
     "causal_multi_tile": (AttentionMask("causal"), 1, 2, 256, 256),
     "bidirectional": (AttentionMask("bidirectional"), 2, 2, 100, 100),
-    "block_causal_b16": (AttentionMask("block_causal", block_size=16), 2, 2, 100, 100),
-    "block_causal_b32": (AttentionMask("block_causal", block_size=32), 2, 2, 100, 100),
-    "block_causal_b24_unaligned": (AttentionMask("block_causal", block_size=24), 1, 2, 150, 150),
+    "block_causal_b16": (AttentionMask("block_causal", block_length=16), 2, 2, 100, 100),
+    "block_causal_b32": (AttentionMask("block_causal", block_length=32), 2, 2, 100, 100),
+    "block_causal_b24_unaligned": (AttentionMask("block_causal", block_length=24), 1, 2, 150, 150),
     "causal_right_padding": (AttentionMask("causal", key_lengths=_lengths(100, 37)), 2, 2, 100, 100),
     "bidirectional_right_padding": (AttentionMask("bidirectional", key_lengths=_lengths(61, 100)), 2, 2, 100, 100),
     "causal_left_padding": (AttentionMask("causal", key_starts=_lengths(0, 70)), 2, 2, 100, 100),
     "bidirectional_left_and_right_padding": (
         AttentionMask("bidirectional", key_starts=_lengths(5, 66), key_lengths=_lengths(90, 100)), 2, 2, 100, 100),
     "block_causal_padding": (
-        AttentionMask("block_causal", block_size=16, key_starts=_lengths(3, 40), key_lengths=_lengths(99, 80)),
+        AttentionMask("block_causal", block_length=16, key_starts=_lengths(3, 40), key_lengths=_lengths(99, 80)),
         2, 2, 100, 100),
     "kv_cache_causal": (AttentionMask("causal", q_offset=163), 2, 2, 37, 200),
-    "kv_cache_block_causal": (AttentionMask("block_causal", block_size=32, q_offset=128), 2, 2, 32, 160),
+    "kv_cache_block_causal": (AttentionMask("block_causal", block_length=32, q_offset=128), 2, 2, 32, 160),
     "kv_cache_bidirectional_padded": (
         AttentionMask("bidirectional", q_offset=130, key_starts=_lengths(0, 50), key_lengths=_lengths(150, 120)),
         2, 2, 20, 150),
     "kv_cache_decode_one_token": (AttentionMask("causal", q_offset=199, key_starts=_lengths(0, 9)), 2, 2, 1, 200),
     # BD3-LM training pass over [x_t ; x_0], L = 48: the halves meet inside a 64-wide tile
-    "block_diffusion_b8": (AttentionMask("block_diffusion", block_size=8), 2, 2, 96, 96),
-    "block_diffusion_b16": (AttentionMask("block_diffusion", block_size=16), 1, 2, 96, 96),
+    "block_diffusion_b8": (AttentionMask("block_diffusion", block_length=8), 2, 2, 96, 96),
+    "block_diffusion_b16": (AttentionMask("block_diffusion", block_length=16), 1, 2, 96, 96),
 }
 
 
@@ -76,7 +76,7 @@ def _inputs(B, H, Tq, Tk, D, dtype, seed=0):
 
 def _mask_to(mask: AttentionMask, device) -> AttentionMask:
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return AttentionMask(mask.kind, mask.block_size, move(mask.key_lengths), move(mask.key_starts), mask.q_offset)
+    return AttentionMask(mask.kind, mask.block_length, move(mask.key_lengths), move(mask.key_starts), mask.q_offset)
 
 
 def _check_against_fp64_reference(mask, B, H, Tq, Tk, D, dtype):
@@ -117,7 +117,7 @@ def test_head_dim_128(case):
 
 @pytest.mark.parametrize("head_dim", [48, 8])
 def test_head_dims_that_are_not_powers_of_two_or_small_are_zero_padded(head_dim):
-    _check_against_fp64_reference(AttentionMask("block_causal", block_size=16), 1, 2, 100, 100, head_dim,
+    _check_against_fp64_reference(AttentionMask("block_causal", block_length=16), 1, 2, 100, 100, head_dim,
                                   torch.float32)
 
 
@@ -144,7 +144,7 @@ def _store_ranges(RANGE, slot, lo, hi, lo2, hi2):
 
 
 @triton.jit
-def _probe_tile_ranges(KEY_LEN, KEY_START, KEY_RANGE, QUERY_RANGE, n_slots, TQ, TK, q_offset, block_size,
+def _probe_tile_ranges(KEY_LEN, KEY_START, KEY_RANGE, QUERY_RANGE, n_slots, TQ, TK, q_offset, block_length,
                        KIND: tl.constexpr, HAS_LEN: tl.constexpr, HAS_START: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Record the loop bounds the kernels use: key ranges per query tile (forward, dq) and query
@@ -154,17 +154,17 @@ def _probe_tile_ranges(KEY_LEN, KEY_START, KEY_RANGE, QUERY_RANGE, n_slots, TQ, 
     b = tl.program_id(1)
     slot = (b * n_slots + pid) * 4
     kv_start, kv_end = attn_mod._key_bounds(KEY_LEN, KEY_START, b, TK, HAS_LEN, HAS_START)
-    lo, hi = attn_mod._key_tile_range(pid * BLOCK_M, TQ, q_offset, kv_start, kv_end, block_size,
+    lo, hi = attn_mod._key_tile_range(pid * BLOCK_M, TQ, q_offset, kv_start, kv_end, block_length,
                                       KIND, BLOCK_M, BLOCK_N)
     lo2, hi2 = lo * 0, hi * 0
     if KIND == 3:
-        lo2, hi2 = attn_mod._clean_key_tile_range(pid * BLOCK_M, TQ, block_size, hi, BLOCK_M, BLOCK_N)
+        lo2, hi2 = attn_mod._clean_key_tile_range(pid * BLOCK_M, TQ, block_length, hi, BLOCK_M, BLOCK_N)
     _store_ranges(KEY_RANGE, slot, lo, hi, lo2, hi2)
-    lo, hi = attn_mod._query_tile_range(pid * BLOCK_N, TQ, q_offset, kv_start, kv_end, block_size,
+    lo, hi = attn_mod._query_tile_range(pid * BLOCK_N, TQ, q_offset, kv_start, kv_end, block_length,
                                         KIND, BLOCK_M, BLOCK_N)
     lo2, hi2 = lo * 0, hi * 0
     if KIND == 3:
-        lo2, hi2 = attn_mod._clean_query_tile_range(pid * BLOCK_N, TQ, block_size, hi, BLOCK_M, BLOCK_N)
+        lo2, hi2 = attn_mod._clean_query_tile_range(pid * BLOCK_N, TQ, block_length, hi, BLOCK_M, BLOCK_N)
     _store_ranges(QUERY_RANGE, slot, lo, hi, lo2, hi2)
 
 
@@ -187,7 +187,7 @@ def test_exactly_the_tiles_with_a_visible_pair_are_visited(case, tiles):
     _probe_tile_ranges[(n_slots, B)](
         attn_mod._key_bound_tensor(dev_mask.key_lengths, key_range),
         attn_mod._key_bound_tensor(dev_mask.key_starts, key_range), key_range, query_range,
-        n_slots, Tq, Tk, mask.q_offset, max(mask.block_size, 1),
+        n_slots, Tq, Tk, mask.q_offset, max(mask.block_length, 1),
         KIND=attn_mod._KIND_CODE[mask.kind], HAS_LEN=mask.key_lengths is not None,
         HAS_START=mask.key_starts is not None, BLOCK_M=BM, BLOCK_N=BN)
     key_range, query_range = key_range.cpu(), query_range.cpu()
@@ -251,7 +251,7 @@ def test_query_rows_without_visible_keys_give_zeros_and_finite_grads():
 
 # ----------------------------------------------------------------------------- layouts and dispatch
 def test_strided_and_non_contiguous_inputs_and_grads():
-    mask = AttentionMask("block_causal", block_size=16, key_lengths=_lengths(77, 100).to(DEVICE))
+    mask = AttentionMask("block_causal", block_length=16, key_lengths=_lengths(77, 100).to(DEVICE))
     B, H, T, D = 2, 2, 100, 32
     gen = torch.Generator().manual_seed(1)
     qkv = torch.randn(B, T, 3, H, D, generator=gen).to(DEVICE)  # like a fused qkv projection
@@ -304,10 +304,10 @@ def _qkv(shape_q=(1, 2, 16, 32), shape_kv=(1, 2, 16, 32), dtype=torch.float32):
     (lambda: (*_qkv(), AttentionMask(key_lengths=torch.tensor([3, 4]))), ValueError, "key_lengths"),
     (lambda: (*_qkv(), AttentionMask(key_starts=torch.tensor([0.5]))), TypeError, "integer"),
     (lambda: (*_qkv(), AttentionMask(q_offset=-1)), ValueError, "q_offset"),
-    (lambda: (*_qkv(), AttentionMask("block_diffusion", block_size=3)), ValueError, "multiple of block_size=3"),
-    (lambda: (*_qkv((1, 2, 15, 32), (1, 2, 15, 32)), AttentionMask("block_diffusion", block_size=1)), ValueError,
+    (lambda: (*_qkv(), AttentionMask("block_diffusion", block_length=3)), ValueError, "multiple of block_length=3"),
+    (lambda: (*_qkv((1, 2, 15, 32), (1, 2, 15, 32)), AttentionMask("block_diffusion", block_length=1)), ValueError,
      "Tq == Tk = 2 L"),
-    (lambda: (*_qkv((1, 2, 8, 32)), AttentionMask("block_diffusion", block_size=4)), ValueError, "Tq == Tk"),
+    (lambda: (*_qkv((1, 2, 8, 32)), AttentionMask("block_diffusion", block_length=4)), ValueError, "Tq == Tk"),
 ], ids=["3d_input", "head_dim_mismatch", "heads_mismatch", "fp64", "head_dim_too_large",
         "lengths_shape", "float_starts", "negative_q_offset", "block_diffusion_half_not_whole_blocks",
         "block_diffusion_odd_length", "block_diffusion_tq_neq_tk"])
@@ -318,10 +318,10 @@ def test_bad_inputs_raise_clear_errors(make, error, match):
 
 
 @pytest.mark.parametrize("kw", [dict(key_lengths=_lengths(8)), dict(key_starts=_lengths(2)), dict(q_offset=4),
-                                dict(block_size=0)], ids=["key_lengths", "key_starts", "q_offset", "block_size_0"])
+                                dict(block_length=0)], ids=["key_lengths", "key_starts", "q_offset", "block_length_0"])
 def test_block_diffusion_rejects_padding_kv_cache_and_empty_blocks(kw):
     with pytest.raises(ValueError, match="block_diffusion"):
-        AttentionMask("block_diffusion", **{"block_size": 4, **kw})
+        AttentionMask("block_diffusion", **{"block_length": 4, **kw})
 
 
 def test_block_diffusion_mask_picture():
@@ -335,10 +335,10 @@ def test_block_diffusion_mask_picture():
                          [0, 0, 0, 0, 1, 1, 0, 0],
                          [0, 0, 0, 0, 1, 1, 1, 1],
                          [0, 0, 0, 0, 1, 1, 1, 1]], dtype=torch.bool)
-    mask = AttentionMask("block_diffusion", block_size=2)
+    mask = AttentionMask("block_diffusion", block_length=2)
     assert torch.equal(dense_mask(mask, 1, 8, 8, "cpu")[0, 0], want)
-    with pytest.raises(ValueError, match="multiple of block_size"):
-        attention_reference(*_qkv((1, 1, 12, 8), (1, 1, 12, 8)), AttentionMask("block_diffusion", block_size=4))
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        attention_reference(*_qkv((1, 1, 12, 8), (1, 1, 12, 8)), AttentionMask("block_diffusion", block_length=4))
 
 
 def test_mixed_dtypes_raise():
@@ -433,7 +433,7 @@ def test_bf16_matches_fp64_reference_on_gpu(case, head_dim):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["causal", "bidirectional", "block_causal"])
 def test_long_sequences_on_gpu(kind, dtype):
-    mask = AttentionMask(kind, block_size=128 if kind == "block_causal" else 0,
+    mask = AttentionMask(kind, block_length=128 if kind == "block_causal" else 0,
                          key_lengths=_lengths(2048, 1500), key_starts=_lengths(0, 17))
     # longer sums: fp16/bf16 rounding of P over ~2k keys, same rounding points as the short tests
     _check_against_fp64_reference(mask, 2, 4, 2048, 2048, 64, dtype)
@@ -441,7 +441,7 @@ def test_long_sequences_on_gpu(kind, dtype):
 
 @needs_cuda
 def test_compiled_model_step_matches_eager_on_gpu():
-    mask = AttentionMask("block_causal", block_size=32, key_lengths=_lengths(256, 200).to("cuda"))
+    mask = AttentionMask("block_causal", block_length=32, key_lengths=_lengths(256, 200).to("cuda"))
     q, k, v, do = _inputs(2, 4, 256, 256, 64, torch.bfloat16)
 
     def step(q, k, v):

@@ -100,8 +100,8 @@ def test_unknown_config_key_is_rejected():
 def test_param_count_and_flops():
     model = tiny_model()
     cfg = model.config
-    per_block = 12 * cfg.n_embd ** 2 + 13 * cfg.n_embd  # attn (4C^2 + 4C) + mlp (8C^2 + 5C) + 2 LN (4C)
-    expected = cfg.vocab_size * cfg.n_embd + cfg.n_layer * per_block + 2 * cfg.n_embd  # + ln_f
+    per_layer = 12 * cfg.n_embd ** 2 + 13 * cfg.n_embd  # attn (4C^2 + 4C) + mlp (8C^2 + 5C) + 2 LN (4C)
+    expected = cfg.vocab_size * cfg.n_embd + cfg.n_layer * per_layer + 2 * cfg.n_embd  # + ln_f
     assert model.num_params() == expected
     assert model.num_params(non_embedding=False) == expected + cfg.block_size * cfg.n_embd
     assert model.flops_per_token() == 6 * expected + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
@@ -136,8 +136,8 @@ def test_rope_scores_depend_only_on_relative_position():
     table would change it), while changing the spacing of the positions does change it."""
     def sharp(model):  # at init (std 0.02) attention is ~uniform and positions barely matter: sharpen it
         with torch.no_grad():
-            for block in model.transformer.h:
-                block.attn.c_attn.weight.normal_(0, 0.3)
+            for layer in model.transformer.h:
+                layer.attn.c_attn.weight.normal_(0, 0.3)
         return model
 
     model = sharp(tiny_model(attention="bidirectional", pos_emb="rope"))
