@@ -53,6 +53,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def git_head() -> str | None:
+    """This checkout's commit, None when the tests run outside a git checkout."""
+    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 and (REPO / ".git").exists() else None
+
+
 def env_for_cpu_ranks() -> dict:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
@@ -89,7 +95,7 @@ def replayed_val_loss(model, info: dict, data_dir) -> float:
     training/pretrain.py's evaluate (2 ranks), one process."""
     from models.diffusion import ObjectiveConfig, compute_loss
     from training.data import TokenDataset
-    from training.engine import mix_seed
+    from training.distributed import mix_seed
 
     cfg = info["train_config"]
     objective = ObjectiveConfig(**info["objective"])
@@ -189,6 +195,8 @@ def test_training_decreases_loss(stage_runs, stage):
     assert len(evals) == 3 and evals[-1] < evals[0]  # steps 0, 10, 20
     config = records(out, "config")[0]
     assert config["world_size"] == 2 and config["zero_stage"] == (3 if "zero3" in stage else int(stage[-1]))
+    # the run can be traced to its code: the commit of this checkout and the library versions
+    assert config["git_commit"] == git_head() and config["versions"]["torch"] == torch.__version__
     assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in records(out, "train"))
 
 
@@ -543,9 +551,8 @@ def test_engine_key_and_its_errors(tiny_data):
 
 
 def test_fsdp_settings_come_from_the_train_config():
-    from training.ds_config import warmup_cosine_lr
-    from training.engine import build_lr_scheduler, build_optimizer
     from training.fsdp_engine import resolve_fsdp
+    from training.optim import build_lr_scheduler, build_optimizer, warmup_cosine_lr
     from models.gpt import GPT
 
     cfg, _ = load_config(str(TINY_CONFIG), ["--engine=fsdp", "--model.vocab_size=40"])
@@ -566,6 +573,48 @@ def test_fsdp_settings_come_from_the_train_config():
     cfg, _ = load_config(str(TINY_CONFIG), ["--engine=fsdp", "--dtype=fp16"])
     with pytest.raises(ValueError, match="engine=fsdp trains in fp32 or bf16"):
         resolve_fsdp(cfg, world_size=1)
+
+
+def test_config_record_traces_the_run_to_its_code(tmp_path):
+    """The first metrics record of every run carries provenance(REPO): the git commit (None outside a
+    checkout, never an error) and the versions of Python and the libraries that decide the numbers."""
+    import deepspeed
+    import numpy as np
+
+    from training.metrics import provenance
+
+    here = provenance(REPO)
+    assert here["git_commit"] == git_head()
+    assert here["versions"] == {"python": sys.version.split()[0], "torch": torch.__version__,
+                                "deepspeed": deepspeed.__version__, "triton": here["versions"]["triton"],
+                                "numpy": np.__version__}
+    assert here["versions"]["triton"]
+    (tmp_path / "code").mkdir()  # a copy of the code without .git
+    assert provenance(tmp_path / "code")["git_commit"] is None
+    assert provenance(tmp_path / "code")["git_dirty"] is None
+
+
+def test_checkpointer_decides_when_to_save(tmp_path):
+    from training.checkpointer import Checkpointer
+
+    saver = Checkpointer(tmp_path, rank=0, interval=10, keep=3, train_config={}, engine_config={},
+                         engine_config_name=ckpt.DS_CONFIG, data_meta={})
+    assert [s for s in range(1, 31) if saver.should_save(s)] == [10, 20, 30]
+    assert saver.should_save(7, stopping=True) and saver.should_save(7, last=True)
+    never = Checkpointer(tmp_path, 0, interval=0, keep=3, train_config={}, engine_config={},
+                         engine_config_name=ckpt.DS_CONFIG, data_meta={})
+    assert not any(never.should_save(s) for s in range(1, 31)) and never.should_save(5, last=True)
+
+
+def test_engine_interface_imports_no_engine():
+    """training.engine is the interface: it imports neither engine (nor DeepSpeed, which must come after
+    prepare_environment), and the FSDP engine does not import the DeepSpeed one."""
+    code = ("import sys; import training.engine; "
+            "assert not {'training.fsdp_engine', 'training.deepspeed_engine', 'deepspeed'} & set(sys.modules); "
+            "import training.fsdp_engine, training.checkpointer, training.optim; "
+            "assert not {'training.deepspeed_engine', 'deepspeed'} & set(sys.modules)")
+    proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_overrides_file_then_flags(tmp_path):

@@ -21,7 +21,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.engine import Engine, TrainingModule, compile_blocks, prepare_environment
+from training.distributed import prepare_environment
+from training.engine import TrainingModule, compile_blocks
 
 prepare_environment()
 
@@ -29,8 +30,10 @@ import torch  # noqa: E402
 
 from models.gpt import GPT  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.ds_config import load_ds_json, resolve, warmup_cosine_lr  # noqa: E402
-from training.metrics import default_peak_flops  # noqa: E402
+from training.deepspeed_engine import DeepSpeedEngine  # noqa: E402
+from training.ds_config import load_ds_json, resolve  # noqa: E402
+from training.metrics import default_peak_flops, model_flops_utilization  # noqa: E402
+from training.optim import warmup_cosine_lr  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = (0, 2, 3)
@@ -61,7 +64,7 @@ class PlainLoop:
 
 
 class DeepSpeedLoop:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: DeepSpeedEngine):
         self.engine = engine
 
     def train_step(self, x, y, seed):
@@ -112,8 +115,8 @@ def main(argv=None):
         ds_json = load_ds_json(REPO / f"ds_configs/zero{stage}.json")
         ds = resolve(ds_json, cfg, explicit - {"dtype"}, world_size=1, source=f"zero{stage}.json")
         base = base or ds
-        variants[f"deepspeed zero{stage}"] = DeepSpeedLoop(Engine(fresh_module(), ds.config, ds.client_optimizer,
-                                                                  ds.client_scheduler))
+        engine = DeepSpeedEngine(fresh_module(), ds.config, ds.client_optimizer, ds.client_scheduler)
+        variants[f"deepspeed zero{stage}"] = DeepSpeedLoop(engine)
     plain = {"plain pytorch": PlainLoop(fresh_module(), base.client_optimizer, base.client_scheduler, cfg.grad_clip)}
     variants = {**plain, **variants}
     if cfg.dtype != "fp32":
@@ -149,7 +152,7 @@ def main(argv=None):
     print(f"{'variant':<18} {'tokens/s':>10} {'MFU':>7} {'vs plain':>9}")
     results = {}
     for name, tps in best.items():
-        mfu = flops_per_token * tps / peak
+        mfu = model_flops_utilization(flops_per_token, tps, peak)
         results[name] = {"tokens_per_s": tps, "mfu": mfu, "ratio_to_plain": tps / ref}
         print(f"{name:<18} {tps:>10,.0f} {mfu:>7.2%} {tps / ref:>8.3f}x")
     if args.json:

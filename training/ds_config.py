@@ -7,7 +7,7 @@ explicitly (in --config or a flag) with another value: that is a contradiction a
 both. DeepSpeed itself does not accept "auto" everywhere, so the dict handed to deepspeed.initialize
 is fully resolved here.
 
-The optimizer: an "Adam"/"AdamW" section becomes a client torch.optim.AdamW over
+The optimizer: an "Adam"/"AdamW" section becomes a client torch.optim.AdamW (training/optim.py) over
 GPT.optimizer_param_groups (no weight decay on biases and LayerNorms), and is removed from the dict
 DeepSpeed sees. That keeps DeepSpeed from JIT-compiling its own Adam op (~60 s on a CPU), and is what
 the plain-PyTorch baseline in training/bench.py runs too. Any other optimizer type is handed to
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from training.config import TrainConfig
+from training.optim import schedule_kwargs
 
 AUTO = "auto"
 CLIENT_OPTIMIZERS = ("adam", "adamw")  # built as torch AdamW by us
@@ -201,28 +202,6 @@ def resolve(ds_json: dict, cfg: TrainConfig, explicit: set[str], world_size: int
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves (metrics.py); DeepSpeed's prints would duplicate
     return ResolvedDeepSpeed(config=ds, client_optimizer=client_optimizer, client_scheduler=client_scheduler,
                              source=source)
-
-
-def optimizer_kwargs(cfg: TrainConfig) -> dict:
-    """The torch AdamW settings of the training config (what resolve() hands the DeepSpeed engine as
-    client_optimizer when the JSON says "auto"; the FSDP engine takes them as they are)."""
-    return {"lr": cfg.learning_rate, "betas": [cfg.beta1, cfg.beta2], "eps": cfg.eps, "weight_decay": cfg.weight_decay}
-
-
-def schedule_kwargs(cfg: TrainConfig) -> dict:
-    """warmup_cosine_lr's keyword arguments from the training config."""
-    return {"lr": cfg.learning_rate, "min_lr": cfg.min_lr, "warmup_iters": cfg.warmup_iters,
-            "decay_iters": cfg.decay_iters}
-
-
-def warmup_cosine_lr(step: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
-    """nanoGPT's get_lr: linear warmup to lr over warmup_iters, cosine decay to min_lr at decay_iters."""
-    if step < warmup_iters:
-        return lr * (step + 1) / (warmup_iters + 1)
-    if step >= decay_iters:
-        return min_lr
-    ratio = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
 def _find_auto(d, prefix="") -> list[str]:

@@ -1,4 +1,4 @@
-"""The FSDP2 engine: PyTorch's fully_shard behind the same small interface as the DeepSpeed Engine.
+"""The FSDP2 engine: PyTorch's fully_shard behind training/engine.py's interface, as the DeepSpeed engine is.
 
     torchrun --nproc_per_node 2 training/pretrain.py --config training/configs/shakespeare_mdlm.json --engine=fsdp
 
@@ -6,8 +6,8 @@ One fully_shard per Transformer block and one over the root (the TrainingModule,
 the tied embedding / lm_head and the final LayerNorm, gathered for the whole loss: the MDLM loss calls
 hidden_states and lm_head separately). Parameters, gradients and AdamW states are sharded across ranks
 (ZeRO-3-like). The optimizer, LR schedule, clipping and gradient accumulation are the DeepSpeed path's:
-the same AdamW over GPT.optimizer_param_groups (engine.build_optimizer), the same warmup + cosine
-LambdaLR (engine.build_lr_scheduler), the global grad norm clipped at grad_clip, and backward scaling the
+the same AdamW over GPT.optimizer_param_groups (optim.build_optimizer), the same warmup + cosine
+LambdaLR (optim.build_lr_scheduler), the global grad norm clipped at grad_clip, and backward scaling the
 loss by 1/accumulation with an update every accumulation-th step(). Gradients are averaged over ranks.
 
 Precision: fp32 on CPU; on GPUs, dtype=bf16 is FSDP2 mixed precision (bf16 compute, fp32 master
@@ -33,8 +33,10 @@ import torch.distributed as dist
 
 from training.checkpoint import atomic_write_text
 from training.config import TrainConfig
-from training.ds_config import default_dtype, optimizer_kwargs, schedule_kwargs
-from training.engine import TrainingModule, build_lr_scheduler, build_optimizer, rank_and_world
+from training.distributed import rank_and_world
+from training.ds_config import default_dtype
+from training.engine import Engine, TrainingModule
+from training.optim import build_lr_scheduler, build_optimizer, optimizer_kwargs, schedule_kwargs
 
 MARKER = "fsdp_checkpoint.json"  # in a tag dir: this checkpoint was written by the FSDP engine
 DCP_DIR = "fsdp"  # the DCP checkpoint inside the tag dir
@@ -90,7 +92,7 @@ def _init_process_group() -> torch.device:
     return device
 
 
-class FSDPEngine:
+class FSDPEngine(Engine):
     """FSDP2 (fully_shard) with the Engine interface: loss, backward, step, lr, grad_norm, save, load."""
 
     def __init__(self, module: TrainingModule, config: dict, client_optimizer: dict, client_scheduler: dict):

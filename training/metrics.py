@@ -2,8 +2,10 @@
 
 Only rank 0 writes. metrics.jsonl is the source of truth (tests and launch.sh read it); one JSON object
 per line, each with a "kind":
-    config   the resolved training and DeepSpeed configs, world size, parameter count
-    train    step, loss (nats/token, averaged over ranks), lr, grad_norm, tokens_per_s, mfu, mem_mb
+    config   the resolved training and DeepSpeed configs, world size, parameter count, and what the run
+             can be traced to: git_commit, git_dirty, versions (python, torch, deepspeed, triton, numpy)
+    train    step, loss (nats/token, averaged over ranks), lr, grad_norm, tokens_per_s, mfu
+             (model_flops_utilization), mem_mb
     eval     step, val_loss (nats/token; for mdlm the continuous-time NELBO), val_ppl = exp(val_loss)
              (for mdlm an upper bound: val_ppl_is_bound), tokens_seen
     resumed  step and the checkpoint a resumed run started from
@@ -14,10 +16,13 @@ them later with `wandb sync`), and any error in it turns it off with a warning.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +52,12 @@ def default_peak_flops(dtype: str) -> float:
     return torch.get_num_threads() * 2.5e9 * flops_per_cycle
 
 
+def model_flops_utilization(flops_per_token: float, tokens_per_s: float, peak_flops: float, ranks: int = 1) -> float:
+    """MFU: the model FLOP/s a rank achieves over its peak. tokens_per_s counts all `ranks` together;
+    peak_flops is per rank; flops_per_token is GPT.flops_per_token (forward + backward, attention included)."""
+    return flops_per_token * tokens_per_s / ranks / peak_flops
+
+
 def memory_mb() -> float:
     """Peak allocated GPU memory, or the process's resident memory on CPU."""
     if torch.cuda.is_available():
@@ -57,6 +68,31 @@ def memory_mb() -> float:
     except ImportError:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------- provenance
+def provenance(repo) -> dict:
+    """What a result can be traced back to (the first record of every run): the git commit of the code
+    in `repo` (None when it is not a git checkout or git is missing), whether tracked files differed from
+    it, and the versions of Python and the libraries that decide the numbers."""
+    def git(*args) -> str | None:
+        try:
+            proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")  # a checkout of its own, not a folder inside another one
+    is_checkout = top is not None and Path(top).resolve() == Path(repo).resolve()
+    commit = git("rev-parse", "HEAD") if is_checkout else None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "deepspeed", "triton", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status), "versions": versions}
 
 
 # ----------------------------------------------------------------------------- the logger

@@ -21,7 +21,6 @@ SIGTERM: every rank finishes its step, a checkpoint is written, and the run exit
 """
 import argparse
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 # the top-level folders are import roots, not installed packages: put the repository root on the path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.engine import TrainingModule, compile_blocks, make_engine, mix_seed, prepare_environment, rank_and_world
+from training.distributed import StopOnSigterm, all_mean, mix_seed, prepare_environment, rank_and_world
 from training.shm_buffers import release_at_exit
 
 prepare_environment()  # before DeepSpeed is imported: accelerator and single-process rank variables
@@ -40,14 +39,16 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from models.diffusion import is_diffusion  # noqa: E402
-from models.gpt import GPT, GPTConfig  # noqa: E402
+from models.gpt import GPT  # noqa: E402
 from models.tokenizer import tokenizer_from_meta  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
+from training.checkpointer import Checkpointer, ResumePoint  # noqa: E402
 from training.config import config_help, load_config  # noqa: E402
 from training.data import TokenDataset, check_compatible, load_meta  # noqa: E402
 from training.ds_config import load_ds_json, resolve, zero_stage  # noqa: E402
-from training.fsdp_engine import CONFIG_FILE as FSDP_CONFIG_FILE, is_fsdp_checkpoint, resolve_fsdp  # noqa: E402
-from training.metrics import Metrics, default_peak_flops, memory_mb  # noqa: E402
+from training.engine import TrainingModule, compile_blocks, make_engine  # noqa: E402
+from training.fsdp_engine import CONFIG_FILE as FSDP_CONFIG_FILE, resolve_fsdp  # noqa: E402
+from training.metrics import Metrics, default_peak_flops, memory_mb, model_flops_utilization, provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIG = REPO / "ds_configs" / "zero2.json"
@@ -66,189 +67,131 @@ def parse_args(argv=None):
     return args, overrides
 
 
-class StopOnSigterm:
-    """SIGTERM sets a flag; at every step boundary the ranks agree (all-reduce max) on whether to stop,
-    so they all write the same checkpoint and leave together. Stopping mid-step would desync ZeRO."""
-
-    def __init__(self):
-        self.received = False
-        signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum, frame):
-        self.received = True
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def all_mean(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
-
-
-@torch.no_grad()
-def evaluate(engine, val_data, cfg, rank, world) -> float:
-    """Mean loss over the same eval batches every time (for mdlm/bd3lm: the continuous-time NELBO with a
-    fixed seed per batch, so evaluations are comparable). Each rank runs its share; under ZeRO-3 every
-    rank must run the same number of forwards, hence eval_iters rounded up to a multiple of world."""
-    engine.eval()
-    num_batches = math.ceil(cfg.eval_iters / world) * world
-    total = 0.0
-    for k, (x, y) in enumerate(val_data.val_batches(cfg.batch_size, cfg.model.block_size, num_batches, rank, world)):
-        batch_index = rank + k * world
-        total += engine.loss(x, y, seed=mix_seed(cfg.seed, 1, batch_index)).item()
-    engine.train()
-    return all_mean([total * world / num_batches])[0]
-
-
-# model keys that may change when a run is resumed: they do not change the parameters
-RESUMABLE_MODEL_KEYS = ("dropout", "attn_impl")
-
-
-def check_same_architecture(saved: dict, cfg, tag_dir) -> None:
-    """A resumed run must rebuild the checkpoint's network: a config file edited since (another
-    pos_emb, width, objective, ...) would otherwise fail deep inside DeepSpeed's state-dict loading."""
-    now = cfg.to_dict()
-    then = GPTConfig.from_dict(saved["model"]).to_dict()  # keys added since the checkpoint: their defaults
-    diffs = [(f"model.{k}", v, now["model"].get(k)) for k, v in then.items()
-             if k not in RESUMABLE_MODEL_KEYS and now["model"].get(k) != v
-             and not (k == "vocab_size" and now["model"].get(k) == 0)]  # 0 = "from the data"
-    if saved["objective"]["name"] != now["objective"]["name"]:
-        diffs.append(("objective.name", saved["objective"]["name"], now["objective"]["name"]))
-    if diffs:
-        what = "; ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, old, new in diffs)
-        flags = " ".join(f"--{key}={old}" for key, old, _ in diffs)
-        raise ValueError(f"--resume: the checkpoint {tag_dir} was trained with another network than the config "
-                         f"now describes ({what}). Resume with the checkpoint's values ({flags}) or train "
-                         f"into a new --out_dir.")
-
-
-def check_same_world(saved_ds: dict, world: int, tag_dir) -> None:
-    """ZeRO stages >= 1 shard the optimizer state over the ranks, and DeepSpeed cannot re-shard it."""
-    per_rank = saved_ds["train_micro_batch_size_per_gpu"] * saved_ds["gradient_accumulation_steps"]
-    saved_world = saved_ds["train_batch_size"] // per_rank
-    if saved_world != world and saved_ds.get("zero_optimization", {}).get("stage", 0) >= 1:
-        raise ValueError(f"--resume: the checkpoint {tag_dir} was written by {saved_world} rank(s) with ZeRO "
-                         f"stage {saved_ds['zero_optimization']['stage']}, whose optimizer state is sharded per "
-                         f"rank; this run has {world}. Resume with {saved_world} ranks (e.g. NPROC={saved_world} "
-                         f"bash launch.sh --resume), or train into a new --out_dir.")
-
-
 def setup_config(args, overrides, world):
-    """Config, data meta and resolved DeepSpeed config; every mistake a user can make shows up here."""
+    """Config, resume point, data meta, tokenizer and the engine's resolved config; every mistake a user
+    can make shows up here."""
     cfg, explicit = load_config(args.config, overrides)
-    found = None
+    resume = None
     if cfg.resume:
-        found = ckpt.find_latest_good(cfg.out_dir)
-        if found is None:
-            raise FileNotFoundError(ckpt.no_checkpoint_message(cfg.out_dir))
-        saved_cfg, saved_ds, _ = ckpt.load_side_files(ckpt.ckpt_root(cfg.out_dir) / found.tag)
-        check_same_world(saved_ds, world, ckpt.ckpt_root(cfg.out_dir) / found.tag)
+        resume = ResumePoint.find(cfg.out_dir)
         # the saved, resolved config is the base; the file and flags given now still override it
-        cfg, explicit = load_config(args.config, overrides, base=saved_cfg)
-        check_same_architecture(saved_cfg, cfg, ckpt.ckpt_root(cfg.out_dir) / found.tag)
+        cfg, explicit = load_config(args.config, overrides, base=resume.train_config)
+        resume.check_compatible(cfg, world)  # the same network, engine and (sharded) world size
     meta = load_meta(cfg.data_dir)  # names the prepare command when the data is missing
     tokenizer = tokenizer_from_meta(meta)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["padded_vocab_size"]
     check_compatible(meta, cfg.tokenizer or meta["tokenizer"], cfg.model.vocab_size, cfg.model.block_size)
-    if found is not None:
-        kind = "fsdp" if is_fsdp_checkpoint(ckpt.ckpt_root(cfg.out_dir) / found.tag) else "deepspeed"
-        if kind != cfg.engine:
-            raise ValueError(f"checkpoint {found.tag} in {cfg.out_dir} was written by engine={kind}; resume it with "
-                             f"--engine={kind} (or export it and start a new run)")
     if cfg.engine == "fsdp":
         if args.deepspeed_config is not None:
             raise ValueError(f"--deepspeed_config={args.deepspeed_config} is for engine=deepspeed; engine=fsdp takes "
                              f"batch, optimizer, schedule, clipping and dtype from the training config: drop it")
-        return cfg, found, meta, tokenizer, resolve_fsdp(cfg, world)
+        return cfg, resume, meta, tokenizer, resolve_fsdp(cfg, world)
     ds_path = args.deepspeed_config or str(DEFAULT_DS_CONFIG)
-    ds = resolve(load_ds_json(ds_path), cfg, explicit, world, source=ds_path)
-    return cfg, found, meta, tokenizer, ds
+    return cfg, resume, meta, tokenizer, resolve(load_ds_json(ds_path), cfg, explicit, world, source=ds_path)
+
+
+class Validator:
+    """The held-out loss every eval_interval steps, over the same batches every time (for mdlm/bd3lm: the
+    continuous-time NELBO with a fixed seed per batch), so evaluations are comparable. Each rank runs its
+    share; under ZeRO-3 every rank must run the same number of forwards, hence eval_iters rounded up to a
+    multiple of world."""
+
+    def __init__(self, cfg, rank: int, world: int, metrics: Metrics):
+        self.cfg, self.rank, self.world, self.metrics = cfg, rank, world, metrics
+        self.data = TokenDataset(cfg.data_dir, "val")
+        self.is_bound = is_diffusion(cfg.objective.name)  # a diffusion loss bounds the NLL from above
+
+    def should_validate(self, step: int) -> bool:
+        return step % self.cfg.eval_interval == 0
+
+    @torch.no_grad()
+    def validate(self, engine, step: int, tokens_seen: int) -> float:
+        cfg, rank, world = self.cfg, self.rank, self.world
+        engine.eval()
+        num_batches = math.ceil(cfg.eval_iters / world) * world
+        total = 0.0
+        for k, (x, y) in enumerate(self.data.val_batches(cfg.batch_size, cfg.model.block_size, num_batches, rank, world)):
+            batch_index = rank + k * world
+            total += engine.loss(x, y, seed=mix_seed(cfg.seed, 1, batch_index)).item()
+        engine.train()
+        val = all_mean([total * world / num_batches])[0]
+        self.metrics.log("eval", step, val_loss=val, val_ppl=math.exp(val), val_ppl_is_bound=self.is_bound,
+                         tokens_seen=tokens_seen)
+        what = "val NELBO" if self.is_bound else "val loss"
+        self.metrics.print(f"step {step}: {what} {val:.4f} nats/token, PPL {'<= ' if self.is_bound else ''}{math.exp(val):.2f}")
+        return val
+
+
+def export_final(cfg, tag_dir: Path, rank: int, metrics: Metrics) -> str | None:
+    """Consolidate the last checkpoint into cfg.export_dir (default OUT/export; "none": skip)."""
+    if cfg.export_dir == "none":
+        return None
+    export_dir = cfg.export_dir or str(Path(cfg.out_dir) / "export")
+    if rank == 0:
+        from training.export import export_checkpoint
+        export_checkpoint(tag_dir, export_dir)
+        metrics.print(f"exported {tag_dir.name} -> {export_dir}")
+    dist.barrier()
+    return export_dir
 
 
 def main(argv=None):
     args, overrides = parse_args(argv)
-    rank, local_rank, world = rank_and_world()
+    rank, _, world = rank_and_world()
     try:
-        cfg, found, meta, tokenizer, ds = setup_config(args, overrides, world)
+        cfg, resume, meta, tokenizer, resolved = setup_config(args, overrides, world)
     except (ValueError, FileNotFoundError) as e:  # a config or data mistake: the message, not a traceback
         sys.exit(f"error: {e}")
-    mask_id = meta["mask_id"]
     B, T, gas = cfg.batch_size, cfg.model.block_size, cfg.gradient_accumulation_steps
     tokens_per_step = B * T * gas * world
+    fsdp = cfg.engine == "fsdp"
 
-    # ---------------------------------------------------------------- model and engine
+    # ---------------------------------------------------------------- model, engine, checkpoints
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (ZeRO-3 slices them locally)
     gpt = GPT(cfg.model)
     num_params, flops_per_token = gpt.num_params(), gpt.flops_per_token(T)  # before ZeRO-3 partitions them
     if cfg.compile:
         compile_blocks(gpt)
-    engine = make_engine(cfg.engine, TrainingModule(gpt, cfg.objective, mask_id), ds)
-    step, tokens_seen = 0, 0
-    if found is not None:
-        client = engine.load(str(ckpt.ckpt_root(cfg.out_dir)), found.tag)
-        ckpt.restore_rng(ckpt.ckpt_root(cfg.out_dir) / found.tag, rank)
-        step, tokens_seen = client["step"], client["tokens_seen"]
-
-    train_data, val_data = TokenDataset(cfg.data_dir, "train"), TokenDataset(cfg.data_dir, "val")
-    data_meta = {"tokenizer": tokenizer.to_meta(), "mask_id": mask_id, "eot_id": meta["eot_id"],
+    engine = make_engine(cfg.engine, TrainingModule(gpt, cfg.objective, meta["mask_id"]), resolved)
+    data_meta = {"tokenizer": tokenizer.to_meta(), "mask_id": meta["mask_id"], "eot_id": meta["eot_id"],
                  "data_dir": cfg.data_dir}
+    checkpointer = Checkpointer(cfg.out_dir, rank, cfg.checkpoint_interval, cfg.keep_checkpoints,
+                                train_config=cfg.to_dict(), engine_config=resolved.config, data_meta=data_meta,
+                                engine_config_name=FSDP_CONFIG_FILE if fsdp else ckpt.DS_CONFIG)
+    step, tokens_seen = checkpointer.load(engine, resume) if resume else (0, 0)
+
+    # ---------------------------------------------------------------- data and logging
+    train_data = TokenDataset(cfg.data_dir, "train")
     peak_flops = cfg.peak_flops or default_peak_flops(cfg.dtype)
     metrics = Metrics(cfg.out_dir, rank, cfg, cfg.max_iters, step)
-    fsdp = cfg.engine == "fsdp"
-    metrics.log("config", step, train_config=cfg.to_dict(), **{"fsdp_config" if fsdp else "ds_config": ds.config},
-                engine=cfg.engine, world_size=world, zero_stage=None if fsdp else zero_stage(ds.config),
-                num_params=num_params, peak_flops=peak_flops, data=meta["data_dir"], tokenizer=meta["tokenizer"])
-    sharding = "FSDP2" if fsdp else f"ZeRO-{zero_stage(ds.config)}"
+    metrics.log("config", step, train_config=cfg.to_dict(), **{"fsdp_config" if fsdp else "ds_config": resolved.config},
+                engine=cfg.engine, world_size=world, zero_stage=None if fsdp else zero_stage(resolved.config),
+                num_params=num_params, peak_flops=peak_flops, data=meta["data_dir"], tokenizer=meta["tokenizer"],
+                **(provenance(REPO) if rank == 0 else {}))  # git commit and library versions
+    sharding = "FSDP2" if fsdp else f"ZeRO-{zero_stage(resolved.config)}"
     metrics.print(f"{cfg.objective.name} model, {num_params / 1e6:.2f}M params, {sharding}, "
                   f"{world} rank(s) on {engine.device}, {cfg.dtype}, {tokens_per_step:,} tokens/step "
                   f"(batch {B} x block {T} x accum {gas} x {world} ranks)")
-    for note in found.skipped if found else []:
-        metrics.print(f"WARNING: skipped checkpoint {note}")
-    if found is not None:
-        metrics.print(f"resumed from {ckpt.ckpt_root(cfg.out_dir) / found.tag} (step {step})")
-        metrics.log("resumed", step, checkpoint=found.tag, skipped=found.skipped)
-
-    def run_eval():
-        val = evaluate(engine, val_data, cfg, rank, world)
-        bound = is_diffusion(cfg.objective.name)
-        metrics.log("eval", step, val_loss=val, val_ppl=math.exp(val), val_ppl_is_bound=bound, tokens_seen=tokens_seen)
-        what = "val NELBO" if bound else "val loss"
-        metrics.print(f"step {step}: {what} {val:.4f} nats/token, PPL {'<= ' if bound else ''}{math.exp(val):.2f}")
-        return val
-
-    def save():
-        tag = ckpt.tag_for(step)
-        root = ckpt.ckpt_root(cfg.out_dir)
-        ckpt.write_side_files(root / tag, rank, cfg.to_dict(), ds.config, data_meta,
-                              engine_config_name=FSDP_CONFIG_FILE if cfg.engine == "fsdp" else ckpt.DS_CONFIG)
-        engine.save(str(root), tag, {"step": step, "tokens_seen": tokens_seen})
-        dist.barrier()  # every rank's shards are on disk before rank 0 hashes them
-        if rank == 0:
-            ckpt.finalize(root, tag, step, cfg.keep_checkpoints)
-        dist.barrier()
-        return tag
-
+    if resume:
+        for note in resume.skipped:
+            metrics.print(f"WARNING: skipped checkpoint {note}")
+        metrics.print(f"resumed from {resume.tag_dir} (step {step})")
+        metrics.log("resumed", step, checkpoint=resume.tag, skipped=resume.skipped)
+    validator = Validator(cfg, rank, world, metrics)
     if cfg.eval_only:
-        run_eval()
+        validator.validate(engine, step, tokens_seen)
         metrics.close()
         return
 
     # ---------------------------------------------------------------- the loop
     stop = StopOnSigterm()
-    start_step, last_tag, stopped = step, None, False
+    start_step, stopped = step, False
     loss_sum, window_steps, window_t0 = torch.zeros(()), 0, time.perf_counter()
     engine.train()
     while step < cfg.max_iters:
-        if step % cfg.eval_interval == 0 and not (found is not None and step == start_step):
-            run_eval()
+        if validator.should_validate(step) and not (resume and step == start_step):  # its writer evaluated it
+            validator.validate(engine, step, tokens_seen)
             window_t0 = time.perf_counter()  # tokens/s counts training time only
         lr = engine.lr
         for micro_step in range(gas):
@@ -265,33 +208,26 @@ def main(argv=None):
             dt = time.perf_counter() - window_t0
             (mean_loss,) = all_mean([loss_sum.item() / window_steps])  # the loss of the global batch
             tokens_per_s = window_steps * tokens_per_step / dt
-            mfu = flops_per_token * tokens_per_s / world / peak_flops  # per rank, as peak_flops is
+            mfu = model_flops_utilization(flops_per_token, tokens_per_s, peak_flops, ranks=world)
             metrics.log("train", step, loss=mean_loss, lr=lr, grad_norm=engine.grad_norm,
                         tokens_per_s=tokens_per_s, mfu=mfu, mem_mb=memory_mb(), tokens_seen=tokens_seen)
             metrics.advance(window_steps, loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
             loss_sum, window_steps, window_t0 = torch.zeros(()), 0, time.perf_counter()
 
         stopped = stop.agreed()
-        if stopped or step == cfg.max_iters or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
-            last_tag = save()
+        if checkpointer.should_save(step, stopping=stopped, last=step == cfg.max_iters):
+            checkpointer.save(engine, step, tokens_seen)
             window_t0 = time.perf_counter()
         if stopped:
-            metrics.print(f"SIGTERM: checkpoint {last_tag} written at step {step}; exiting")
-            metrics.log("stopped", step, reason="SIGTERM", checkpoint=last_tag, tokens_seen=tokens_seen)
+            metrics.print(f"SIGTERM: checkpoint {checkpointer.last_tag} written at step {step}; exiting")
+            metrics.log("stopped", step, reason="SIGTERM", checkpoint=checkpointer.last_tag, tokens_seen=tokens_seen)
             break
 
     if not stopped:
-        if step > start_step or found is None:
-            run_eval()
-        last_tag = last_tag or (found.tag if found else save())
-        export_dir = None
-        if cfg.export_dir != "none":
-            export_dir = cfg.export_dir or str(Path(cfg.out_dir) / "export")
-            if rank == 0:
-                from training.export import export_checkpoint
-                export_checkpoint(ckpt.ckpt_root(cfg.out_dir) / last_tag, export_dir)
-                metrics.print(f"exported {last_tag} -> {export_dir}")
-            dist.barrier()
+        if step > start_step or not resume:
+            validator.validate(engine, step, tokens_seen)
+        last_tag = checkpointer.last_tag or checkpointer.save(engine, step, tokens_seen)  # a run of 0 steps
+        export_dir = export_final(cfg, checkpointer.root / last_tag, rank, metrics)
         metrics.log("done", step, tokens_seen=tokens_seen, checkpoint=last_tag, export=export_dir)
     metrics.close()
 

@@ -1,0 +1,87 @@
+"""The DeepSpeed engine behind training/engine.py's interface (the default; --engine=deepspeed).
+
+DeepSpeed does the ZeRO stage its JSON names (training/ds_config.py resolves the JSON against the training
+config), gradient accumulation (backward scales the loss by 1/accumulation; step() only updates at the
+accumulation boundary), clipping and the LR schedule. The optimizer and schedule are training/optim.py's,
+handed to deepspeed.initialize, unless the JSON names DeepSpeed's own.
+
+DeepSpeed is imported lazily: training.distributed.prepare_environment() must run first, because
+DeepSpeed picks its accelerator (DS_ACCELERATOR) and, in a process no launcher started, its rank
+discovery at import time.
+"""
+from __future__ import annotations
+
+import torch
+
+from training.engine import Engine, TrainingModule
+from training.optim import build_lr_scheduler, build_optimizer
+
+
+class DeepSpeedEngine(Engine):
+    """deepspeed.initialize over the TrainingModule, with the Engine interface."""
+
+    def __init__(self, module: TrainingModule, ds_config: dict, client_optimizer: dict | None,
+                 client_scheduler: dict | None = None):
+        import deepspeed  # after prepare_environment()
+
+        optimizer = build_optimizer(module.gpt, client_optimizer) if client_optimizer is not None else None
+        params = None if optimizer else module.gpt.optimizer_param_groups(ds_config["optimizer"]["params"]["weight_decay"])
+        scheduler = None
+        if client_scheduler is not None:
+            # a callable: DeepSpeed hands it the optimizer it built; it steps it after every update
+            scheduler = lambda opt: build_lr_scheduler(opt, client_scheduler)  # noqa: E731
+        # DeepSpeed reports the grad norm from its ZeRO / bf16 / fp16 optimizers, but its plain fp32 ZeRO-0
+        # path computes it for clipping and throws it away: there we clip ourselves (same maths, one
+        # pass over the already all-reduced grads) and keep the norm
+        self._own_clipping = (int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 0
+                              and not ds_config.get("bf16", {}).get("enabled") and not ds_config.get("fp16", {}).get("enabled"))
+        self._grad_clip = float(ds_config.get("gradient_clipping", 0.0))
+        if self._own_clipping:
+            ds_config = {**ds_config, "gradient_clipping": 0.0}
+        self.ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, model_parameters=params,
+                                                lr_scheduler=scheduler, config=ds_config)
+        self.device = self.ds.device
+        self._last_grad_norm = None
+
+    # --- the training step
+    def loss(self, x, y, seed: int) -> torch.Tensor:
+        return self.ds(x.to(self.device), y.to(self.device), seed)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        """Call after every micro step; the optimizer updates at the accumulation boundary."""
+        if self._own_clipping and self.ds.is_gradient_accumulation_boundary():
+            params = [p for p in self.ds.module.parameters() if p.grad is not None]
+            clip = self._grad_clip if self._grad_clip > 0 else float("inf")
+            self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else None
+        self.ds.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    @property
+    def grad_norm(self) -> float | None:
+        norm = self._last_grad_norm if self._own_clipping else self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def train(self):
+        self.ds.train()
+
+    def eval(self):
+        self.ds.eval()
+
+    # --- checkpoints (sharded: every rank writes its part)
+    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
+        # save_latest=False: DeepSpeed's own "latest" file is written before anything is verified;
+        # training/checkpoint.py writes the marker once the checkpoint is known to be complete
+        self.ds.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, ckpt_dir: str, tag: str) -> dict:
+        path, client_state = self.ds.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+        return client_state

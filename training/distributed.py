@@ -1,0 +1,77 @@
+"""The processes around the model: the launcher's environment, ranks, seeds, and the few collectives the
+training loop itself runs (a mean over ranks, agreeing to stop on SIGTERM).
+
+Nothing here imports DeepSpeed: `prepare_environment()` must run before it is imported, because DeepSpeed
+picks its accelerator (DS_ACCELERATOR) and, in a process no launcher started, its rank discovery at
+import time.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_environment() -> None:
+    """Make a plain `python training/pretrain.py` a world of one, and pick the CPU accelerator when
+    there is no GPU. Launchers (deepspeed, torchrun, mpirun via DeepSpeed) set these variables
+    themselves and are left alone."""
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        # without these DeepSpeed falls back to MPI discovery and fails on a missing mpi4py
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates: one warning per call site
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.\w+` is deprecated")
+
+
+def rank_and_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def mix_seed(*ints: int) -> int:
+    """One well-mixed 63-bit seed from several integers (SeedSequence hashing), e.g. (seed, step, rank,
+    micro_step) for the diffusion mask of a batch: a resumed run draws the same masks."""
+    a, b = np.random.SeedSequence(list(ints)).generate_state(2, dtype=np.uint32)
+    return int(a) << 31 ^ int(b)
+
+
+def all_mean(values: list[float]) -> list[float]:
+    """The mean over ranks of each value (float64), in every rank; the values themselves in a world of one."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+class StopOnSigterm:
+    """SIGTERM sets a flag; at every step boundary the ranks agree (all-reduce max) on whether to stop,
+    so they all write the same checkpoint and leave together. Stopping mid-step would desync ZeRO."""
+
+    def __init__(self):
+        self.received = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
