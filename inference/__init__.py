@@ -2,7 +2,7 @@
 
     from inference import load_model, generate, generate_with_stats
 """
-from inference.api import Completion, StepInfo, generate, generate_with_stats
+from inference.api import Completion, DecodeOptions, StepInfo, generate, generate_with_stats
 from inference.loading import LoadedModel, load_model
 
-__all__ = ["Completion", "StepInfo", "generate", "generate_with_stats", "LoadedModel", "load_model"]
+__all__ = ["Completion", "DecodeOptions", "StepInfo", "generate", "generate_with_stats", "LoadedModel", "load_model"]

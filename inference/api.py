@@ -1,10 +1,15 @@
 """The Python API behind `python -m inference.sample`: prompts in, text and per-request stats out.
 
-    from inference import generate, generate_with_stats, load_model
+    from inference import DecodeOptions, generate, generate_with_stats, load_model
     loaded = load_model(ckpt="out/export")
     texts = generate(loaded.model, loaded.tokenizer, ["Once upon", "The"], max_new_tokens=64,
                      strategy="threshold", threshold=0.9, temperature=0)
     done = generate_with_stats(...)  # Completion: text, token_ids, nfe, steps, tokens_per_s, ...
+    opts = DecodeOptions.from_dict({"strategy": "blocks", "block_length": 16})  # checked here: ValueError
+    done = generate_with_stats(loaded.model, loaded.tokenizer, prompts, 64, options=opts)
+
+Decoding options are one dataclass, `DecodeOptions` (the CLI's defaults; checked when built, and
+against the model by `for_model`); each strategy is one entry of `DECODERS`.
 
 Strategies (see inference/diffusion_decoding.py and inference/ar_decoding.py for the maths):
   ancestral  MDLM ancestral sampling, `steps` time steps (default: the generation length L)
@@ -23,15 +28,16 @@ temperature 0 is greedy; top_k / top_p filter the sampling distribution.
 """
 from __future__ import annotations
 
+import numbers
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence, Union
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from inference.ar_decoding import decode_autoregressive
-from inference.batching import Request, build_layout, plan_batches
-from inference.diffusion_decoding import (CommitRandom, CommitThreshold, CommitTopK, DecodeResult,
+from inference.batching import Layout, Request, build_layout, plan_batches
+from inference.diffusion_decoding import (CommitRandom, CommitThreshold, CommitTopK, DecodeResult, StepHook,
                                           decode_ancestral, decode_by_confidence, steps_per_block)
 from inference.sampling import Sampler
 from models.diffusion import NoiseSchedule
@@ -40,6 +46,101 @@ DIFFUSION_STRATEGIES = ("ancestral", "topk", "random", "threshold", "blocks")
 STRATEGIES = DIFFUSION_STRATEGIES + ("ar",)
 BLOCK_RULES = ("topk", "random", "threshold")
 DEFAULT_BLOCK_LENGTH = 32  # semi-AR block for bidirectional models (LLaDA's default)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode, checked on construction (ValueError naming the field and what it accepts).
+
+    The defaults are the ones of `python -m inference.sample` (nanoGPT's sample.py: temperature 0.8,
+    top-k 200); the CLI takes its defaults from here, and a server builds these from a JSON body with
+    `DecodeOptions.from_dict`. What depends on the model (the default strategy, the block length of a
+    block-causal model) is filled in by `for_model`. See the module docstring for the strategies.
+    """
+
+    strategy: Optional[str] = None  # one of STRATEGIES; None = "ar" for AR models, "ancestral" otherwise
+    steps: Optional[int] = None  # ancestral: time steps (default L); topk/random: spread L over them;
+    #                              threshold: cap on calls; blocks: steps over all blocks
+    tokens_per_step: Optional[int] = None  # topk / random / blocks: commit k per step (default 1 unless steps)
+    threshold: float = 0.9  # threshold rule: confidence tau in [0, 1]
+    block_length: Optional[int] = None  # blocks: diffusion block (default: the model's, else DEFAULT_BLOCK_LENGTH)
+    block_rule: str = "topk"  # blocks: the rule inside a block, one of BLOCK_RULES
+    kv_cache: bool = True  # blocks / ar / block-causal models: reuse the keys/values of the finished prefix
+    temperature: float = 0.8  # 0 = greedy
+    top_k: Optional[int] = 200  # sample among the k most likely tokens; None = all
+    top_p: Optional[float] = None  # nucleus: the smallest set with probability >= top_p; None = all
+    stop_at_eot: bool = True  # cut each text at its first EOT (and stop decoding that row)
+    schedule: str = "loglinear"  # noise schedule of ancestral sampling (a checkpoint says which it used)
+    batch_size: int = 8  # requests decoded together
+    seed: int = 1337
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Every check that does not need the model; raises ValueError naming the field."""
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        for name in ("steps", "tokens_per_step", "batch_size", "block_length"):
+            _check_positive(name, getattr(self, name))
+        if self.steps is not None and self.tokens_per_step is not None:
+            raise ValueError("give steps or tokens_per_step, not both")
+        if self.block_rule not in BLOCK_RULES:
+            raise ValueError(f"unknown block_rule {self.block_rule!r}; expected one of {', '.join(BLOCK_RULES)}")
+        for name in ("threshold", "temperature", "top_p"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
+            raise ValueError(f"top_k must be an integer >= 1 (or None for all tokens), got {self.top_k!r}")
+        for name in ("kv_cache", "stop_at_eot"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        self.sampler()  # temperature >= 0, top_k >= 1, top_p in (0, 1]
+        NoiseSchedule(self.schedule)  # a known schedule
+        if self.strategy == "threshold" or (self.strategy == "blocks" and self.block_rule == "threshold"):
+            CommitThreshold(self.threshold)  # tau in [0, 1]
+
+    def for_model(self, model) -> "DecodeOptions":
+        """These options for `model`: the strategy must suit it (diffusion rules for diffusion models,
+        'ar' for AR ones), the default strategy and block length are filled in, and a block-causal
+        model's decoding blocks must be a multiple of its own."""
+        strategy = self.strategy or ("ar" if model_kind(model) == "ar" else "ancestral")
+        check_strategy(model, strategy)
+        block_length = self.block_length
+        align = block_alignment(model)
+        if strategy == "blocks" or (align and strategy != "ar"):  # block-causal models: always in blocks
+            if block_length is None:
+                block_length = align or DEFAULT_BLOCK_LENGTH
+            if align and block_length % align:
+                raise ValueError(f"this block-causal model was trained with blocks of {align}; decoding blocks "
+                                 f"must be a multiple of it (got block_length={block_length})")
+        return replace(self, strategy=strategy, block_length=block_length)
+
+    def sampler(self) -> Sampler:
+        return Sampler(self.temperature, self.top_k, self.top_p)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "DecodeOptions":
+        """Options from a mapping (a JSON body); a missing key keeps its default, an unknown one is an error."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"decoding options must be an object of option: value, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown decoding option(s) {', '.join(map(repr, unknown))}; "
+                             f"known options: {', '.join(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The Python API (generate / generate_with_stats) samples the model's own distribution unless told
+# otherwise, as it always has: temperature 1, no top-k. Everything else is DecodeOptions' default.
+API_SAMPLING_DEFAULTS = dict(temperature=1.0, top_k=None)
 
 
 @dataclass
@@ -76,6 +177,11 @@ def model_kind(model) -> str:
     return "ar" if model.config.attention == "causal" else "diffusion"
 
 
+def block_alignment(model) -> int:
+    """The diffusion block every decode of this model must respect: block-causal models' block_length, else 0."""
+    return model.config.block_length if model.config.attention == "block_causal" else 0
+
+
 def check_model_and_tokenizer(model, tokenizer) -> None:
     """The model's embedding rows must be this tokenizer's vocabulary (exactly, or padded with MASK)."""
     rows = model.config.vocab_size
@@ -105,16 +211,8 @@ def _check_positive(name, value):
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens: Union[int, Sequence[int]],
-                        strategy: Optional[str] = None, *, steps: Optional[int] = None,
-                        tokens_per_step: Optional[int] = None, threshold: float = 0.9,
-                        block_length: Optional[int] = None, block_rule: str = "topk", kv_cache: bool = True,
-                        temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                        stop_at_eot: bool = True, schedule: str = "loglinear", batch_size: int = 8,
-                        seed: int = 1337, progress: bool = False,
-                        on_step: Optional[Callable[[StepInfo], None]] = None) -> list[Completion]:
-    """Decode every prompt; returns one Completion per prompt, in order. See the module docstring."""
-    # ---- validate everything before any model call
+def request_lengths(prompts: Sequence[str], max_new_tokens: Union[int, Sequence[int]]) -> list[int]:
+    """The number of tokens to generate for each prompt, after checking both lists."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError("prompts must be a list of strings")
     if len(prompts) == 0:
@@ -126,58 +224,65 @@ def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens
         raise ValueError(f"{len(lengths)} max_new_tokens values for {len(prompts)} prompts")
     for n in lengths:
         _check_positive("max_new_tokens", n)
-    _check_positive("steps", steps)
-    _check_positive("tokens_per_step", tokens_per_step)
-    _check_positive("batch_size", batch_size)
-    _check_positive("block_length", block_length)
-    if steps is not None and tokens_per_step is not None:
-        raise ValueError("give steps or tokens_per_step, not both")
-    if block_rule not in BLOCK_RULES:
-        raise ValueError(f"unknown block_rule {block_rule!r}; expected one of {', '.join(BLOCK_RULES)}")
-    sampler = Sampler(temperature, top_k, top_p)
-    kind = model_kind(model)
-    strategy = strategy or ("ar" if kind == "ar" else "ancestral")
-    check_strategy(model, strategy)
-    check_model_and_tokenizer(model, tokenizer)
-    noise = NoiseSchedule(schedule)
-    if strategy == "threshold" or (strategy == "blocks" and block_rule == "threshold"):
-        CommitThreshold(threshold)  # validates tau
+    return lengths
 
-    cfg = model.config
-    align = cfg.block_length if cfg.attention == "block_causal" else 0
-    if strategy == "blocks" or (align and strategy != "ar"):  # block-causal models: always in blocks
-        if block_length is None:
-            block_length = cfg.block_length if align else DEFAULT_BLOCK_LENGTH
-        if align and block_length % align:
-            raise ValueError(f"this block-causal model was trained with blocks of {align}; decoding blocks "
-                             f"must be a multiple of it (got block_length={block_length})")
 
+def encode_requests(model, tokenizer, prompts: Sequence[str], lengths: Sequence[int]) -> list[Request]:
+    """Tokenize each prompt; prompt + its new tokens must fit the model's context (block_size)."""
+    context = model.config.block_size
     requests = []
     for i, (text, n) in enumerate(zip(prompts, lengths)):
         ids = tokenizer.encode(text)
-        if kind == "ar" and not ids:
+        if model_kind(model) == "ar" and not ids:
             ids = [tokenizer.eot_id]  # an AR model needs a first token: start from EOT like GPT-2 does
-        if len(ids) >= cfg.block_size:
+        if len(ids) >= context:
             raise ValueError(f"prompt {i} is {len(ids)} tokens long, longer than the model's context "
-                             f"(block_size={cfg.block_size}); shorten it")
-        if len(ids) + n > cfg.block_size:
+                             f"(block_size={context}); shorten it")
+        if len(ids) + n > context:
             raise ValueError(f"prompt {i} ({len(ids)} tokens) + {n} new tokens = {len(ids) + n} exceeds the "
-                             f"model's context (block_size={cfg.block_size}); lower max_new_tokens to "
-                             f"{cfg.block_size - len(ids)} or shorten the prompt")
+                             f"model's context (block_size={context}); lower max_new_tokens to "
+                             f"{context - len(ids)} or shorten the prompt")
         requests.append(Request(ids, n))
+    return requests
 
-    # ---- decode batch by batch
+
+def call_options(strategy: Optional[str], options: Optional[DecodeOptions], knobs: dict) -> DecodeOptions:
+    """The options of one generate call: `options` (or the Python API's defaults) with `strategy` and
+    the keyword knobs on top. An unknown knob is a TypeError, as for any keyword argument."""
+    base = options if options is not None else DecodeOptions(**API_SAMPLING_DEFAULTS)
+    if strategy is not None:
+        knobs = {**knobs, "strategy": strategy}
+    return replace(base, **knobs) if knobs else base
+
+
+def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens: Union[int, Sequence[int]],
+                        strategy: Optional[str] = None, *, options: Optional[DecodeOptions] = None,
+                        progress: bool = False, on_step: Optional[Callable[[StepInfo], None]] = None,
+                        **knobs) -> list[Completion]:
+    """Decode every prompt; returns one Completion per prompt, in order.
+
+    How to decode: `options` (a DecodeOptions) and/or its fields as keywords (steps=..., threshold=...,
+    temperature=..., seed=...), which override it. Without `options` the defaults are DecodeOptions'
+    except temperature 1 and no top-k (API_SAMPLING_DEFAULTS). progress: a tqdm bar; on_step: called
+    with a StepInfo after every step. Every input is checked before the first model call."""
+    options = call_options(strategy, options, knobs)
+    lengths = request_lengths(prompts, max_new_tokens)
+    options = options.for_model(model)
+    check_model_and_tokenizer(model, tokenizer)
+    requests = encode_requests(model, tokenizer, prompts, lengths)
+    decode = DECODERS[options.strategy]
+
+    kind, align = model_kind(model), block_alignment(model)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    sampler, noise = options.sampler(), NoiseSchedule(options.schedule)
+    stop_id = tokenizer.eot_id if options.stop_at_eot else None
     fill_id = tokenizer.mask_id if kind == "diffusion" else tokenizer.eot_id
-    vocab_limit = tokenizer.vocab_size  # SUBS: never MASK, never padding ids
-    stop_id = tokenizer.eot_id if stop_at_eot else None
-    default_steps = max(lengths)  # ancestral: T = L; independent of batching
-    batches = plan_batches(requests, batch_size, cfg.block_size, 0 if kind == "ar" else align)
+    batches = plan_batches(requests, options.batch_size, model.config.block_size, 0 if kind == "ar" else align)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=sum(lengths), unit="tok", desc=strategy, dynamic_ncols=True)
+        bar = tqdm(total=sum(lengths), unit="tok", desc=options.strategy, dynamic_ncols=True)
 
     out: list[Optional[Completion]] = [None] * len(requests)
     was_training = model.training
@@ -187,40 +292,48 @@ def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens
             for batch_index, batch in enumerate(batches):
                 layout = build_layout([requests[i] for i in batch], fill_id, tokenizer.eot_id,
                                       0 if kind == "ar" else align, device)
-                hook = _make_hook(batch, layout, strategy, tokenizer.mask_id, bar, on_step)
+                job = DecodeJob(model, layout, options, sampler, generator, noise, tokenizer.mask_id,
+                                vocab_limit=tokenizer.vocab_size, stop_id=stop_id, align=align,
+                                default_steps=max(lengths),
+                                on_step=_make_hook(batch, layout, options.strategy, tokenizer.mask_id, bar, on_step))
                 t0 = time.perf_counter()
-                if strategy == "ar":
-                    res = decode_autoregressive(model, layout, sampler, generator, vocab_limit, kv_cache,
-                                                stop_id, hook)
-                elif strategy == "ancestral" and align:  # BD3-LM: one ancestral chain per block
-                    res = decode_ancestral(model, layout, steps_per_block(layout, steps or default_steps,
-                                                                          block_length),
-                                           noise, sampler, generator, tokenizer.mask_id, vocab_limit,
-                                           block_length=block_length, on_step=hook)
-                elif strategy == "ancestral":
-                    res = decode_ancestral(model, layout, steps or default_steps, noise, sampler, generator,
-                                           tokenizer.mask_id, vocab_limit, on_step=hook)
-                elif strategy in ("topk", "random", "threshold") and not align:
-                    rule = commit_rule(strategy, steps, tokens_per_step, threshold, generator)
-                    res = decode_by_confidence(model, layout, rule, sampler, generator, tokenizer.mask_id,
-                                               vocab_limit, on_step=hook)
-                else:  # blocks, or any confidence / random rule on a block-causal model
-                    rule = commit_rule(block_rule if strategy == "blocks" else strategy, None,
-                                       tokens_per_step, threshold, generator)
-                    res = decode_by_confidence(model, layout, rule, sampler, generator, tokenizer.mask_id,
-                                               vocab_limit, block_length=block_length, kv_cache=kv_cache,
-                                               block_steps=steps, stop_id=stop_id, on_step=hook)
+                res = decode(job)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - t0
                 for row, i in enumerate(batch):
-                    out[i] = _completion(prompts[i], requests[i], res, row, elapsed, strategy, tokenizer,
+                    out[i] = _completion(prompts[i], requests[i], res, row, elapsed, options.strategy, tokenizer,
                                          stop_id, batch_index)
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
     return out
+
+
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: Union[int, Sequence[int]],
+             strategy: Optional[str] = None, **knobs) -> list[str]:
+    """Generated continuation of each prompt (text only; see generate_with_stats for the knobs)."""
+    return [c.text for c in generate_with_stats(model, tokenizer, prompts, max_new_tokens, strategy, **knobs)]
+
+
+# ----------------------------------------------------------------------------- one table: strategy -> decoder
+@dataclass
+class DecodeJob:
+    """Everything a decoder needs to decode one batch."""
+
+    model: torch.nn.Module
+    layout: Layout
+    options: DecodeOptions  # resolved for the model (DecodeOptions.for_model)
+    sampler: Sampler
+    generator: torch.Generator  # one per generate call, shared by its batches
+    noise: NoiseSchedule
+    mask_id: int
+    vocab_limit: int  # SUBS: never MASK, never padding ids
+    stop_id: Optional[int]  # EOT when stop_at_eot
+    align: int  # block-causal models: their block length (they decode block by block); else 0
+    default_steps: int  # ancestral: T = L, the longest generation of the call (independent of batching)
+    on_step: Optional[StepHook]
 
 
 def commit_rule(name: str, steps, tokens_per_step, threshold, generator):
@@ -231,10 +344,50 @@ def commit_rule(name: str, steps, tokens_per_step, threshold, generator):
     return CommitRandom(generator, **budget) if name == "random" else CommitTopK(**budget)
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: Union[int, Sequence[int]],
-             strategy: Optional[str] = None, **knobs) -> list[str]:
-    """Generated continuation of each prompt (text only; see generate_with_stats for the knobs)."""
-    return [c.text for c in generate_with_stats(model, tokenizer, prompts, max_new_tokens, strategy, **knobs)]
+def _decode_ar(job: DecodeJob) -> DecodeResult:
+    return decode_autoregressive(job.model, job.layout, job.sampler, job.generator, job.vocab_limit,
+                                 job.options.kv_cache, job.stop_id, job.on_step)
+
+
+def _decode_ancestral(job: DecodeJob) -> DecodeResult:
+    o = job.options
+    steps = o.steps or job.default_steps
+    if job.align:  # BD3-LM: one ancestral chain per block, the steps spread over a row's blocks
+        return decode_ancestral(job.model, job.layout, steps_per_block(job.layout, steps, o.block_length), job.noise,
+                                job.sampler, job.generator, job.mask_id, job.vocab_limit,
+                                block_length=o.block_length, on_step=job.on_step)
+    return decode_ancestral(job.model, job.layout, steps, job.noise, job.sampler, job.generator, job.mask_id,
+                            job.vocab_limit, on_step=job.on_step)
+
+
+def _decode_by_confidence(job: DecodeJob) -> DecodeResult:
+    """topk / random / threshold over the whole generation; block by block for block-causal models."""
+    o = job.options
+    if job.align:
+        return _decode_blocks(job, rule=o.strategy)
+    return decode_by_confidence(job.model, job.layout, commit_rule(o.strategy, o.steps, o.tokens_per_step,
+                                                                   o.threshold, job.generator),
+                                job.sampler, job.generator, job.mask_id, job.vocab_limit, on_step=job.on_step)
+
+
+def _decode_blocks(job: DecodeJob, rule: Optional[str] = None) -> DecodeResult:
+    """Semi-autoregressive blocks of block_length with `rule` (default: block_rule) inside each block."""
+    o = job.options
+    return decode_by_confidence(job.model, job.layout, commit_rule(rule or o.block_rule, None, o.tokens_per_step,
+                                                                   o.threshold, job.generator),
+                                job.sampler, job.generator, job.mask_id, job.vocab_limit,
+                                block_length=o.block_length, kv_cache=o.kv_cache, block_steps=o.steps,
+                                stop_id=job.stop_id, on_step=job.on_step)
+
+
+DECODERS: dict[str, Callable[[DecodeJob], DecodeResult]] = {
+    "ancestral": _decode_ancestral,
+    "topk": _decode_by_confidence,
+    "random": _decode_by_confidence,
+    "threshold": _decode_by_confidence,
+    "blocks": _decode_blocks,
+    "ar": _decode_ar,
+}
 
 
 def generated_ids(res: DecodeResult, row: int) -> list[int]:

@@ -51,10 +51,6 @@ class Layout:
     def batch_size(self) -> int:
         return self.x.size(0)
 
-    @property
-    def width(self) -> int:
-        return self.x.size(1)
-
 
 def left_pads(prompt_lens: list[int], align: int) -> tuple[list[int], int]:
     """Left padding of each row and the column where generation starts (the anchor).

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: find the repository root
@@ -31,11 +32,12 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 
 import torch
 
-from inference.api import BLOCK_RULES, STRATEGIES, StepInfo, generate_with_stats
+from inference.api import BLOCK_RULES, STRATEGIES, DecodeOptions, StepInfo, generate_with_stats
 from inference.loading import load_model
 
 NANOGPT_MAX_NEW_TOKENS = 500
 SEPARATOR = "---------------"
+DEFAULTS = DecodeOptions()  # the decoding flags' defaults (one place: the server uses the same)
 
 
 def read_text_file(path, what: str = "file") -> str:
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples per prompt (default 10 for --start as in nanoGPT, 1 with --prompts_file)")
     pr.add_argument("--max_new_tokens", type=int, default=None,
                     help=f"tokens to generate per sample (default {NANOGPT_MAX_NEW_TOKENS}, capped to the context)")
-    pr.add_argument("--batch_size", type=int, default=8, help="requests decoded together")
+    pr.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size, help="requests decoded together")
     dec = p.add_argument_group("decoding")
     dec.add_argument("--strategy", choices=STRATEGIES, default=None,
                      help="decoding rule (default: ancestral for diffusion models, ar for AR models)")
@@ -88,16 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "over; threshold: cap on calls; blocks: steps over all blocks (default one token/step)")
     dec.add_argument("--tokens_per_step", type=int, default=None,
                      help="topk / blocks(topk): commit this many tokens per step (default 1 unless --steps)")
-    dec.add_argument("--threshold", type=float, default=0.9, help="threshold rule: confidence tau (default 0.9)")
+    dec.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
+                     help=f"threshold rule: confidence tau (default {DEFAULTS.threshold})")
     dec.add_argument("--block_length", type=int, default=None,
                      help="blocks: block length (default: the model's block for block-causal models, else 32)")
-    dec.add_argument("--block_rule", choices=BLOCK_RULES, default="topk", help="blocks: rule inside a block")
+    dec.add_argument("--block_rule", choices=BLOCK_RULES, default=DEFAULTS.block_rule,
+                     help="blocks: rule inside a block")
     dec.add_argument("--no_kv_cache", action="store_true", help="blocks / ar: recompute the prefix every call")
-    dec.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8, as nanoGPT)")
-    dec.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens (0 = all; default 200)")
+    dec.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+                     help=f"0 = greedy (default {DEFAULTS.temperature}, as nanoGPT)")
+    dec.add_argument("--top_k", type=int, default=DEFAULTS.top_k,
+                     help=f"sample among the k most likely tokens (0 = all; default {DEFAULTS.top_k})")
     dec.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set with mass >= p")
     dec.add_argument("--no_stop_at_eot", action="store_true", help="do not cut the text at the first EOT")
-    dec.add_argument("--seed", type=int, default=1337)
+    dec.add_argument("--seed", type=int, default=DEFAULTS.seed)
     out = p.add_argument_group("output")
     out.add_argument("--out", help="also write one JSON line per sample (text, token ids, NFE, tokens/s) here")
     out.add_argument("--show_steps", action="store_true",
@@ -132,6 +138,11 @@ def run(args) -> list:
     num_samples = args.num_samples if args.num_samples is not None else (1 if args.prompts_file else 10)
     if num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
+    options = DecodeOptions(
+        strategy=args.strategy, steps=args.steps, tokens_per_step=args.tokens_per_step, threshold=args.threshold,
+        block_length=args.block_length, block_rule=args.block_rule, kv_cache=not args.no_kv_cache,
+        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+        stop_at_eot=not args.no_stop_at_eot, batch_size=args.batch_size, seed=args.seed)
     loaded = load_model(args.ckpt, args.init_from, args.device, args.attn_impl,
                         log=lambda m: print(m, file=sys.stderr))
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -146,11 +157,7 @@ def run(args) -> list:
     device = str(next(model.parameters()).device)
     with autocast_context(device, args.dtype):
         done = generate_with_stats(
-            model, tokenizer, requests, max_new, args.strategy, steps=args.steps,
-            tokens_per_step=args.tokens_per_step, threshold=args.threshold, block_length=args.block_length,
-            block_rule=args.block_rule, kv_cache=not args.no_kv_cache, temperature=args.temperature,
-            top_k=args.top_k or None, top_p=args.top_p, stop_at_eot=not args.no_stop_at_eot,
-            schedule=loaded.schedule, batch_size=args.batch_size, seed=args.seed,
+            model, tokenizer, requests, max_new, options=replace(options, schedule=loaded.schedule),
             progress=not (args.no_progress or args.show_steps),
             on_step=(lambda info: print_step(tokenizer, info)) if args.show_steps else None)
     for c in done:

@@ -11,7 +11,7 @@ import torch
 from inference.batching import Request, build_layout, plan_batches
 from inference.diffusion_decoding import (CommitRandom, CommitThreshold, CommitTopK,
                                           ancestral_commit_probability, decode_ancestral, decode_by_confidence)
-from inference.api import generate, generate_with_stats
+from inference.api import DECODERS, STRATEGIES, DecodeOptions, generate, generate_with_stats
 from inference.sampling import Sampler, filter_logits, sample_from_logits
 from models.diffusion import NoiseSchedule
 from models.gpt import GPT, GPTConfig
@@ -350,3 +350,23 @@ def test_gpt2_tokenizer_prompts_decode():
                                stop_at_eot=False)
     assert [len(c.token_ids) for c in done] == [6, 9]
     assert all(t < tok.vocab_size for c in done for t in c.token_ids)
+
+
+def test_every_strategy_has_one_decoder():
+    assert sorted(DECODERS) == sorted(STRATEGIES)
+
+
+@pytest.mark.parametrize("strategy,knobs,model_name", [
+    ("random", dict(tokens_per_step=2), "bidirectional"), ("ancestral", dict(steps=6), "block_causal"),
+    ("blocks", dict(block_rule="threshold", threshold=0.3), "bidirectional"), ("ar", dict(top_p=0.9), "causal")])
+def test_options_object_decodes_like_the_keyword_knobs(strategy, knobs, model_name):
+    """generate_with_stats(options=DecodeOptions(...)) and the same knobs as keywords: the same tokens."""
+    model = tiny_model(model_name, block_length=4 if model_name == "block_causal" else 0)
+    kw = dict(temperature=0.9, top_k=None, seed=3, batch_size=2, **knobs)
+    by_keywords = generate_with_stats(model, TOK, PROMPTS, LENGTHS, strategy, **kw)
+    by_options = generate_with_stats(model, TOK, PROMPTS, LENGTHS, options=DecodeOptions(strategy=strategy, **kw))
+    assert [c.token_ids for c in by_options] == [c.token_ids for c in by_keywords]
+    # keywords on top of an options object override it
+    other_seed = DecodeOptions(strategy=strategy, **{**kw, "seed": 9})
+    over = generate_with_stats(model, TOK, PROMPTS, LENGTHS, options=other_seed, seed=3)
+    assert [c.token_ids for c in over] == [c.token_ids for c in by_keywords]

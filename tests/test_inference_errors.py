@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from inference.api import generate
+from inference.api import DecodeOptions, generate
 from inference.loading import load_model
 from inference.sample import main as sample_main
 from inference.sample import read_prompts_file
@@ -137,3 +137,62 @@ def test_missing_or_foreign_checkpoint_dirs(tmp_path):
     (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="not a Hugging Face GPT-2 directory"):
         load_model(init_from=str(hf))
+
+
+# ----------------------------------------------------------------------------- DecodeOptions on its own
+@pytest.mark.parametrize("field,value,match", [
+    ("strategy", "beam", "unknown strategy 'beam'; expected one of"), ("steps", 0, "steps must be an integer >= 1"),
+    ("steps", "5", "steps must be an integer >= 1"), ("tokens_per_step", -1, "tokens_per_step must be an integer"),
+    ("batch_size", 0, "batch_size must be"), ("block_length", 2.5, "block_length must be an integer >= 1"),
+    ("block_rule", "best", "unknown block_rule 'best'; expected one of topk, random, threshold"),
+    ("temperature", -1.0, "temperature must be >= 0"), ("temperature", "hot", "temperature must be a number"),
+    ("top_k", 0, "top_k must be >= 1"), ("top_k", "5", "top_k must be an integer"), ("top_p", 1.5, "top_p must be in"),
+    ("kv_cache", "false", "kv_cache must be true or false"), ("stop_at_eot", 1, "stop_at_eot must be true or false"),
+    ("seed", "x", "seed must be an integer"), ("schedule", "sqrt", "unknown noise schedule 'sqrt'")])
+def test_decode_options_name_the_bad_field(field, value, match):
+    """A server validates a request body with DecodeOptions alone, before any model is involved."""
+    with pytest.raises(ValueError, match=match):
+        DecodeOptions.from_dict({field: value})
+
+
+def test_decode_options_threshold_is_checked_where_a_rule_uses_it():
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\], got 2.0"):
+        DecodeOptions(strategy="threshold", threshold=2.0)
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+        DecodeOptions(strategy="blocks", block_rule="threshold", threshold=-0.5)
+    DecodeOptions(strategy="topk", threshold=2.0)  # unused by topk: accepted, as before
+
+
+def test_decode_options_from_dict():
+    assert DecodeOptions.from_dict({}) == DecodeOptions()
+    assert DecodeOptions.from_dict(DecodeOptions(strategy="topk", steps=4).to_dict()).steps == 4
+    with pytest.raises(ValueError, match=r"unknown decoding option\(s\) 'temp'; known options: strategy, steps"):
+        DecodeOptions.from_dict({"temp": 0.5})
+    with pytest.raises(ValueError, match="give steps or tokens_per_step, not both"):
+        DecodeOptions.from_dict({"steps": 4, "tokens_per_step": 2})
+    with pytest.raises(ValueError, match="must be an object"):
+        DecodeOptions.from_dict(["topk"])
+
+
+def test_decode_options_for_model():
+    assert DecodeOptions().for_model(tiny_model()).strategy == "ancestral"
+    assert DecodeOptions().for_model(tiny_model("causal")).strategy == "ar"
+    assert DecodeOptions(strategy="blocks").for_model(tiny_model()).block_length == 32
+    with pytest.raises(ValueError, match="diffusion-only rule"):
+        DecodeOptions(strategy="topk").for_model(tiny_model("causal"))
+
+
+def test_unknown_knob_is_a_type_error_as_for_any_keyword():
+    with pytest.raises(TypeError, match="temp"):
+        generate(tiny_model(), TOK, ["ab"], 4, temp=0.5)
+
+
+def test_cli_defaults_are_the_decode_options_defaults():
+    from inference.sample import build_parser
+    args = build_parser().parse_args([])
+    d = DecodeOptions()
+    assert (args.strategy, args.steps, args.tokens_per_step, args.threshold, args.block_length, args.block_rule,
+            not args.no_kv_cache, args.temperature, args.top_k, args.top_p, not args.no_stop_at_eot,
+            args.batch_size, args.seed) == (d.strategy, d.steps, d.tokens_per_step, d.threshold, d.block_length,
+                                            d.block_rule, d.kv_cache, d.temperature, d.top_k, d.top_p,
+                                            d.stop_at_eot, d.batch_size, d.seed)
