@@ -1,7 +1,7 @@
 """Decoding benchmark: every rule on one model and one prompt set, side by side, from one run.
 
-    python -m inference.bench --ckpt out/mdlm --ar out/ar --judge out/ar --gen_length 128 --out bench.json
-    python -m inference.bench --random_init            # CPU smoke run on tiny random models
+    python -m bench.decoding --ckpt out/mdlm --ar out/ar --judge out/ar --gen_length 128 --out bench.json
+    python -m bench.decoding --random_init            # CPU smoke run on tiny random models
 
 For each rule it prints tokens/s, model calls (NFE) per generated token, the generative perplexity
 of the samples under an AR judge (--judge DIR, or GPT-2 when its weights are cached, or the --ar model)
@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 import torch
 
 from inference.api import generate_with_stats
-from inference.generative_perplexity import generative_perplexity, unigram_entropy
+from evaluation.generative_perplexity import generative_perplexity, unigram_entropy
 from inference.loading import LoadedModel, load_gpt2, load_model, resolve_device
 from inference.sample import autocast_context, read_prompts_file
 from models.gpt import GPT, GPTConfig
@@ -74,7 +74,7 @@ class Row:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m inference.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.decoding", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="the diffusion model to benchmark (consolidated dir or training out dir)")
     p.add_argument("--ar", help="an AR model for the AR rows (default: the judge)")

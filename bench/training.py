@@ -2,9 +2,9 @@
 loop, with the same model, batch, optimizer (torch AdamW over GPT.optimizer_param_groups), clipping and
 LR schedule.
 
-    python -m training.bench                                   # the quickstart model and batch
-    python -m training.bench --config training/configs/shakespeare_ar.json --steps 30 --rounds 3
-    python -m training.bench --model.n_layer=8 --batch_size 16  # any training-config override
+    python -m bench.training                                   # the quickstart model and batch
+    python -m bench.training --config training/configs/shakespeare_ar.json --steps 30 --rounds 3
+    python -m bench.training --model.n_layer=8 --batch_size 16  # any training-config override
 
 Batches are random token ids (no dataset needed). The variants are timed in interleaved rounds (plain,
 ZeRO-0, ZeRO-2, ZeRO-3, plain, ...) and each one's best round is reported, so load from other processes
@@ -80,7 +80,7 @@ def sync():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "training/configs/shakespeare_mdlm.json"),
                         help="training config whose model, objective, batch and optimizer are timed")

@@ -1,8 +1,8 @@
 """Evaluation: exact perplexity of AR models and the NELBO bound-vs-T study of diffusion models.
 
-    python -m inference.evaluate --model out/mdlm --model out/ar --data_dir data/shakespeare_char --out_dir results/eval
-    python -m inference.evaluate --init_from gpt2 --data_dir data/openwebtext --splits train,val   # GPT-2 baseline
-    python -m inference.evaluate --config training/configs/eval_gpt2.json
+    python -m evaluation.evaluate --model out/mdlm --model out/ar --data_dir data/shakespeare_char --out_dir results/eval
+    python -m evaluation.evaluate --init_from gpt2 --data_dir data/openwebtext --splits train,val   # GPT-2 baseline
+    python -m evaluation.evaluate --config evaluation/configs/eval_gpt2.json
 
 For every model and split it reads the same deterministic windows (evenly spaced over the split, so
 with enough windows the split is covered end to end) and reports, in nats per token:
@@ -109,9 +109,9 @@ def parse_steps(text: str) -> list[int]:
 
 def load_config(argv=None) -> EvalConfig:
     """Defaults < --config JSON file < command-line flags. Unknown keys are rejected."""
-    p = argparse.ArgumentParser(prog="python -m inference.evaluate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="JSON file of EvalConfig fields (e.g. training/configs/eval_gpt2.json)")
+    p.add_argument("--config", help="JSON file of EvalConfig fields (e.g. evaluation/configs/eval_gpt2.json)")
     p.add_argument("--model", action="append", help="consolidated model dir; repeat to evaluate several")
     for f in fields(EvalConfig):
         if f.name == "model":

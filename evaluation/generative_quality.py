@@ -1,6 +1,6 @@
 """Generative quality: perplexity of samples under an AR judge, and their unigram entropy.
 
-    python -m inference.generative_quality --model out/mdlm --judge out/ar --data_dir data/shakespeare_char \
+    python -m evaluation.generative_quality --model out/mdlm --judge out/ar --data_dir data/shakespeare_char \
         --strategies ancestral,topk,threshold --steps 16,32,64,128 --out_dir results/genq
 
 For every decoding rule and step count, `num_samples` sequences of `length` tokens are drawn with
@@ -30,9 +30,9 @@ import torch
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference.evaluate import (check_tokenizer_matches, load_model, read_meta, read_split, resolve_model_dir,
+from evaluation.evaluate import (check_tokenizer_matches, load_model, read_meta, read_split, resolve_model_dir,
                                 split_windows)
-from inference.generative_perplexity import generative_perplexity, unigram_entropy
+from evaluation.generative_perplexity import generative_perplexity, unigram_entropy
 from models.tokenizer import get_tokenizer, tokenizer_from_meta
 
 DEFAULT_STRATEGIES = ("ancestral", "topk", "threshold")
@@ -49,7 +49,7 @@ class _Text:
 
 def score_samples(samples: list[list[int]], prompt_ids: list[list[int]], tokenizer, judge,
                   judge_tokenizer=None) -> dict:
-    """gen PPL under the judge (inference.generative_perplexity: prompt as context, generated tokens scored,
+    """gen PPL under the judge (evaluation.generative_perplexity: prompt as context, generated tokens scored,
     re-tokenised when the judge has another tokenizer) + mean unigram entropy of the samples."""
     entropy = sum(unigram_entropy(s) for s in samples) / max(1, len(samples))
     texts = [_Text(tokenizer.decode(p), list(p), tokenizer.decode(s), list(s)) for s, p in zip(samples, prompt_ids)]
@@ -132,7 +132,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m inference.generative_quality", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m evaluation.generative_quality", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="consolidated model dir (repeatable)")
     p.add_argument("--judge", required=True, help="AR model dir with the same tokenizer, or gpt2 / a GPT-2 HF dir")

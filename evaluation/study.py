@@ -1,13 +1,13 @@
 """The bound-vs-T study, end to end, in one command:
 
-    python -m inference.study --out_dir results/study            # default size (~40 min on a 2-core CPU)
-    python -m inference.study --out_dir results/quick --quick    # CI size (~1-2 min)
+    python -m evaluation.study --out_dir results/study            # default size (~40 min on a 2-core CPU)
+    python -m evaluation.study --out_dir results/quick --quick    # CI size (~1-2 min)
 
 1. prepare the bundled corpus (Shakespeare, char tokenizer) into OUT/data;
 2. train an AR model and an MDLM model of the same size on the same tokens (same batch, steps, seed)
    with the real launcher: `deepspeed --num_gpus N training/pretrain.py --config OUT/configs/X.json`
    (on a machine without GPUs: DS_ACCELERATOR=cpu, N ranks of one thread each), auto-exported to OUT/X/export;
-3. evaluate both on the same val windows (python -m inference.evaluate): exact AR PPL, the continuous
+3. evaluate both on the same val windows (python -m evaluation.evaluate): exact AR PPL, the continuous
    NELBO and the T-step NELBO for every T, with standard errors -> OUT/results.{json,md}, OUT/bound_vs_steps.png,
    tensorboard OUT/tb, wandb (offline unless a key is configured);
 4. generative quality: samples of each decoding rule and step count scored by the AR model as judge
@@ -139,8 +139,8 @@ def final_train_loss(run_dir: Path) -> dict:
 
 
 def study_markdown(results: dict, genq_rows: list, info: dict) -> str:
-    from inference.evaluate import markdown_table
-    from inference.generative_quality import markdown_table as genq_table
+    from evaluation.evaluate import markdown_table
+    from evaluation.generative_quality import markdown_table as genq_table
 
     lines = [f"# Bound-vs-T study ({info['size']})", "",
              f"Command: `{info['command']}`  ", f"Machine: {info['machine']}  ",
@@ -161,7 +161,7 @@ def study_markdown(results: dict, genq_rows: list, info: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m inference.study", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m evaluation.study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="results/study")
     p.add_argument("--quick", action="store_true", help="the CI size (~1-2 minutes on a 2-core CPU)")
@@ -209,8 +209,8 @@ def main(argv=None) -> dict:
         exports[objective], seconds_train[objective] = train(objective, size, out, num_gpus, env)
 
     # 3. evaluate both on the same windows
-    from inference.evaluate import EvalConfig, evaluate, load_model, read_meta, read_split, split_windows
-    from inference.generative_quality import generative_quality, markdown_table as genq_table
+    from evaluation.evaluate import EvalConfig, evaluate, load_model, read_meta, read_split, split_windows
+    from evaluation.generative_quality import generative_quality, markdown_table as genq_table
     from models.tokenizer import tokenizer_from_meta
 
     threads = os.cpu_count() or 1
@@ -218,7 +218,7 @@ def main(argv=None) -> dict:
     ecfg = EvalConfig(model=[str(exports["mdlm"]), str(exports["ar"])], data_dir=str(data), out_dir=str(out),
                       wandb_mode=a.wandb_mode, wandb_run_name=f"study-{size_name}", **size["eval"])
     if a.steps:
-        from inference.evaluate import parse_steps
+        from evaluation.evaluate import parse_steps
         ecfg.steps = parse_steps(a.steps)
     t0 = time.time()
     previous = out / "results.json"
@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
 
     # 5. the report
     params = results["models"][0]["params"]
-    info = {"size": size_name, "command": "python -m inference.study --out_dir " + a.out_dir +
+    info = {"size": size_name, "command": "python -m evaluation.study --out_dir " + a.out_dir +
             (" --quick" if a.quick else ""), "machine": machine(), "num_ranks": num_gpus,
             "seconds_total": time.time() - t_start, "seconds_train": seconds_train, "seconds_eval": seconds_eval,
             "seconds_genq": seconds_genq, "params": params, "block_size": size["model"]["block_size"],

@@ -1,4 +1,4 @@
-"""Decoding: batched parallel-decode diffusion sampling, AR sampling with a KV cache, the benchmark.
+"""Decoding: batched parallel-decode diffusion sampling, AR sampling with a KV cache, model loading.
 
     from inference import load_model, generate, generate_with_stats
 """

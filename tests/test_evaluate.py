@@ -1,4 +1,4 @@
-"""Specification of the evaluator (inference/evaluate.py), generative quality and the bound-vs-T study."""
+"""Specification of the evaluator (evaluation/evaluate.py), generative quality and the bound-vs-T study."""
 import json
 import math
 import subprocess
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inference.evaluate import (EvalConfig, diffusion_window_nelbo, evaluate, load_config, read_config_file,
+from evaluation.evaluate import (EvalConfig, diffusion_window_nelbo, evaluate, load_config, read_config_file,
                                 split_windows)
-from inference.generative_quality import score_samples, unigram_entropy
+from evaluation.generative_quality import score_samples, unigram_entropy
 from models.diffusion import NoiseSchedule, masked_diffusion_loss
 from models.gpt import GPT, GPTConfig
 from models.weights import save_consolidated
@@ -220,7 +220,7 @@ def test_checkpoint_with_another_tokenizer_is_refused(tmp_path):
 def test_zero_or_negative_timesteps_are_rejected(steps, capsys):
     with pytest.raises(ValueError, match="positive integers"):
         EvalConfig(model=["m"], data_dir="d", steps=steps).validate()
-    from inference.evaluate import main
+    from evaluation.evaluate import main
     with pytest.raises(SystemExit) as e:
         main(["--model", "m", "--data_dir", "d", "--steps", steps])
     assert e.value.code == 2 and "positive integers" in capsys.readouterr().err
@@ -238,7 +238,7 @@ def test_val_split_shorter_than_one_context_is_a_clear_error(tmp_path):
 # ----------------------------------------------------------------------------- GPT-2 baselines
 @pytest.mark.parametrize("name", ["gpt2", "gpt2_medium", "gpt2_large", "gpt2_xl"])
 def test_gpt2_eval_configs_name_the_openai_checkpoint(name):
-    c = read_config_file(REPO / "training" / "configs" / f"eval_{name}.json")
+    c = read_config_file(REPO / "evaluation" / "configs" / f"eval_{name}.json")
     cfg_ = EvalConfig(**c)
     assert cfg_.init_from == name.replace("_", "-") and cfg_.splits == ["train", "val"]
     assert cfg_.block_size == 1024 and cfg_.data_dir == "data/openwebtext"
@@ -265,7 +265,7 @@ def test_gpt2_eval_config_runs_on_a_tiny_local_gpt2(tmp_path):
     rng = np.random.default_rng(0)
     meta = {"tokenizer": "gpt2", "vocab_size": 50257, "eot_id": 50256, "mask_id": 50257, "padded_vocab_size": 50304}
     data = write_dataset(tmp_path / "owt", rng.integers(0, 50257, 400), train=rng.integers(0, 50257, 800), meta=meta)
-    config_file = REPO / "training" / "configs" / "eval_gpt2.json"
+    config_file = REPO / "evaluation" / "configs" / "eval_gpt2.json"
     c = load_config(["--config", str(config_file), "--init_from", str(tmp_path / "hf"), "--data_dir", str(data),
                      "--block_size", "32", "--max_windows", "6", "--out_dir", "", "--wandb_mode", "disabled"])
     res = evaluate(c)
@@ -306,10 +306,10 @@ def test_generative_ppl_scores_only_the_generated_tokens_given_the_prompt():
 # ----------------------------------------------------------------------------- the study, end to end
 @pytest.mark.slow
 def test_quick_study_writes_results_table_and_plot(tmp_path):
-    """python -m inference.study --quick: prepare, train AR + MDLM with the deepspeed launcher (2 CPU
+    """python -m evaluation.study --quick: prepare, train AR + MDLM with the deepspeed launcher (2 CPU
     ranks), evaluate, generative quality (~70 s on a 2-core CPU)."""
     out = tmp_path / "study"
-    proc = subprocess.run([sys.executable, "-m", "inference.study", "--out_dir", str(out), "--quick",
+    proc = subprocess.run([sys.executable, "-m", "evaluation.study", "--out_dir", str(out), "--quick",
                            "--wandb_mode", "offline"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())

@@ -1,4 +1,4 @@
-"""Specification of model loading, `python -m inference.sample` and `python -m inference.bench`."""
+"""Specification of model loading, `python -m inference.sample` and `python -m bench.decoding`."""
 import json
 import textwrap
 
@@ -7,8 +7,8 @@ import torch
 
 import inference.loading as loading
 from inference import generate, load_model
-from inference.bench import CONFIDENCE_BASELINE, RANDOM_BASELINE, Row, check_targets
-from inference.bench import main as bench_main
+from bench.decoding import CONFIDENCE_BASELINE, RANDOM_BASELINE, Row, check_targets
+from bench.decoding import main as bench_main
 from inference.sample import SEPARATOR
 from inference.sample import main as sample_main
 from models.gpt import GPT, GPTConfig
@@ -233,7 +233,7 @@ def test_inference_never_imports_deepspeed():
     """DESIGN.md: inference reads consolidated weights; DeepSpeed only ever runs in the export subprocess."""
     import subprocess
     import sys
-    code = ("import sys, inference, inference.sample, inference.bench, inference.loading\n"
+    code = ("import sys, inference, inference.sample, bench.decoding, inference.loading\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'training'))\n"
             "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -722,7 +722,7 @@ def test_keep_checkpoints_prunes_old_tags(tmp_path):
     assert [t for _, t in ckpt.list_tags(root)] == ["step_000002", "step_000003"]
 
 
-@pytest.mark.parametrize("module", ["training/pretrain.py", "-m training.export", "-m training.bench"])
+@pytest.mark.parametrize("module", ["training/pretrain.py", "-m training.export", "-m bench.training"])
 def test_every_cli_has_help(module):
     proc = subprocess.run([PY, *module.split(), "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env=env_for_cpu_ranks())
