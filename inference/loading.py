@@ -5,9 +5,10 @@
                                          its DeepSpeed checkpoint first (see below)
     load_model(init_from="gpt2")         GPT-2 through GPT.from_pretrained (hub name or local HF dir)
 
-Inference never imports DeepSpeed. A DeepSpeed checkpoint directory is consolidated by running
-`python -m training.export` in a subprocess (its own process imports DeepSpeed, not this one); when
-that module is not available the error names the exact command to run.
+Inference never imports DeepSpeed. What kind of directory a path is (consolidated, DeepSpeed, FSDP) is
+training.checkpoint.checkpoint_kind's call (file checks only). A training checkpoint is consolidated by
+running `python -m training.export` in a subprocess (its own process imports DeepSpeed, not this one);
+when that module is not available the error names the exact command to run.
 """
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ import torch
 
 from inference.api import check_model_and_tokenizer, model_kind
 from models.diffusion import OBJECTIVES, ObjectiveConfig
+from models.gpt import GPT2_NAMES
 from models.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
-from models.weights import CONFIG_FILE, FORMAT, WEIGHTS_FILE, load_consolidated
+from models.weights import CONFIG_FILE, WEIGHTS_FILE, load_consolidated
+from training.checkpoint import MANIFEST, checkpoint_kind, latest_tag_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+TRAINING_KINDS = ("deepspeed", "fsdp")  # checkpoint_kind values that training.export consolidates
 
 
 @dataclass
@@ -45,26 +48,6 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def is_consolidated(path: Path) -> bool:
-    """Our export format (a Hugging Face dir also has config.json + model.safetensors, without "format")."""
-    if not ((path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
-        return False
-    try:
-        return json.loads((path / CONFIG_FILE).read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return True  # ours but broken: let load_consolidated say what is wrong
-
-
-def is_deepspeed_checkpoint(path: Path) -> bool:
-    """A training out dir (ckpt/latest), a checkpoint root (latest) or one tag (step_*/, global_step*/)."""
-    markers = [path / "latest", path / "ckpt" / "latest", path / "manifest.json"]
-    if any(m.is_file() for m in markers):
-        return True
-    patterns = ("mp_rank_*_model_states.pt", "*/mp_rank_*_model_states.pt", "*/*/mp_rank_*_model_states.pt",
-                "zero_pp_rank_*", "*/zero_pp_rank_*")
-    return any(next(path.glob(p), None) is not None for p in patterns)
-
-
 def export_command(ckpt: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "training.export", "--ckpt", str(ckpt), "--out", str(out)]
 
@@ -76,7 +59,7 @@ def export_dir_for(ckpt: Path) -> Path:
         return ckpt / "export"
     if ckpt.name == "ckpt":
         return ckpt.parent / "export"
-    if (ckpt / "manifest.json").is_file() and ckpt.parent.name == "ckpt":
+    if (ckpt / MANIFEST).is_file() and ckpt.parent.name == "ckpt":
         return ckpt.parent.parent / f"export_{ckpt.name}"
     return ckpt / "export"
 
@@ -93,7 +76,7 @@ def consolidate(ckpt: Path, log=print) -> Path:
                                 f"dependencies: {shown}  then pass --ckpt {out}")
     log(f"consolidating the training checkpoint (DeepSpeed or FSDP) {ckpt} -> {out}: {shown}")
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
-    if proc.returncode != 0 or not is_consolidated(out):
+    if proc.returncode != 0 or checkpoint_kind(out) != "consolidated":
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise RuntimeError(f"consolidating {ckpt} failed (exit {proc.returncode}); command: {shown}\n{tail}")
     return out
@@ -104,27 +87,18 @@ def resolve_checkpoint(path, log=print) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
-    if is_consolidated(p):
+    kind = checkpoint_kind(p)
+    if kind == "consolidated":
         return p
-    if is_deepspeed_checkpoint(p):
+    if kind in TRAINING_KINDS:
         out = export_dir_for(p)
-        if is_consolidated(out) and not _newer_than(latest_tag(p), out / CONFIG_FILE):
+        if checkpoint_kind(out) == "consolidated" and not _newer_than(latest_tag_dir(p), out / CONFIG_FILE):
             return out
         return consolidate(p, log)
-    if is_consolidated(p / "export"):
+    if checkpoint_kind(p / "export") == "consolidated":
         return p / "export"
     raise FileNotFoundError(f"{p} holds neither consolidated weights ({WEIGHTS_FILE} + {CONFIG_FILE}) nor a "
                             f"DeepSpeed checkpoint")
-
-
-def latest_tag(ckpt: Path) -> Optional[Path]:
-    """The tag dir a run dir / ckpt dir points at through its `latest` file (None if there is none)."""
-    for root in (ckpt / "ckpt", ckpt):
-        latest = root / "latest"
-        if latest.is_file():
-            tag = root / latest.read_text().strip()
-            return tag if tag.is_dir() else None
-    return None
 
 
 def _newer_than(a: Optional[Path], b: Path) -> bool:
@@ -137,9 +111,8 @@ def load_model(ckpt: Optional[str] = None, init_from: Optional[str] = None, devi
     if (ckpt is None) == (init_from is None):
         raise ValueError("give exactly one of ckpt (our weights) or init_from (gpt2 | gpt2-medium | ... | HF dir)")
     device = resolve_device(device)
-    if init_from is not None and not (Path(init_from).is_dir() and (is_consolidated(Path(init_from))
-                                                                     or is_deepspeed_checkpoint(Path(init_from))
-                                                                     or is_consolidated(Path(init_from) / "export"))):
+    if init_from is not None and checkpoint_kind(init_from) is None \
+            and checkpoint_kind(Path(init_from) / "export") != "consolidated":
         return load_gpt2(init_from, device, attn_impl)
     source = ckpt if ckpt is not None else init_from
     model_dir = resolve_checkpoint(source, log)

@@ -19,6 +19,7 @@ from kernels.attention import AttentionMask, attention
 ATTENTION_KINDS = ("causal", "bidirectional", "block_causal")
 ATTENTION_IMPLS = ("auto", "triton", "torch")
 POS_EMBS = ("learned", "rope")
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's checkpoints GPT.from_pretrained loads by name
 
 # A KV cache is a list with one (k, v) pair per layer, each (B, n_head, T_past, head_dim).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]

@@ -42,6 +42,18 @@ def save_consolidated(state_dict: dict, info: dict, out_dir) -> Path:
     return out
 
 
+def is_consolidated(model_dir) -> bool:
+    """Whether a directory holds this format (a Hugging Face dir also has config.json + model.safetensors,
+    without "format"). Unreadable config.json counts as ours: read_info then says what is wrong."""
+    d = Path(model_dir)
+    if not ((d / CONFIG_FILE).is_file() and (d / WEIGHTS_FILE).is_file()):
+        return False
+    try:
+        return json.loads((d / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return True
+
+
 def read_info(model_dir) -> dict:
     """config.json of a consolidated model directory, with errors that say what to do."""
     d = Path(model_dir)

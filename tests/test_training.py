@@ -722,6 +722,33 @@ def test_keep_checkpoints_prunes_old_tags(tmp_path):
     assert [t for _, t in ckpt.list_tags(root)] == ["step_000002", "step_000003"]
 
 
+def test_checkpoint_kind_is_read_from_file_names(tmp_path):
+    """training.checkpoint.checkpoint_kind is the one place that says what a directory holds (inference
+    asks it before loading): a run dir, its ckpt/ and a tag dir all name the engine that wrote them."""
+    from models.gpt import GPT, GPTConfig
+    from models.weights import save_consolidated
+
+    run = tmp_path / "run"
+    root = ckpt.ckpt_root(run)
+    tag = root / ckpt.tag_for(5)
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    ckpt.finalize(root, tag.name, 5, keep=1)
+    assert [ckpt.checkpoint_kind(p) for p in (run, root, tag)] == ["deepspeed"] * 3
+    assert ckpt.latest_tag_dir(run) == ckpt.latest_tag_dir(root) == tag
+    (tag / ckpt.FSDP_MARKER).write_text("{}")
+    assert [ckpt.checkpoint_kind(p) for p in (run, root, tag)] == ["fsdp"] * 3
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=16))
+    save_consolidated(model.state_dict(), {"model": model.config.to_dict()}, run / "export")
+    assert ckpt.checkpoint_kind(run / "export") == "consolidated"
+    hf = tmp_path / "hf"  # a Hugging Face dir has the same two file names, without our "format"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "gpt2"}')
+    (hf / "model.safetensors").write_bytes(b"")
+    assert ckpt.checkpoint_kind(hf) is None
+    assert ckpt.checkpoint_kind(tmp_path / "missing") is None and ckpt.checkpoint_kind(tmp_path) is None
+
+
 @pytest.mark.parametrize("module", ["training/pretrain.py", "-m training.export", "-m bench.training"])
 def test_every_cli_has_help(module):
     proc = subprocess.run([PY, *module.split(), "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,

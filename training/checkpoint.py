@@ -70,6 +70,46 @@ def _files(tag_dir: Path) -> list[Path]:
     return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
 
 
+# ----------------------------------------------------------------------------- what a directory holds
+FSDP_MARKER = "fsdp_checkpoint.json"  # in a tag dir: written by the FSDP engine (training/fsdp_engine.py)
+# DeepSpeed's own shard files, in a tag dir or up to two levels below (also checkpoints without our manifest)
+_DEEPSPEED_SHARDS = ("mp_rank_*_model_states.pt", "*/mp_rank_*_model_states.pt", "*/*/mp_rank_*_model_states.pt",
+                     "*zero_pp_rank_*", "*/*zero_pp_rank_*")
+
+
+def checkpoint_kind(path) -> str | None:
+    """What a directory holds, from its file names alone (nothing is loaded, DeepSpeed is not imported):
+        "consolidated"   model.safetensors + config.json of models/weights.py (what inference reads)
+        "fsdp"           a training checkpoint of the FSDP engine: a run's OUT_DIR, its ckpt/ or one tag dir
+        "deepspeed"      the same written by DeepSpeed (or DeepSpeed's own layout, without our manifest)
+        None             anything else: a Hugging Face dir, a run dir with only export/, a missing path
+    For a run dir or ckpt/ the engine is read from the tag `latest` names."""
+    from models.weights import is_consolidated  # the owner of that format
+
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    if is_consolidated(p):
+        return "consolidated"
+    tag = latest_tag_dir(p)
+    if (tag is not None and (tag / FSDP_MARKER).is_file()) or (p / FSDP_MARKER).is_file():
+        return "fsdp"
+    if tag is not None or (p / MANIFEST).is_file() or any((r / LATEST).is_file() for r in (p, p / "ckpt")):
+        return "deepspeed"
+    return "deepspeed" if any(next(p.glob(g), None) is not None for g in _DEEPSPEED_SHARDS) else None
+
+
+def latest_tag_dir(path) -> Path | None:
+    """The tag dir that a run dir or its ckpt/ points at through `latest` (None without one, or when the
+    tag it names is gone). Not verified: find_latest_good does that."""
+    for root in (Path(path) / "ckpt", Path(path)):
+        marker = root / LATEST
+        if marker.is_file():
+            tag = root / marker.read_text().strip()
+            return tag if tag.is_dir() else None
+    return None
+
+
 # ----------------------------------------------------------------------------- saving
 def write_side_files(tag_dir: Path, rank: int, train_config: dict, ds_config: dict, data_meta: dict,
                      engine_config_name: str = DS_CONFIG) -> None:
