@@ -12,32 +12,46 @@ SDPA's flash backend has no block-causal mask, so that cell is n/a; FlexAttentio
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: find the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.config import parse_cli
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.attention_bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--masks", nargs="+", default=["causal", "bidirectional", "block_causal"],
-                   choices=["causal", "bidirectional", "block_causal"])
-    p.add_argument("--block-length", type=int, default=128, help="block length of the block-causal mask")
-    p.add_argument("--tokens", type=int, default=16384, help="batch size = tokens // T (constant work per T)")
-    p.add_argument("--model-dim", type=int, default=2048, help="heads = model_dim // head_dim")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--tiny", action="store_true",
-                   help="with --device cpu: tiny shapes through the Triton interpreter (a smoke test, "
-                        "the times mean nothing)")
-    return p.parse_args(argv)
+MASKS = ("causal", "bidirectional", "block_causal")
+
+
+@dataclass
+class AttentionBenchConfig:
+    # nargs-style lists: --seq-lens 512 1024 and --seq_lens=512,1024 both read (dashes are underscores)
+    seq_lens: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096],
+                                metadata={"help": "sequence lengths T"})
+    head_dims: list[int] = field(default_factory=lambda: [64, 128], metadata={"help": "head dimensions"})
+    masks: list[str] = field(default_factory=lambda: list(MASKS), metadata={"help": "attention masks",
+                                                                           "choices": MASKS})
+    block_length: int = field(default=128, metadata={"help": "block length of the block-causal mask"})
+    tokens: int = field(default=16384, metadata={"help": "batch size = tokens // T (constant work per T)"})
+    model_dim: int = field(default=2048, metadata={"help": "heads = model_dim // head_dim"})
+    dtype: str = field(default="bf16", metadata={"help": "input dtype", "choices": ("bf16", "fp16", "fp32")})
+    modes: list[str] = field(default_factory=lambda: ["fwd", "fwd+bwd"],
+                             metadata={"help": "passes to time", "choices": ("fwd", "fwd+bwd")})
+    flex: bool = field(default=True, metadata={"help": "time FlexAttention too (its compile takes a while)"})
+    device: str = field(default="cuda", metadata={"help": "where to run", "choices": ("cuda", "cpu")})
+    tiny: bool = field(default=False, metadata={"help": "with --device cpu: tiny shapes through the Triton interpreter "
+                                                        "(a smoke test, the times mean nothing)"})
+
+
+def parse_args(argv=None) -> AttentionBenchConfig:
+    return parse_cli(AttentionBenchConfig, argv, prog="python -m bench.attention_bench",
+                     description=__doc__.split("\n\n")[0])
 
 
 def visible_pairs(mask_kind: str, T: int, block_length: int) -> int:
@@ -111,7 +125,7 @@ def main(argv=None) -> int:
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     except ImportError:  # pragma: no cover - old torch
         flex = None
-    if args.no_flex:
+    if not args.flex:
         flex = None
     sdpa_label = "sdpa-flash" if dev == "cuda" else "sdpa-math"
 

@@ -24,7 +24,6 @@ are real, the perplexities are meaningless.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -37,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 
 import torch
 
+from common.config import parse_cli
 from inference.api import generate_with_stats
 from evaluation.generative_perplexity import generative_perplexity, unigram_entropy
 from inference.loading import LoadedModel, load_gpt2, load_model, resolve_device
@@ -73,40 +73,44 @@ class Row:
     token_ids: list = field(default_factory=list, repr=False)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.decoding", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="the diffusion model to benchmark (consolidated dir or training out dir)")
-    p.add_argument("--ar", help="an AR model for the AR rows (default: the judge)")
-    p.add_argument("--judge", help="AR judge for generative perplexity: a model dir, or gpt2 | gpt2-medium | ... "
-                                   "(default: GPT-2 if its weights are cached, else the --ar model)")
-    p.add_argument("--random_init", action="store_true",
-                   help="no checkpoint: tiny random block-causal diffusion + AR models (CPU smoke run)")
-    p.add_argument("--random_attention", default="block_causal", choices=["block_causal", "bidirectional"],
-                   help="--random_init: attention of the random diffusion model (default block_causal: "
-                        "its KV cache is exact)")
-    p.add_argument("--prompts_file", help="one prompt per line (default: 8 built-in prompts)")
-    p.add_argument("--num_prompts", type=int, default=None, help="use the first N prompts")
-    p.add_argument("--samples_per_prompt", type=int, default=4,
-                   help="requests per prompt (different draws); more samples = smaller perplexity error bars")
-    p.add_argument("--gen_length", type=int, default=64, help="L: tokens generated per prompt")
-    p.add_argument("--block_length", type=int, default=None,
-                   help="blocks rows (default: the model's block for block-causal models, else L/4)")
-    p.add_argument("--topk", type=int, default=4, help="tokens per step of the top-k row")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--stop_at_eot", action="store_true", help="let EOT stop a request (default: always L tokens)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--repeats", type=int, default=1,
-                   help="run every rule this many times; tokens/s is the fastest run (outputs are identical)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is faster for tiny models on a busy CPU)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype on GPU (auto: bfloat16 where supported); CPU runs float32")
-    p.add_argument("--out", help="write the rows and targets as JSON here")
-    return p
+def _knob(default, help: str, **more):
+    return field(default=default, metadata={"help": help, **more})
+
+
+@dataclass
+class BenchConfig:
+    ckpt: str = _knob("", "the diffusion model to benchmark (consolidated dir or training out dir)")
+    ar: str = _knob("", "an AR model for the AR rows (default: the judge)")
+    judge: str = _knob("", "AR judge for generative perplexity: a model dir, or gpt2 | gpt2-medium | ... "
+                           "(default: GPT-2 if its weights are cached, else the --ar model)")
+    random_init: bool = _knob(False, "no checkpoint: tiny random block-causal diffusion + AR models (CPU smoke run)")
+    random_attention: str = _knob("block_causal", "--random_init: attention of the random diffusion model "
+                                                  "(block_causal: its KV cache is exact)",
+                                  choices=("block_causal", "bidirectional"))
+    prompts_file: str = _knob("", "one prompt per line (default: 8 built-in prompts)")
+    num_prompts: Optional[int] = _knob(None, "use the first N prompts (none = all)")
+    samples_per_prompt: int = _knob(4, "requests per prompt (different draws); more samples = smaller perplexity "
+                                       "error bars")
+    gen_length: int = _knob(64, "L: tokens generated per prompt")
+    block_length: Optional[int] = _knob(None, "blocks rows (none: the model's block for block-causal models, "
+                                              "else L/4)")
+    topk: int = _knob(4, "tokens per step of the top-k row")
+    batch_size: int = _knob(8, "requests decoded together")
+    temperature: float = _knob(1.0, "sampling temperature of every rule")
+    top_p: Optional[float] = _knob(None, "nucleus sampling (none = off)")
+    stop_at_eot: bool = _knob(False, "let EOT stop a request (default: always L tokens)")
+    seed: int = _knob(1337, "the same seed for every rule")
+    repeats: int = _knob(1, "run every rule this many times; tokens/s is the fastest run (outputs are identical)")
+    device: str = _knob("auto", "auto | cpu | cuda | cuda:1 ...")
+    threads: Optional[int] = _knob(None, "torch CPU threads (none: torch's choice; 1 is faster for tiny models on "
+                                         "a busy CPU)")
+    dtype: str = _knob("auto", "autocast dtype on GPU (auto: bfloat16 where supported); CPU runs float32",
+                       choices=("auto", "float32", "bfloat16", "float16"))
+    out: str = _knob("", "write the rows and targets as JSON here")
+
+
+def parse_args(argv=None) -> BenchConfig:
+    return parse_cli(BenchConfig, argv, prog="python -m bench.decoding", description=__doc__)
 
 
 def random_models(args, device):
@@ -323,7 +327,7 @@ def run(args, log=print) -> dict:
     if args.random_init:
         log("(random-init models: the perplexity-based target says nothing; run with trained checkpoints)")
     result = {"header": header, "random_init": args.random_init, "meaningless_quality": args.random_init,
-              "config": vars(args), "rows": [{k: v for k, v in asdict(r).items() if k != "token_ids"} for r in rows],
+              "config": asdict(args), "rows": [{k: v for k, v in asdict(r).items() if k != "token_ids"} for r in rows],
               "targets": targets}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -332,12 +336,12 @@ def run(args, log=print) -> dict:
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
         return run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        parser.exit(2, f"error: {e}\n")
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

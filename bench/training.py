@@ -12,15 +12,16 @@ on the machine hits every variant alike. Prints tokens/s, MFU and the ratio to t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.config import exit_on_config_error, load, usage, wants_help
 from training.distributed import prepare_environment
 from training.engine import TrainingModule, compile_blocks
 
@@ -29,7 +30,7 @@ prepare_environment()
 import torch  # noqa: E402
 
 from models.gpt import GPT  # noqa: E402
-from training.config import load_config  # noqa: E402
+from training.config import config_help, load_config  # noqa: E402
 from training.deepspeed_engine import DeepSpeedEngine  # noqa: E402
 from training.ds_config import load_ds_json, resolve  # noqa: E402
 from training.metrics import default_peak_flops, model_flops_utilization  # noqa: E402
@@ -79,19 +80,29 @@ def sync():
         torch.cuda.synchronize()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "training/configs/shakespeare_mdlm.json"),
-                        help="training config whose model, objective, batch and optimizer are timed")
-    parser.add_argument("--vocab_size", type=int, default=128, help="embedding rows when the config says 0 (from data)")
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per round")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (and compile, with --compile)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
-    parser.add_argument("--json", help="also write the results here")
-    args, overrides = parser.parse_known_args(argv)
+@dataclass
+class BenchConfig:
+    """The bench's own keys; every other --key=value is a training-config override (as for pretrain.py)."""
+    config: str = field(default=str(REPO / "training/configs/shakespeare_mdlm.json"),
+                        metadata={"help": "training config whose model, objective, batch and optimizer are timed"})
+    vocab_size: int = field(default=128, metadata={"help": "embedding rows when the config says 0 (from data)"})
+    steps: int = field(default=20, metadata={"help": "timed optimizer steps per round"})
+    warmup: int = field(default=3, metadata={"help": "untimed steps first (and compile, with --compile)"})
+    rounds: int = field(default=3, metadata={"help": "interleaved rounds; the best round counts"})
+    json: str = field(default="", metadata={"help": "also write the results here"})
 
-    cfg, explicit = load_config(args.config, overrides)
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = "python -m bench.training"
+    if wants_help(argv):
+        print(usage(BenchConfig, prog, __doc__, config_flag=None,
+                    epilog="training config keys (override with --key=value):\n" + config_help()), end="")
+        raise SystemExit(0)
+    with exit_on_config_error(prog):
+        # --config here is the training config file (a field of BenchConfig), not a file of bench keys
+        args, _, overrides = load(BenchConfig, argv, config_flag=None, allow_unknown=True)
+        cfg, explicit = load_config(args.config, overrides)
     cfg.gradient_accumulation_steps = 1  # one micro step per optimizer step: the comparison is per step
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = args.vocab_size

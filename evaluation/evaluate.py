@@ -21,13 +21,12 @@ same to tensorboard (OUT/tb) and to wandb (offline unless a WANDB_API_KEY is set
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.config import parse_cli, read_config_file  # noqa: F401 (read_config_file: the eval_gpt2*.json)
 from models.diffusion import NoiseSchedule, diffusion_nelbo
 from inference import loading
 
@@ -49,7 +49,7 @@ HF_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 @dataclass
 class EvalConfig:
     model: list[str] = field(default_factory=list, metadata={"help": "consolidated model dirs (or training out dirs "
-                                                                       "with export/)"})
+                                                                       "with export/); repeat --model for several"})
     init_from: str = field(default="", metadata={"help": 'a GPT-2 checkpoint: hub name (gpt2, gpt2-medium, ...) or a save_pretrained dir'})
     data_dir: str = field(default="", metadata={"help": 'prepared dataset dir (train.bin, val.bin, meta.json)'})
     splits: list[str] = field(default_factory=lambda: ["val"], metadata={"help": "splits to score: train, val"})
@@ -108,40 +108,11 @@ def parse_steps(text: str) -> list[int]:
 
 
 def load_config(argv=None) -> EvalConfig:
-    """Defaults < --config JSON file < command-line flags. Unknown keys are rejected."""
-    p = argparse.ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="JSON file of EvalConfig fields (e.g. evaluation/configs/eval_gpt2.json)")
-    p.add_argument("--model", action="append", help="consolidated model dir; repeat to evaluate several")
-    for f in fields(EvalConfig):
-        if f.name == "model":
-            continue
-        if f.type in ("bool", bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                           help=f.metadata.get("help"))
-        elif f.name in ("splits", "steps"):
-            p.add_argument(f"--{f.name}", default=None, help=f.metadata.get("help") + " (comma-separated)")
-        else:
-            p.add_argument(f"--{f.name}", type=int if f.type in ("int", int) else str, default=None,
-                           help=f.metadata.get("help"))
-    args = p.parse_args(argv)
-    values: dict = {}
-    if args.config:
-        values.update(read_config_file(args.config))
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
-    cfg = EvalConfig(**values)
+    """Defaults < --config FILE (.json or .toml) < command-line flags (common/config.py), validated.
+    --model is repeatable; --splits and --steps take comma lists; --no-continuous / --no-tensorboard."""
+    cfg = parse_cli(EvalConfig, argv, prog="python -m evaluation.evaluate", description=__doc__.split("\n\n")[0])
     cfg.validate()
     return cfg
-
-
-def read_config_file(path) -> dict:
-    d = json.loads(Path(path).read_text())
-    d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_comment" keys document the file
-    known = {f.name for f in fields(EvalConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown evaluation keys {unknown}; known keys: {sorted(known)}")
-    return d
 
 
 # ----------------------------------------------------------------------------- models and data

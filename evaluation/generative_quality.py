@@ -17,11 +17,10 @@ HF dir), which re-tokenizes the decoded text with its own BPE.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,6 +29,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.config import parse_cli
 from evaluation.evaluate import (check_tokenizer_matches, load_model, read_meta, read_split, resolve_model_dir,
                                 split_windows)
 from evaluation.generative_perplexity import generative_perplexity, unigram_entropy
@@ -131,22 +131,27 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class GenerativeQualityConfig:
+    model: list[str] = field(metadata={"help": "consolidated model dir (repeat --model for several)"})
+    judge: str = field(metadata={"help": "AR model dir with the same tokenizer, or gpt2 / a GPT-2 HF dir"})
+    data_dir: str = field(metadata={"help": "prepared dataset: its tokenizer, val text for the data row"})
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES),
+                                  metadata={"help": "decoding rules to score"})
+    steps: list[int] = field(default_factory=lambda: [16, 32, 64, 128],
+                             metadata={"help": "step counts of the rules that take steps"})
+    length: int = field(default=128, metadata={"help": "generated tokens per sample"})
+    num_samples: int = field(default=16, metadata={"help": "samples per rule and step count"})
+    prompt_tokens: int = field(default=0, metadata={"help": "condition on this many val tokens (0 = none)"})
+    seed: int = field(default=0, metadata={"help": "decoding seed"})
+    out_dir: str = field(default="", metadata={"help": "write generative_quality.{json,md} here ('' = print only)"})
+
+
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python -m evaluation.generative_quality", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True, help="consolidated model dir (repeatable)")
-    p.add_argument("--judge", required=True, help="AR model dir with the same tokenizer, or gpt2 / a GPT-2 HF dir")
-    p.add_argument("--data_dir", required=True, help="prepared dataset: its tokenizer, val text for the data row")
-    p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES))
-    p.add_argument("--steps", default="16,32,64,128")
-    p.add_argument("--length", type=int, default=128, help="generated tokens per sample")
-    p.add_argument("--num_samples", type=int, default=16)
-    p.add_argument("--prompt_tokens", type=int, default=0, help="condition on this many val tokens (0 = none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", default="")
-    a = p.parse_args(argv)
+    a = parse_cli(GenerativeQualityConfig, argv, prog="python -m evaluation.generative_quality",
+                  description=__doc__.split("\n\n")[0])
     try:
-        steps = [int(s) for s in a.steps.split(",") if s]
+        steps = a.steps
         if any(T < 1 for T in steps) or a.length < 1 or a.num_samples < 1:
             raise ValueError("--steps, --length and --num_samples must be positive")
         meta = read_meta(a.data_dir)
@@ -166,7 +171,7 @@ def main(argv=None) -> list[dict]:
             check_tokenizer_matches(jinfo, meta, a.judge, a.data_dir)
         windows = split_windows(read_split(a.data_dir, "val", meta), a.prompt_tokens + a.length, a.num_samples)
         rows = generative_quality(models, tokenizer, judge, Path(a.judge).name, windows, a.length, a.num_samples,
-                                  a.strategies.split(","), steps, a.prompt_tokens, a.seed, judge_tokenizer=judge_tok)
+                                  a.strategies, steps, a.prompt_tokens, a.seed, judge_tokenizer=judge_tok)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

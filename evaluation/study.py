@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -25,10 +24,13 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.config import parse_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,20 +162,24 @@ def study_markdown(results: dict, genq_rows: list, info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class StudyConfig:
+    out_dir: str = field(default="results/study", metadata={"help": "data, both runs, results, plots, study.md"})
+    quick: bool = field(default=False, metadata={"help": "the CI size (~1-2 minutes on a 2-core CPU)"})
+    max_iters: int = field(default=0, metadata={"help": "override the training steps of both models (0 = the size's)"})
+    num_gpus: int = field(default=0, metadata={"help": "ranks per model (0 = every GPU, or 2 CPU ranks on a machine "
+                                                       "without GPUs)"})
+    steps: list[int] = field(default_factory=list, metadata={"help": "T values of the discrete bounds (empty = "
+                                                                      "8,...,1024)"})
+    reuse: bool = field(default=False, metadata={"help": "keep OUT/{ar,mdlm}/export and OUT/results.json from an "
+                                                         "earlier run; redo the rest"})
+    genq: bool = field(default=True, metadata={"help": "the generative-quality table"})
+    wandb_mode: str = field(default="auto", metadata={"help": "wandb of the evaluation",
+                                                      "choices": ("auto", "online", "offline", "disabled")})
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m evaluation.study", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="results/study")
-    p.add_argument("--quick", action="store_true", help="the CI size (~1-2 minutes on a 2-core CPU)")
-    p.add_argument("--max_iters", type=int, default=0, help="override the training steps of both models")
-    p.add_argument("--num_gpus", type=int, default=0,
-                   help="ranks per model (0 = every GPU, or 2 CPU ranks on a machine without GPUs)")
-    p.add_argument("--steps", default="", help="T values of the discrete bounds (default 8,...,1024)")
-    p.add_argument("--reuse", action="store_true",
-                   help="keep OUT/{ar,mdlm}/export and OUT/results.json from an earlier run; redo the rest")
-    p.add_argument("--no_genq", action="store_true", help="skip the generative-quality table")
-    p.add_argument("--wandb_mode", default="auto", help="auto | online | offline | disabled")
-    a = p.parse_args(argv)
+    a = parse_cli(StudyConfig, argv, prog="python -m evaluation.study", description=__doc__.split("\n\n")[0])
 
     import torch
 
@@ -218,8 +224,7 @@ def main(argv=None) -> dict:
     ecfg = EvalConfig(model=[str(exports["mdlm"]), str(exports["ar"])], data_dir=str(data), out_dir=str(out),
                       wandb_mode=a.wandb_mode, wandb_run_name=f"study-{size_name}", **size["eval"])
     if a.steps:
-        from evaluation.evaluate import parse_steps
-        ecfg.steps = parse_steps(a.steps)
+        ecfg.steps = list(a.steps)
     t0 = time.time()
     previous = out / "results.json"
     if a.reuse and previous.is_file() and json.loads(previous.read_text()).get("models"):
@@ -233,7 +238,7 @@ def main(argv=None) -> dict:
     # 4. generative quality, judged by the study's AR model
     t0 = time.time()
     genq_rows = []
-    if not a.no_genq:
+    if a.genq:
         meta = read_meta(data)
         tokenizer = tokenizer_from_meta(meta)
         loaded = [(name, *load_model(exports[name])) for name in ("mdlm", "ar")]

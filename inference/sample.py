@@ -20,18 +20,19 @@ model's blocks, with the exact KV cache of the finished blocks).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from common.config import parse_cli
 from inference.api import BLOCK_RULES, STRATEGIES, DecodeOptions, StepInfo, generate_with_stats
 from inference.loading import load_model
 
@@ -61,55 +62,66 @@ def read_prompts_file(path) -> list[str]:
     return prompts
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m inference.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("model")
-    src.add_argument("--ckpt", help="consolidated model dir (model.safetensors + config.json), a training out dir "
-                                    "(uses its export/), or a DeepSpeed checkpoint dir (consolidated first)")
-    src.add_argument("--init_from", help="OpenAI GPT-2: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local "
-                                         "Hugging Face GPT-2 dir (tokenizer gpt2); needs the weights cached offline")
-    src.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:1 ...")
-    src.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="autocast dtype on GPU (auto: bfloat16 where supported); CPU always runs float32")
-    src.add_argument("--attn_impl", default="auto", choices=["auto", "triton", "torch"],
-                     help="attention kernel: auto = Triton on GPU, PyTorch elsewhere")
-    pr = p.add_argument_group("prompts")
-    pr.add_argument("--start", default="\n", help='prompt text, or FILE:path to read it from a UTF-8 file (default "\\n")')
-    pr.add_argument("--prompts_file", help="one prompt per line (UTF-8), decoded in batches; overrides --start")
-    pr.add_argument("--num_samples", type=int, default=None,
-                    help="samples per prompt (default 10 for --start as in nanoGPT, 1 with --prompts_file)")
-    pr.add_argument("--max_new_tokens", type=int, default=None,
-                    help=f"tokens to generate per sample (default {NANOGPT_MAX_NEW_TOKENS}, capped to the context)")
-    pr.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size, help="requests decoded together")
-    dec = p.add_argument_group("decoding")
-    dec.add_argument("--strategy", choices=STRATEGIES, default=None,
-                     help="decoding rule (default: ancestral for diffusion models, ar for AR models)")
-    dec.add_argument("--steps", type=int, default=None,
-                     help="ancestral: time steps (default L = max_new_tokens); topk: steps to spread the L tokens "
-                          "over; threshold: cap on calls; blocks: steps over all blocks (default one token/step)")
-    dec.add_argument("--tokens_per_step", type=int, default=None,
-                     help="topk / blocks(topk): commit this many tokens per step (default 1 unless --steps)")
-    dec.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
-                     help=f"threshold rule: confidence tau (default {DEFAULTS.threshold})")
-    dec.add_argument("--block_length", type=int, default=None,
-                     help="blocks: block length (default: the model's block for block-causal models, else 32)")
-    dec.add_argument("--block_rule", choices=BLOCK_RULES, default=DEFAULTS.block_rule,
-                     help="blocks: rule inside a block")
-    dec.add_argument("--no_kv_cache", action="store_true", help="blocks / ar: recompute the prefix every call")
-    dec.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
-                     help=f"0 = greedy (default {DEFAULTS.temperature}, as nanoGPT)")
-    dec.add_argument("--top_k", type=int, default=DEFAULTS.top_k,
-                     help=f"sample among the k most likely tokens (0 = all; default {DEFAULTS.top_k})")
-    dec.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the smallest set with mass >= p")
-    dec.add_argument("--no_stop_at_eot", action="store_true", help="do not cut the text at the first EOT")
-    dec.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    out = p.add_argument_group("output")
-    out.add_argument("--out", help="also write one JSON line per sample (text, token ids, NFE, tokens/s) here")
-    out.add_argument("--show_steps", action="store_true",
-                     help="print the text after every decoding step (MASK shown as a placeholder)")
-    out.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
-    return p
+def _knob(default, help: str, **more):
+    return field(default=default, metadata={"help": help, **more})
+
+
+@dataclass
+class SampleConfig:
+    """The sampling CLI (common/config.py: --key=value, --key value, --flag / --no_flag, --config FILE).
+    The decoding knobs take their defaults from DecodeOptions (DEFAULTS): one place, shared with the server."""
+    # the model
+    ckpt: str = _knob("", "consolidated model dir (model.safetensors + config.json), a training out dir (uses its "
+                          "export/), or a DeepSpeed checkpoint dir (consolidated first)")
+    init_from: str = _knob("", "OpenAI GPT-2: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local Hugging Face GPT-2 "
+                               "dir (tokenizer gpt2); needs the weights cached offline")
+    device: str = _knob("auto", "auto (cuda if present) | cpu | cuda | cuda:1 ...")
+    dtype: str = _knob("auto", "autocast dtype on GPU (auto: bfloat16 where supported); CPU always runs float32",
+                       choices=("auto", "float32", "bfloat16", "float16"))
+    attn_impl: str = _knob("auto", "attention kernel: auto = Triton on GPU, PyTorch elsewhere",
+                           choices=("auto", "triton", "torch"))
+    # the prompts
+    start: str = _knob("\n", "prompt text, or FILE:path to read it from a UTF-8 file")
+    prompts_file: str = _knob("", "one prompt per line (UTF-8), decoded in batches; overrides --start")
+    num_samples: Optional[int] = _knob(None, "samples per prompt (none: 10 for --start as in nanoGPT, 1 with "
+                                             "--prompts_file)")
+    max_new_tokens: Optional[int] = _knob(None, f"tokens to generate per sample (none: {NANOGPT_MAX_NEW_TOKENS}, "
+                                                f"capped to the context)")
+    batch_size: int = _knob(DEFAULTS.batch_size, "requests decoded together")
+    # decoding (inference/api.py DecodeOptions)
+    strategy: Optional[str] = _knob(DEFAULTS.strategy, "decoding rule (none: ancestral for diffusion models, ar "
+                                                       "for AR models)", choices=STRATEGIES)
+    steps: Optional[int] = _knob(DEFAULTS.steps, "ancestral: time steps (none: L = max_new_tokens); topk: steps to "
+                                                 "spread the L tokens over; threshold: cap on calls; blocks: steps "
+                                                 "over all blocks (none: one token per step)")
+    tokens_per_step: Optional[int] = _knob(DEFAULTS.tokens_per_step, "topk / random / blocks(topk): commit this "
+                                                                     "many tokens per step (none: 1 unless --steps)")
+    threshold: float = _knob(DEFAULTS.threshold, "threshold rule: confidence tau")
+    block_length: Optional[int] = _knob(DEFAULTS.block_length, "blocks: block length (none: the model's block for "
+                                                               "block-causal models, else 32)")
+    block_rule: str = _knob(DEFAULTS.block_rule, "blocks: rule inside a block", choices=BLOCK_RULES)
+    kv_cache: bool = _knob(DEFAULTS.kv_cache, "blocks / ar: reuse the finished prefix's keys and values "
+                                              "(off: recompute the prefix every call)")
+    temperature: float = _knob(DEFAULTS.temperature, "0 = greedy (as nanoGPT)")
+    top_k: int = _knob(DEFAULTS.top_k, "sample among the k most likely tokens (0 = all)")
+    top_p: Optional[float] = _knob(DEFAULTS.top_p, "nucleus sampling: keep the smallest set with mass >= p")
+    stop_at_eot: bool = _knob(DEFAULTS.stop_at_eot, "cut each text at its first EOT")
+    seed: int = _knob(DEFAULTS.seed, "random seed of the sampler")
+    # the output
+    out: str = _knob("", "also write one JSON line per sample (text, token ids, NFE, tokens/s) here")
+    show_steps: bool = _knob(False, "print the text after every decoding step (MASK shown as a placeholder)")
+    progress: bool = _knob(True, "tqdm progress bar")
+
+    def decode_options(self) -> DecodeOptions:
+        return DecodeOptions(
+            strategy=self.strategy, steps=self.steps, tokens_per_step=self.tokens_per_step, threshold=self.threshold,
+            block_length=self.block_length, block_rule=self.block_rule, kv_cache=self.kv_cache,
+            temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p, stop_at_eot=self.stop_at_eot,
+            batch_size=self.batch_size, seed=self.seed)
+
+
+def parse_args(argv=None) -> SampleConfig:
+    return parse_cli(SampleConfig, argv, prog="python -m inference.sample", description=__doc__)
 
 
 def print_step(tokenizer, info: StepInfo) -> None:
@@ -126,8 +138,8 @@ def autocast_context(device: str, dtype: str):
     return torch.autocast("cuda", dtype=getattr(torch, dtype))
 
 
-def run(args) -> list:
-    if (args.ckpt is None) == (args.init_from is None):
+def run(args: SampleConfig) -> list:
+    if bool(args.ckpt) == bool(args.init_from):
         raise ValueError("give --ckpt DIR (our model) or --init_from gpt2|... (OpenAI GPT-2)")
     if args.prompts_file:
         prompts = read_prompts_file(args.prompts_file)
@@ -138,12 +150,8 @@ def run(args) -> list:
     num_samples = args.num_samples if args.num_samples is not None else (1 if args.prompts_file else 10)
     if num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
-    options = DecodeOptions(
-        strategy=args.strategy, steps=args.steps, tokens_per_step=args.tokens_per_step, threshold=args.threshold,
-        block_length=args.block_length, block_rule=args.block_rule, kv_cache=not args.no_kv_cache,
-        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-        stop_at_eot=not args.no_stop_at_eot, batch_size=args.batch_size, seed=args.seed)
-    loaded = load_model(args.ckpt, args.init_from, args.device, args.attn_impl,
+    options = args.decode_options()
+    loaded = load_model(args.ckpt or None, args.init_from or None, args.device, args.attn_impl,
                         log=lambda m: print(m, file=sys.stderr))
     model, tokenizer = loaded.model, loaded.tokenizer
     max_new = args.max_new_tokens
@@ -158,7 +166,7 @@ def run(args) -> list:
     with autocast_context(device, args.dtype):
         done = generate_with_stats(
             model, tokenizer, requests, max_new, options=replace(options, schedule=loaded.schedule),
-            progress=not (args.no_progress or args.show_steps),
+            progress=args.progress and not args.show_steps,
             on_step=(lambda info: print_step(tokenizer, info)) if args.show_steps else None)
     for c in done:
         print(c.prompt + c.text)
@@ -177,12 +185,12 @@ def run(args) -> list:
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
         return run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        parser.exit(2, f"error: {e}\n")
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ with a dot, in files as nested tables and on the command line as dotted keys:
 
 A bare boolean flag (`--compile`, `--resume`) means true. `--objective=ar` is short for
 `--objective.name=ar`. Unknown keys are an error that lists the known ones. Nothing is ever exec'd.
+The loader is the one every command uses (common/config.py); this module holds what is training's own.
 
 `load_config` also returns which keys were stated explicitly (in the file or a flag): the DeepSpeed
 JSON may state batch size, clipping, optimizer and LR schedule too, and a value stated in both places
@@ -16,12 +17,9 @@ that disagrees is an error (training/ds_config.py), while a default silently yie
 """
 from __future__ import annotations
 
-import json
-import tomllib
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
+from common.config import help_text, load
 from models.diffusion import ObjectiveConfig
 from models.gpt import GPTConfig
 
@@ -114,163 +112,20 @@ class TrainConfig:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------------- building from dicts
-def _known_keys(cls, prefix: str = "") -> list[str]:
-    keys = []
-    for f in fields(cls):
-        sub = _nested_type(cls, f)
-        keys += _known_keys(sub, f"{prefix}{f.name}.") if sub else [prefix + f.name]
-    return keys
-
-
-def _nested_type(cls, f):
-    hint = typing.get_type_hints(cls)[f.name]
-    return hint if is_dataclass(hint) else None
-
-
-def _default_instance(cls, f):
-    return f.default_factory() if f.default_factory is not MISSING else f.default
-
-
-def _build(cls, values: dict, where: str):
-    """Instantiate dataclass `cls` from a (possibly nested) dict on top of its defaults."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {[where + k for k in unknown]} in {cls.__name__}; known keys: "
-                         f"{', '.join(_known_keys(cls, where))}")
-    kwargs = {}
-    for name, f in known.items():
-        sub = _nested_type(cls, f)
-        if sub is not None:
-            base = asdict(_default_instance(cls, f))
-            kwargs[name] = _build(sub, {**base, **values.get(name, {})}, f"{where}{name}.")
-        elif name in values:
-            kwargs[name] = _checked(values[name], typing.get_type_hints(cls)[name], where + name)
-    return cls(**kwargs)
-
-
-def _checked(value, typ, key: str):
-    """A value from a config file must already have the field's type (an int is fine for a float)."""
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise ValueError(f"config key {key}: expected {typ.__name__}, got {value!r}")
-    return value
-
-
-def _coerce(text: str, typ, key: str):
-    """A command-line string to the field's type."""
-    if typ is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{key}: expected true/false, got {text!r}")
-    try:
-        return typ(text)
-    except ValueError:
-        raise ValueError(f"--{key}: expected {typ.__name__}, got {text!r}") from None
-
-
-def _field_types(cls, prefix: str = "") -> dict[str, type]:
-    out = {}
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        hint = hints[f.name]
-        if is_dataclass(hint):
-            out.update(_field_types(hint, f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = hint
-    return out
-
-
-def read_config_file(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        return tomllib.loads(text)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def parse_overrides(argv: list[str]) -> dict[str, object]:
-    """['--model.n_layer=4', '--max_iters', '100', '--compile'] -> {'model.n_layer': 4, ...} (typed)."""
-    types = _field_types(TrainConfig)
-    known = ", ".join(types)
-    out, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: overrides look like --key=value or --key value")
-        key, eq, value = arg[2:].partition("=")
-        if key == "objective" and (eq or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))):
-            key = "objective.name"  # --objective=ar is short for --objective.name=ar
-        if key not in types:
-            raise ValueError(f"unknown config key --{key}; known keys: {known}")
-        if not eq:
-            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            if types[key] is bool and not has_value:
-                value = "true"  # a bare boolean flag
-            elif not has_value:
-                raise ValueError(f"--{key} needs a value")
-            else:
-                value = argv[i + 1]
-                i += 1
-        out[key] = _coerce(value, types[key], key)
-        i += 1
-    return out
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for key, v in flat.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
+# ----------------------------------------------------------------------------- loading (common/config.py)
+ALIASES = {"objective": "objective.name"}  # --objective=ar is short for --objective.name=ar
 
 
 def load_config(config_file: str | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> tuple[TrainConfig, set[str]]:
     """defaults < base (e.g. a checkpoint's saved config) < config_file < overrides.
-    Returns the config and the dotted keys stated explicitly by base, file or flags."""
-    values: dict = {}
-    for layer in (base or {}, read_config_file(config_file) if config_file else {}):
-        values.update(_flatten(layer))
-    values.update(parse_overrides(overrides or []))
-    explicit = set(values)
-    cfg = _build(TrainConfig, _nest(values), "")
+    Returns the config and the dotted keys stated explicitly by base, file or flags.
+    (pretrain.py reads --config itself, beside the launcher's and DeepSpeed's own flags.)"""
+    cfg, explicit, _ = load(TrainConfig, overrides or [], config_file=config_file, base=base, aliases=ALIASES,
+                            config_flag=None)
     return cfg, explicit
 
 
 def config_help() -> str:
     """Every key with its default and meaning, for --help."""
-    lines = []
-    default = TrainConfig()
-    flat_default = _flatten(default.to_dict())
-    helps = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
-    for key, value in flat_default.items():
-        top = key.split(".")[0]
-        note = helps.get(key, "") if "." not in key else ""
-        lines.append(f"  --{key}={json.dumps(value)}" + (f"   {note}" if note else ""))
-        if "." in key and key == next(k for k in flat_default if k.startswith(top + ".")) and helps.get(top):
-            lines[-1] += f"   [{top}: {helps[top]}]"
-    return "\n".join(lines)
+    return help_text(TrainConfig)

@@ -16,8 +16,8 @@ torch.distributed.checkpoint directory: its model shards are loaded whole in thi
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: find the repository root
@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 
 import torch
 
+from common.config import parse_cli
 from training import checkpoint as ckpt
 
 MODULE_PREFIX = "gpt."  # the engine wraps GPT in TrainingModule (training/engine.py)
@@ -49,9 +50,9 @@ def resolve_tag_dir(path) -> Path:
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The GPT's fp32 state dict from one DeepSpeed or FSDP tag directory."""
-    from training.fsdp_engine import consolidated_state_dict as fsdp_state_dict, is_fsdp_checkpoint
+    from training.fsdp_engine import consolidated_state_dict as fsdp_state_dict
 
-    if is_fsdp_checkpoint(tag_dir):
+    if ckpt.checkpoint_kind(tag_dir) == "fsdp":
         state = fsdp_state_dict(tag_dir)
     elif list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -86,12 +87,14 @@ def export_checkpoint(ckpt_path, out_dir) -> Path:
     return save_consolidated(state, info, out_dir)
 
 
+@dataclass
+class ExportConfig:
+    ckpt: str = field(metadata={"help": "run OUT_DIR, its ckpt/ folder, or one ckpt/step_N tag dir"})
+    out: str = field(metadata={"help": "directory for model.safetensors + config.json"})
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="run OUT_DIR, its ckpt/ folder, or one ckpt/step_N tag dir")
-    parser.add_argument("--out", required=True, help="directory for model.safetensors + config.json")
-    args = parser.parse_args(argv)
+    args = parse_cli(ExportConfig, argv, prog="python -m training.export", description=__doc__)
     try:
         out = export_checkpoint(args.ckpt, args.out)
     except (FileNotFoundError, ValueError) as e:

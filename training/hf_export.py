@@ -19,9 +19,9 @@ directory is complete; a char-tokenizer model gets `diffusiongpt_tokenizer.json`
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.config import parse_cli
 from models.weights import load_consolidated
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -126,17 +127,20 @@ def export_to_hf(model_dir, out_dir, with_tokenizer: bool = True) -> Path:
     return out
 
 
+@dataclass
+class HFExportConfig:
+    model: str = field(metadata={"help": "consolidated model dir (a training run's OUT/export, or the run's OUT)"})
+    out: str = field(metadata={"help": "directory for the Hugging Face files"})
+    tokenizer: bool = field(default=True, metadata={"help": "write the tokenizer files (GPT-2 BPE; a char tokenizer gets diffusiongpt_tokenizer.json)"})
+
+
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m training.hf_export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="consolidated model dir (a training run's OUT/export)")
-    p.add_argument("--out", required=True, help="directory for the Hugging Face files")
-    p.add_argument("--no_tokenizer", action="store_true", help="do not write tokenizer files")
-    args = p.parse_args(argv)
+    args = parse_cli(HFExportConfig, argv, prog="python -m training.hf_export", description=__doc__.split("\n\n")[0])
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file() and (model_dir / "export" / "config.json").is_file():
         model_dir = model_dir / "export"  # a training out dir
     try:
-        return export_to_hf(model_dir, args.out, with_tokenizer=not args.no_tokenizer)
+        return export_to_hf(model_dir, args.out, with_tokenizer=args.tokenizer)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

