@@ -114,7 +114,8 @@ def ll_value(resp):
 
 
 # ----------------------------------------------------------------------------- equality with lm-eval's hf backend
-LL_TOLERANCE = 1e-4  # nats, absolute, on each summed log-likelihood (float32 forward passes)
+LL_TOLERANCE = dict(abs=1e-4, rel=1e-6)  # nats, on each summed log-likelihood: float32 forward passes, and the
+# hf backend sums up to ~1,000 log-probs of a rolling window in float32 (largest difference seen: 1.2e-4 on ~-3,000)
 
 
 def test_loglikelihoods_and_greedy_generations_equal_the_hf_backend(hf_gpt2):
@@ -131,7 +132,7 @@ def test_loglikelihoods_and_greedy_generations_equal_the_hf_backend(hf_gpt2):
     for task in ("shakespeare_cloze", "shakespeare_ppl"):
         for sa, sb in zip(a["samples"][task], b["samples"][task], strict=True):
             for ra, rb in zip(sa["resps"], sb["resps"], strict=True):
-                assert ll_value(ra) == pytest.approx(ll_value(rb), abs=LL_TOLERANCE)
+                assert ll_value(ra) == pytest.approx(ll_value(rb), **LL_TOLERANCE)
                 if task == "shakespeare_cloze":
                     assert bool(ra[0][1]) == bool(rb[0][1])  # is_greedy
                 compared += 1
@@ -144,7 +145,7 @@ def test_loglikelihoods_and_greedy_generations_equal_the_hf_backend(hf_gpt2):
     reqs = [("", "Hello world"), ("The quick brown fox ", "jumps"), (long_ctx, " Whether 'tis nobler")]
     for (la, ga), (lb, gb) in zip(ours.loglikelihood(instances("loglikelihood", reqs)),
                                   theirs.loglikelihood(instances("loglikelihood", reqs)), strict=True):
-        assert la == pytest.approx(lb, abs=LL_TOLERANCE) and ga == gb
+        assert la == pytest.approx(lb, **LL_TOLERANCE) and ga == gb
 
     # greedy generations with stop sequences, batched (the last prompt is truncated to 64 - 12 tokens)
     prompts = ["ROMEO:\nBut soft", "Once upon a time", "The", long_ctx]
