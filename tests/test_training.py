@@ -433,12 +433,10 @@ def test_fsdp_resume_reproduces_losses(fsdp_runs):
 
 @pytest.mark.slow
 def test_fsdp_checkpoint_is_complete_and_marked(fsdp_runs):
-    from training.fsdp_engine import is_fsdp_checkpoint
-
     root = ckpt.ckpt_root(fsdp_runs["fsdp"])
     assert (root / "latest").read_text() == "step_000020"
     for tag in ("step_000010", "step_000020"):
-        assert ckpt.verify(root / tag) is None and is_fsdp_checkpoint(root / tag)
+        assert ckpt.verify(root / tag) is None and ckpt.checkpoint_kind(root / tag) == "fsdp"
         names = {p.name for p in (root / tag).iterdir()}
         assert {"rng_rank0.pt", "rng_rank1.pt", "train_config.json", "fsdp_config.json", "fsdp"} <= names
         assert "ds_config.json" not in names

@@ -20,7 +20,6 @@ import torch.distributed as dist
 from models.gpt import GPTConfig
 from training import checkpoint as ckpt
 from training.engine import Engine
-from training.fsdp_engine import is_fsdp_checkpoint
 
 # model keys that may change when a run is resumed: they do not change the parameters
 RESUMABLE_MODEL_KEYS = ("dropout", "attn_impl")
@@ -49,7 +48,7 @@ class ResumePoint:
         """ValueError naming the difference and its fix, when this run cannot continue the checkpoint."""
         self._check_same_world(world)
         self._check_same_architecture(cfg)
-        kind = "fsdp" if is_fsdp_checkpoint(self.tag_dir) else "deepspeed"
+        kind = ckpt.checkpoint_kind(self.tag_dir)  # "deepspeed" | "fsdp": a verified tag dir is one of them
         if kind != cfg.engine:
             raise ValueError(f"checkpoint {self.tag} in {cfg.out_dir} was written by engine={kind}; resume it with "
                              f"--engine={kind} (or export it and start a new run)")

@@ -31,14 +31,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.checkpoint import atomic_write_text
+from training.checkpoint import FSDP_MARKER, atomic_write_text, checkpoint_kind
 from training.config import TrainConfig
 from training.distributed import rank_and_world
 from training.ds_config import default_dtype
 from training.engine import Engine, TrainingModule
 from training.optim import build_lr_scheduler, build_optimizer, optimizer_kwargs, schedule_kwargs
 
-MARKER = "fsdp_checkpoint.json"  # in a tag dir: this checkpoint was written by the FSDP engine
 DCP_DIR = "fsdp"  # the DCP checkpoint inside the tag dir
 CONFIG_FILE = "fsdp_config.json"  # the resolved engine config beside the checkpoint (ds_config.json's twin)
 
@@ -72,10 +71,6 @@ def resolve_fsdp(cfg: TrainConfig, world_size: int) -> ResolvedFSDP:
         "mixed_precision": {"param_dtype": dtype, "reduce_dtype": "fp32"},
     }
     return ResolvedFSDP(config=config, client_optimizer=opt, client_scheduler=sched)
-
-
-def is_fsdp_checkpoint(tag_dir) -> bool:
-    return (Path(tag_dir) / MARKER).is_file()
 
 
 def _init_process_group() -> torch.device:
@@ -172,17 +167,17 @@ class FSDPEngine(Engine):
             marker = {"engine": "fsdp", "format": "torch.distributed.checkpoint", "dcp_dir": DCP_DIR,
                       "world_size": dist.get_world_size(), "micro_steps": self._micro_steps,
                       "scheduler": self.scheduler.state_dict(), "client_state": client_state}
-            atomic_write_text(tag_dir / MARKER, json.dumps(marker, indent=2) + "\n")
+            atomic_write_text(tag_dir / FSDP_MARKER, json.dumps(marker, indent=2) + "\n")
 
     def load(self, ckpt_dir: str, tag: str) -> dict:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         tag_dir = Path(ckpt_dir) / tag
-        if not is_fsdp_checkpoint(tag_dir):
-            raise RuntimeError(f"{tag_dir} is not an FSDP checkpoint (no {MARKER}; a DeepSpeed one?): "
+        if checkpoint_kind(tag_dir) != "fsdp":
+            raise RuntimeError(f"{tag_dir} is not an FSDP checkpoint (no {FSDP_MARKER}; a DeepSpeed one?): "
                                f"resume it with --engine=deepspeed")
-        marker = json.loads((tag_dir / MARKER).read_text())
+        marker = json.loads((tag_dir / FSDP_MARKER).read_text())
         state = self._state()
         dcp.load(state, checkpoint_id=str(tag_dir / marker["dcp_dir"]))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -198,7 +193,7 @@ def consolidated_state_dict(tag_dir) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     tag_dir = Path(tag_dir)
-    marker = json.loads((tag_dir / MARKER).read_text())
+    marker = json.loads((tag_dir / FSDP_MARKER).read_text())
     path = str(tag_dir / marker["dcp_dir"])
     metadata = dcp.FileSystemReader(path).read_metadata()
     prefix = "model."
