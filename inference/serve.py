@@ -1,0 +1,620 @@
+"""An OpenAI-compatible HTTP server for any model `inference.sample` loads, with step-level continuous batching.
+
+    python -m inference.serve --ckpt out/shakespeare_mdlm                 # http://127.0.0.1:8000/ (playground)
+    python -m inference.serve --init_from gpt2 --port 8001
+    python -m inference.serve --ckpt out/shakespeare_ar --host 0.0.0.0 --api-key "$KEY"   # your choice: open to the network
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    client.completions.create(model="shakespeare_mdlm", prompt="ROMEO:", max_tokens=48, temperature=0,
+                              extra_body={"strategy": "threshold", "threshold": 0.9})
+
+Endpoints: POST /v1/completions (OpenAI fields: prompt, max_tokens, temperature, top_p, n, stop, seed,
+stream; diffusion knobs as extra fields: strategy, steps, tokens_per_step, threshold, block_length,
+block_rule, top_k), GET /v1/models, GET /health, GET /metrics (Prometheus text), GET / (the playground).
+
+The server validates, enqueues and streams; decoding is `inference.api` and batching is
+`inference.scheduler.StepScheduler` (one model call per step over every active row). Every bad request
+gets a 4xx with an OpenAI-style error body {"error": {"message", "type", "param", "code"}} that says what
+to fix, and the server keeps serving. A full queue answers 429. SIGTERM: stop accepting, let in-flight
+requests finish for --grace_s seconds, cancel the rest, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script: find the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inference.api import (DIFFUSION_STRATEGIES, Completion, DecodeOptions, encode_requests, model_kind)
+from inference.scheduler import Cancelled, QueueFull, RowSpec, ShuttingDown, StepScheduler, server_options
+from models.tokenizer import PLACEHOLDER
+
+PAGE = Path(__file__).with_name("playground.html")
+API_KEY_ENV = "DIFFUSIONGPT_API_KEY"
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_STOP = 4  # OpenAI: up to 4 stop sequences
+
+# body fields: OpenAI's, the diffusion knobs (DecodeOptions fields), and OpenAI fields accepted only at
+# the value that changes nothing (this server has no logprobs, echo, best_of, suffix or penalties)
+OPENAI_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
+                 "stream_options", "user")
+DECODING_FIELDS = ("strategy", "steps", "tokens_per_step", "threshold", "block_length", "block_rule", "top_k")
+NO_OP_FIELDS = {"logprobs": (None,), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
+                "frequency_penalty": (0, None), "presence_penalty": (0, None), "logit_bias": (None, {})}
+KNOWN_FIELDS = OPENAI_FIELDS + DECODING_FIELDS + tuple(NO_OP_FIELDS)
+
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class BadRequest(Exception):
+    """A request the client must change: becomes a 4xx with an OpenAI-style error body."""
+
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
+                 type_: str = "invalid_request_error", code: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type_, code
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@dataclass
+class ServerConfig:
+    model_id: str
+    max_rows: int = 64  # decodes in one model call at most
+    max_queue: int = 256  # rows waiting beyond those (then 429)
+    max_n: int = 16  # completions per request (n x prompts) at most
+    api_key: Optional[str] = None
+    grace_s: float = 10.0
+
+
+@dataclass
+class ParsedRequest:
+    prompts: list[str]
+    max_tokens: int
+    n: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    options: DecodeOptions  # resolved for the model, as served (no KV cache); seed = the first row's
+
+
+# ----------------------------------------------------------------------------- request parsing
+def parse_body(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the request body is not UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start}; "
+                         f"send the JSON body encoded as UTF-8") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                         f"send a JSON object such as {{\"prompt\": \"ROMEO:\", \"max_tokens\": 32}}") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object of field: value, got a JSON {type(body).__name__}")
+    return body
+
+
+def _int(body, name, default, lo=None, hi=None, hint=""):
+    v = body.get(name, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadRequest(f"{name} must be an integer, got {v!r}{hint}", param=name)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise BadRequest(f"{name} must be {bounds}, got {v}{hint}", param=name)
+    return v
+
+
+def parse_completion_request(body: dict, loaded, cfg: ServerConfig) -> ParsedRequest:
+    """Every check of a /v1/completions body, before anything is queued (BadRequest names the fix)."""
+    unknown = sorted(set(body) - set(KNOWN_FIELDS))
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(map(repr, unknown))}; this server accepts "
+                         f"{', '.join(OPENAI_FIELDS)} and the decoding fields {', '.join(DECODING_FIELDS)}",
+                         param=unknown[0])
+    for name, allowed in NO_OP_FIELDS.items():
+        if name in body and body[name] not in allowed:
+            raise BadRequest(f"{name} is not supported by this server; leave it out", param=name)
+    model_name = body.get("model")
+    if model_name is not None and model_name != cfg.model_id:
+        raise BadRequest(f"model {model_name!r} is not served here; this server serves {cfg.model_id!r} "
+                         f"(GET /v1/models)", param="model", status=404, code="model_not_found")
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        raise BadRequest("prompts as token ids are not supported; send the prompt as text", param="prompt")
+    else:
+        raise BadRequest("prompt is required: a string or a non-empty list of strings", param="prompt")
+    context = loaded.model.config.block_size
+    max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, lo=1,
+                      hint=f" (the number of tokens to generate; the model's context is {context} tokens)")
+    n = _int(body, "n", 1, lo=1)
+    if n * len(prompts) > cfg.max_n:
+        raise BadRequest(f"n={n} completions for {len(prompts)} prompt(s) = {n * len(prompts)} exceeds this server's "
+                         f"limit of {cfg.max_n} per request (--max_n); lower n or split the request", param="n")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", param="stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(f"stream must be true or false, got {stream!r}", param="stream")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
+        raise BadRequest("stream_options must be an object with at most the field include_usage",
+                         param="stream_options")
+    seed = body.get("seed")
+    if seed is None:
+        seed = secrets.randbits(31)  # unseeded requests are random, as with OpenAI
+    knobs = {k: body[k] for k in DECODING_FIELDS + ("temperature", "top_p") if body.get(k) is not None}
+    knobs["seed"] = seed
+    try:
+        options = replace(DecodeOptions(schedule=loaded.schedule), **knobs).for_model(loaded.model)
+    except ValueError as e:
+        raise BadRequest(f"{e}", param=_param_of(str(e), knobs)) from None
+    except TypeError as e:
+        raise BadRequest(f"{e}") from None
+    try:
+        encode_requests(loaded.model, loaded.tokenizer, prompts, [max_tokens] * len(prompts))
+    except ValueError as e:
+        msg = str(e) if len(prompts) > 1 else str(e).replace("prompt 0 ", "the prompt ")
+        raise BadRequest(msg.replace("max_new_tokens", "max_tokens"),
+                         param="max_tokens" if "new tokens" in msg else "prompt") from None
+    return ParsedRequest(prompts, max_tokens, n, stop, stream, bool(stream_options.get("include_usage")),
+                         server_options(options))
+
+
+def _param_of(message: str, knobs: dict) -> Optional[str]:
+    for name in sorted(knobs, key=len, reverse=True):
+        if name in message:
+            return name
+    return None
+
+
+def row_specs(req: ParsedRequest) -> list[RowSpec]:
+    """One row per (prompt, sample): choice index = prompt index * n + sample, seeds seed, seed + 1, ..."""
+    return [RowSpec(p, req.max_tokens, replace(req.options, seed=req.options.seed + i * req.n + j))
+            for i, p in enumerate(req.prompts) for j in range(req.n)]
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    cuts = [text.index(s) for s in stop if s in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+# ----------------------------------------------------------------------------- metrics
+class Metrics:
+    """Prometheus text exposition, written by hand (counters, gauges, histograms)."""
+
+    def __init__(self):
+        self.requests = {}  # status code -> count
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.latency = Histogram(LATENCY_BUCKETS_S)
+
+    def count_request(self, status: int) -> None:
+        self.requests[status] = self.requests.get(status, 0) + 1
+
+    def render(self, scheduler: StepScheduler, model_id: str) -> str:
+        out = []
+
+        def metric(name, kind, help_, samples):
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(samples)
+
+        metric("diffusiongpt_requests_total", "counter", "HTTP requests answered, by status code",
+               [f'diffusiongpt_requests_total{{code="{c}"}} {n}' for c, n in sorted(self.requests.items())]
+               or ['diffusiongpt_requests_total{code="200"} 0'])
+        metric("diffusiongpt_prompt_tokens_total", "counter", "prompt tokens of finished completions",
+               [f"diffusiongpt_prompt_tokens_total {self.prompt_tokens}"])
+        metric("diffusiongpt_completion_tokens_total", "counter", "generated tokens of finished completions",
+               [f"diffusiongpt_completion_tokens_total {self.completion_tokens}"])
+        metric("diffusiongpt_model_calls_total", "counter", "merged model calls (scheduler steps)",
+               [f"diffusiongpt_model_calls_total {scheduler.calls}"])
+        metric("diffusiongpt_row_calls_total", "counter", "rows run over all model calls",
+               [f"diffusiongpt_row_calls_total {scheduler.row_calls}"])
+        metric("diffusiongpt_model_seconds_total", "counter", "time spent in model calls",
+               [f"diffusiongpt_model_seconds_total {scheduler.forward_s:.6f}"])
+        rows = Histogram(ROWS_BUCKETS)
+        for n_rows, count in list(scheduler.rows_per_call.items()):
+            rows.observe(n_rows, count)
+        metric("diffusiongpt_batch_rows", "histogram", "rows per model call (the batch size of each step)",
+               rows.samples("diffusiongpt_batch_rows"))
+        metric("diffusiongpt_queue_depth", "gauge", "rows waiting for a slot", [f"diffusiongpt_queue_depth {scheduler.queued}"])
+        metric("diffusiongpt_active_rows", "gauge", "rows being decoded", [f"diffusiongpt_active_rows {scheduler.active}"])
+        metric("diffusiongpt_max_rows", "gauge", "rows per model call at most (--max_rows)",
+               [f"diffusiongpt_max_rows {scheduler.max_rows}"])
+        metric("diffusiongpt_request_latency_seconds", "histogram", "time from arrival to the last byte of a completion",
+               self.latency.samples("diffusiongpt_request_latency_seconds"))
+        metric("process_resident_memory_bytes", "gauge", "resident memory of the server process",
+               [f"process_resident_memory_bytes {resident_memory_bytes()}"])
+        out.append(f'diffusiongpt_model_info{{model="{model_id}"}} 1')
+        return "\n".join(out) + "\n"
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                self.counts[i] += count
+        self.total += count
+        self.sum += value * count
+
+    def samples(self, name: str) -> list[str]:
+        lines = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        return lines + [f'{name}_bucket{{le="+Inf"}} {self.total}', f"{name}_sum {self.sum:.6f}",
+                        f"{name}_count {self.total}"]
+
+
+def resident_memory_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+# ----------------------------------------------------------------------------- the app
+def build_app(loaded, scheduler: StepScheduler, cfg: ServerConfig):
+    tokenizer, model = loaded.tokenizer, loaded.model
+    kind = model_kind(model)
+    metrics = Metrics()
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, scheduler.stop, min(cfg.grace_s, 2.0))
+
+    app = FastAPI(title="diffusionGPT", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics, app.state.scheduler = metrics, scheduler
+
+    def error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        return JSONResponse(error_body(message, type_, param, code), status_code=status)
+
+    app.add_middleware(AuthAndCount, api_key=cfg.api_key, metrics=metrics)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        hint = {404: f"{request.url.path} does not exist; the endpoints are POST /v1/completions, GET /v1/models, "
+                     f"GET /health, GET /metrics and GET / (the playground)",
+                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return error(exc.status_code, hint, code="not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return error(400, f"bad request: {exc.errors()}")
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request, exc: BadRequest):
+        return error(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": cfg.model_id, "active_rows": scheduler.active, "queued": scheduler.queued}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return PlainTextResponse(metrics.render(scheduler, cfg.model_id), media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict:
+        strategies = ["ar"] if kind == "ar" else list(DIFFUSION_STRATEGIES)
+        return {"id": cfg.model_id, "object": "model", "created": created, "owned_by": "diffusionGPT",
+                "objective": loaded.objective, "attention": model.config.attention,
+                "context_length": model.config.block_size, "strategies": strategies,
+                "default_strategy": strategies[0], "mask_placeholder": PLACEHOLDER}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        if model_id != cfg.model_id:
+            raise BadRequest(f"model {model_id!r} is not served here; this server serves {cfg.model_id!r}",
+                             param="model", status=404, code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        t0 = time.perf_counter()
+        req = parse_completion_request(parse_body(await request.body()), loaded, cfg)
+        specs = row_specs(req)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_event(i, kind_, payload):  # row threads -> the event loop (steps only when streamed)
+            if req.stream or kind_ != "step":
+                loop.call_soon_threadsafe(events.put_nowait, (i, kind_, payload))
+
+        try:
+            rows = scheduler.submit(specs, on_event)
+        except QueueFull as e:
+            raise BadRequest(str(e), status=429, type_="rate_limit_error", code="queue_full") from None
+        except ShuttingDown as e:
+            raise BadRequest(str(e), status=503, type_="server_error", code="shutting_down") from None
+        stream = CompletionStream(req, specs, tokenizer, kind, cfg.model_id)
+        if req.stream:
+            async def sse():
+                try:
+                    while not stream.finished:
+                        for chunk in stream.handle(*(await events.get())):
+                            yield f"data: {json.dumps(chunk)}\n\n"
+                    for chunk in stream.final_chunks():
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    stream.account(metrics, time.perf_counter() - t0)
+                finally:
+                    if not stream.finished:  # the client left: free its rows
+                        scheduler.cancel(rows)
+            return StreamingResponse(sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:  # collect the rows' results; a client that hangs up meanwhile frees its rows
+            next_check = time.monotonic() + 0.25
+            while not stream.finished:
+                try:
+                    stream.handle(*(await asyncio.wait_for(events.get(), timeout=0.25)))
+                except asyncio.TimeoutError:
+                    pass
+                if time.monotonic() >= next_check:
+                    if await request.is_disconnected():
+                        break
+                    next_check = time.monotonic() + 0.25
+        finally:
+            if not stream.finished:
+                scheduler.cancel(rows)
+        if not stream.finished:
+            return error(499, "the client closed the connection")
+        if stream.errors:
+            return stream.error_response(error)
+        stream.account(metrics, time.perf_counter() - t0)
+        return stream.response()
+
+    return app
+
+
+class AuthAndCount:
+    """ASGI middleware: the API key on every request but the page and /health; requests counted by status.
+    (Plain ASGI, so that streamed responses and client disconnects pass straight through.)"""
+
+    OPEN_PATHS = ("/", "/health")
+
+    def __init__(self, app, api_key: Optional[str], metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key and scope["path"] not in self.OPEN_PATHS:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            auth = headers.get("authorization", "")
+            given = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                self.metrics.count_request(401)
+                body = error_body("missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
+                                  f"key the server was started with (--api-key or ${API_KEY_ENV})",
+                                  code="invalid_api_key")
+                return await JSONResponse(body, status_code=401)(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.count_request(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+class CompletionStream:
+    """The rows of one request as they decode: streamed chunks (SSE) and the final OpenAI response."""
+
+    def __init__(self, req: ParsedRequest, specs: list[RowSpec], tokenizer, kind: str, model_id: str):
+        self.req, self.specs, self.tokenizer, self.kind = req, specs, tokenizer, kind
+        self.id = "cmpl-" + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.model_id = model_id
+        self.done: dict[int, Completion] = {}
+        self.errors: dict[int, BaseException] = {}
+        self.sent = [""] * len(specs)  # text already streamed (AR)
+        self.previous = [None] * len(specs)  # last canvas ids (diffusion)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.done) + len(self.errors) == len(self.specs)
+
+    def _chunk(self, choice: dict) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_id,
+                "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": None, **choice}]}
+
+    def handle(self, i: int, kind: str, payload) -> list[dict]:
+        if kind == "error":
+            self.errors[i] = payload
+            return []
+        if kind == "done":
+            self.done[i] = payload
+            return [self._chunk(self.final_choice(i, streaming=True))] if self.req.stream else []
+        if not self.req.stream:
+            return []
+        ids = payload.token_ids[0]
+        if self.kind == "ar":  # tokens: send what is new (held back while a character is split)
+            text, _ = cut_at_stop(self.tokenizer.decode(ids).split("<|endoftext|>")[0], self.req.stop)
+            if text.endswith("\ufffd") or not text.startswith(self.sent[i]) or len(text) == len(self.sent[i]):
+                return []
+            delta, self.sent[i] = text[len(self.sent[i]):], text
+            return [self._chunk({"index": i, "text": delta, "model_calls": int(payload.nfe[0])})]
+        prev = self.previous[i]
+        mask_id = self.tokenizer.mask_id
+        committed = [p for p, t in enumerate(ids) if t != mask_id and (prev is None or prev[p] == mask_id)]
+        self.previous[i] = list(ids)
+        # diffusion: the whole canvas after this step (MASK shown as the placeholder), in extra fields;
+        # "text" stays empty so that a client concatenating text deltas gets exactly the final text
+        return [self._chunk({"index": i, "canvas": self.tokenizer.decode(ids), "committed": committed,
+                             "model_calls": int(payload.nfe[0])})]
+
+    def final_choice(self, i: int, streaming: bool = False) -> dict:
+        c = self.done[i]
+        text, hit = cut_at_stop(c.text, self.req.stop)
+        choice = {"index": i, "text": text, "logprobs": None, "finish_reason": "stop" if (hit or c.stopped_at_eot)
+                  else "length", "model_calls": c.nfe, "steps": c.steps}
+        if streaming:
+            choice["text"] = text[len(self.sent[i]):] if self.kind == "ar" else text
+            if self.kind != "ar":
+                choice["canvas"] = text
+        return choice
+
+    def usage(self) -> dict:
+        prompt = sum(len(self.done[i].prompt_ids) for i in range(0, len(self.specs), self.req.n) if i in self.done)
+        completion = sum(len(c.token_ids) for c in self.done.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "model_calls": sum(c.nfe for c in self.done.values())}
+
+    def final_chunks(self) -> list[dict]:
+        if self.errors:
+            return [{"error": error_body(*self._error())["error"]}]
+        return [{"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_id,
+                 "choices": [], "usage": self.usage()}]
+
+    def _error(self) -> tuple[str, str]:
+        e = next(iter(self.errors.values()))
+        if isinstance(e, Cancelled):
+            return "the request was cancelled: the server is shutting down", "server_error"
+        return f"decoding failed: {type(e).__name__}: {e}", "server_error"
+
+    def error_response(self, error):
+        message, type_ = self._error()
+        return error(503 if type_ == "server_error" and "shutting down" in message else 500, message, type_)
+
+    def response(self) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_id,
+                "choices": [self.final_choice(i) for i in range(len(self.specs))], "usage": self.usage()}
+
+    def account(self, metrics: Metrics, elapsed_s: float) -> None:
+        u = self.usage()
+        metrics.prompt_tokens += u["prompt_tokens"]
+        metrics.completion_tokens += u["completion_tokens"]
+        metrics.latency.observe(elapsed_s)
+
+
+# ----------------------------------------------------------------------------- CLI
+def prepare_model(loaded, dtype: str):
+    """The model in eval mode and the context its calls run in: float64 (exactness tests), float32, or
+    bf16/fp16 autocast on GPU (auto = bf16 where supported, float32 on CPU)."""
+    model = loaded.model.eval()
+    device = next(model.parameters()).device
+    if dtype == "float64":
+        loaded.model = model.double()
+        return contextlib.nullcontext
+    if device.type != "cuda" or dtype == "float32":
+        if dtype in ("bfloat16", "float16"):
+            raise ValueError(f"--dtype {dtype} needs a GPU; on CPU use float32 (or float64)")
+        return contextlib.nullcontext
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return lambda: torch.autocast("cuda", dtype=getattr(torch, dtype))
+
+
+def default_model_id(ckpt: Optional[str], init_from: Optional[str]) -> str:
+    if init_from:
+        return Path(init_from).name or init_from
+    p = Path(ckpt).resolve()
+    return p.parent.name if p.name == "export" else p.name
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m inference.serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="our checkpoint: a consolidated dir, a training out dir, or a DeepSpeed checkpoint")
+    src.add_argument("--init_from", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face GPT-2 dir")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 opens the "
+                                                        "server to the network: set --api-key)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--model_name", default=None, help="the model id clients send (default: the run's folder name)")
+    ap.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get(API_KEY_ENV),
+                    help=f"require 'Authorization: Bearer KEY' on every request but / and /health (or ${API_KEY_ENV})")
+    ap.add_argument("--max_rows", type=int, default=64, help="rows (decodes) per model call at most")
+    ap.add_argument("--max_queue", type=int, default=256, help="rows that may wait beyond max_rows; then 429")
+    ap.add_argument("--max_n", type=int, default=16, help="completions per request (n x prompts) at most")
+    ap.add_argument("--grace_s", type=float, default=10.0, help="on SIGTERM, seconds in-flight requests get to finish")
+    ap.add_argument("--step_delay_s", type=float, default=0.0,
+                    help="pause before every model call (demos: watch the canvas fill in in the playground)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64", "bfloat16", "float16"])
+    ap.add_argument("--attn_impl", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import uvicorn
+
+    from inference.loading import load_model
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        loaded = load_model(args.ckpt, args.init_from, args.device, args.attn_impl,
+                            log=lambda m: print(m, file=sys.stderr))
+        autocast = prepare_model(loaded, args.dtype)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = ServerConfig(model_id=args.model_name or default_model_id(args.ckpt, args.init_from),
+                       max_rows=args.max_rows, max_queue=args.max_queue, max_n=args.max_n,
+                       api_key=args.api_key or None, grace_s=args.grace_s)
+    scheduler = StepScheduler(loaded.model, loaded.tokenizer, cfg.max_rows, cfg.max_queue, autocast,
+                              step_delay_s=args.step_delay_s).start()
+    app = build_app(loaded, scheduler, cfg)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches this port can use the "
+              f"model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=max(1, int(args.grace_s))))
+    # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that exit 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    print(f"serving {cfg.model_id} ({loaded.objective}, {model_kind(loaded.model)}) on http://{args.host}:{args.port}/ "
+          f"(max_rows {cfg.max_rows}, max_queue {cfg.max_queue})", file=sys.stderr, flush=True)
+    server.run()
+    print("server stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,475 @@
+"""Specification of the server (inference/serve.py) and its step-level scheduler (inference/scheduler.py).
+
+Tiny random models (2 layers, 32 wide, context 64) served in float64 by real `python -m inference.serve`
+subprocesses on free loopback ports, driven by the official `openai` client and raw HTTP. Every server a
+test starts is stopped by its fixture, even when the test fails.
+"""
+import fcntl
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from inference.api import DecodeOptions, generate_with_stats
+from inference.loading import load_model
+from inference.scheduler import RowSpec, StepScheduler, server_options
+from models.gpt import GPT, GPTConfig
+from models.tokenizer import PLACEHOLDER, get_tokenizer
+from models.weights import save_consolidated
+
+REPO = Path(__file__).resolve().parents[1]
+TOK = get_tokenizer("char", corpus_text="abcdefghijklmnopqrstuvwxyz .,!?\n")
+KEY = "test-key-123"
+
+
+def export_tiny(out_dir, attention="bidirectional", objective="mdlm", block_length=0):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=TOK.padded_vocab_size, n_layer=2, n_head=2, n_embd=32,
+                          attention=attention, block_length=block_length))
+    info = {"model": model.config.to_dict(), "objective": {"name": objective, "schedule": "loglinear"},
+            "tokenizer": TOK.to_meta(), "mask_id": TOK.mask_id, "eot_id": TOK.eot_id}
+    save_consolidated(model.state_dict(), info, out_dir)
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    return {"mdlm": export_tiny(root / "mdlm"), "ar": export_tiny(root / "ar", "causal", "ar")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m inference.serve` in a subprocess on a free loopback port; stop() always ends it."""
+
+    def __init__(self, ckpt, *flags):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile()
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "inference.serve", "--ckpt", str(ckpt), "--port",
+                                      str(self.port), "--dtype", "float64", "--threads", "1", *flags],
+                                     cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the server did not answer /health within 90 s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")
+
+    def client(self, key="none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def metric(self, name: str, headers=None) -> float:
+        text = httpx.get(self.url + "/metrics", headers=headers, timeout=10).text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+                   or line.startswith(name + "{"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def mdlm_server(model_dirs):
+    server = Server(model_dirs["mdlm"], "--max_rows", "16")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ar_server(model_dirs):
+    server = Server(model_dirs["ar"])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def small_server(model_dirs):
+    """Two rows at a time, two waiting, an API key, and slow steps (so that a request can be left mid-way)."""
+    server = Server(model_dirs["mdlm"], "--max_rows", "2", "--max_queue", "2", "--api-key", KEY,
+                    "--step_delay_s", "0.05")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ----------------------------------------------------------------------------- the scheduler alone
+def tiny(attention, block_length=0):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=64, vocab_size=TOK.padded_vocab_size, n_layer=2, n_head=2, n_embd=32,
+                         attention=attention, block_length=block_length)).double().eval()
+
+
+ROW_CASES = [("ancestral", {}), ("topk", dict(tokens_per_step=2)), ("random", dict(tokens_per_step=3)),
+             ("threshold", dict(threshold=0.05)), ("blocks", dict(block_length=8)),
+             ("blocks", dict(block_length=8, block_rule="threshold", threshold=0.1))]
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal", "causal"])
+def test_rows_decoded_together_equal_each_row_decoded_alone(attention):
+    """Every rule, greedy and sampled (own seed per row): one merged call per step changes nothing."""
+    model = tiny(attention, block_length=4 if attention == "block_causal" else 0)
+    cases = [("ar", {})] if attention == "causal" else ROW_CASES
+    specs = []
+    for k, (strategy, knobs) in enumerate(cases):
+        for temperature in (0, 0.9):
+            for prompt, n in [("the cat", 12), ("hello world, how", 20), ("xyz", 9)]:
+                options = DecodeOptions(strategy=strategy, temperature=temperature, seed=7 + k, **knobs)
+                specs.append(RowSpec(prompt, n, server_options(options.for_model(model))))
+    alone = [generate_with_stats(model, TOK, [s.prompt], s.max_new_tokens, options=s.options)[0] for s in specs]
+    scheduler = StepScheduler(model, TOK, max_rows=6, max_queue=len(specs)).start()
+    got, finished = {}, threading.Event()
+
+    def on_event(i, kind, payload):
+        if kind in ("done", "error"):
+            got[i] = payload
+            if len(got) == len(specs):
+                finished.set()
+    try:
+        scheduler.submit(specs, on_event)
+        assert finished.wait(60), "the scheduler did not finish"
+    finally:
+        scheduler.stop(1.0)
+    for i, want in enumerate(alone):
+        assert getattr(got[i], "token_ids", got[i]) == want.token_ids, f"row {i} ({specs[i].options.strategy})"
+        assert got[i].nfe == want.nfe
+    assert scheduler.row_calls > scheduler.calls, "rows never shared a model call"
+    assert max(scheduler.rows_per_call) <= 6
+
+
+# ----------------------------------------------------------------------------- the OpenAI API
+def test_openai_client_lists_the_model_and_completes(mdlm_server):
+    client = mdlm_server.client()
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["mdlm"]
+    out = client.completions.create(model="mdlm", prompt=["the cat", "a"], max_tokens=10, temperature=0, n=2,
+                                    extra_body={"strategy": "topk", "tokens_per_step": 2})
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.choices[0].text == out.choices[1].text  # greedy: n samples agree
+    assert all(c.finish_reason in ("length", "stop") and PLACEHOLDER not in c.text for c in out.choices)
+    assert out.usage.prompt_tokens == len("the cat") + len("a")
+    assert out.usage.completion_tokens == sum(len(c.text) for c in out.choices)  # one char = one token
+    assert out.usage.model_extra["model_calls"] == 4 * 5  # each row: 10 tokens, 2 per call
+    assert httpx.get(mdlm_server.url + "/health").json()["status"] == "ok"
+    assert mdlm_server.metric("diffusiongpt_model_calls_total") > 0
+
+
+def test_same_output_alone_or_alongside_others_at_temperature_0(mdlm_server, model_dirs):
+    client = mdlm_server.client()
+    target = dict(prompt="hello world, how", max_tokens=24, temperature=0,
+                  extra_body={"strategy": "threshold", "threshold": 0.2})
+    alone = client.completions.create(model="mdlm", **target).choices[0].text
+    calls_before, rows_before = (mdlm_server.metric("diffusiongpt_model_calls_total"),
+                                 mdlm_server.metric("diffusiongpt_row_calls_total"))
+    others = [dict(prompt=p, max_tokens=n, temperature=t, seed=3,
+                   extra_body={"strategy": s, "steps": n // 2} if s != "threshold" else {"strategy": s})
+              for p, n, t, s in [("a", 40, 0.8, "topk"), ("the cat sat", 30, 0, "random"), ("xyz", 50, 1.0, "ancestral"),
+                                 ("why", 20, 0, "blocks"), ("ok", 44, 0.5, "threshold"), ("q", 33, 0, "topk")]]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client.completions.create, model="mdlm", **o) for o in others[:3]]
+        futures.append(pool.submit(client.completions.create, model="mdlm", **target))
+        futures += [pool.submit(client.completions.create, model="mdlm", **o) for o in others[3:]]
+        results = [f.result() for f in futures]
+    assert results[3].choices[0].text == alone
+    rows = mdlm_server.metric("diffusiongpt_row_calls_total") - rows_before
+    calls = mdlm_server.metric("diffusiongpt_model_calls_total") - calls_before
+    assert rows > 1.5 * calls, f"requests did not share model calls ({rows} rows in {calls} calls)"
+    # and the server adds nothing to decoding: it is generate() on the same weights
+    loaded = load_model(ckpt=str(model_dirs["mdlm"]), device="cpu", log=lambda m: None)
+    model = loaded.model.double().eval()
+    options = DecodeOptions(strategy="threshold", threshold=0.2, temperature=0, kv_cache=False)
+    assert generate_with_stats(model, loaded.tokenizer, [target["prompt"]], 24, options=options)[0].text == alone
+
+
+def test_seeded_sampling_is_reproducible(mdlm_server):
+    client = mdlm_server.client()
+    kw = dict(model="mdlm", prompt="the", max_tokens=16, temperature=1.0, seed=42)
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+def test_stop_sequences_cut_the_text(ar_server):
+    client = ar_server.client()
+    full = client.completions.create(model="ar", prompt="the cat", max_tokens=30, temperature=0).choices[0].text
+    stop = full[5:7]
+    cut = client.completions.create(model="ar", prompt="the cat", max_tokens=30, temperature=0, stop=stop).choices[0]
+    assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+
+
+# ----------------------------------------------------------------------------- streaming
+def test_streamed_diffusion_canvas_fills_in_step_by_step(mdlm_server):
+    client = mdlm_server.client()
+    kw = dict(model="mdlm", prompt="the cat", max_tokens=12, temperature=0, extra_body={"strategy": "topk", "steps": 4})
+    final = client.completions.create(**kw).choices[0].text
+    canvases, text, usage = [], "", None
+    for chunk in client.completions.create(stream=True, **kw):
+        for choice in chunk.choices:
+            text += choice.text
+            canvases.append((choice.model_extra["canvas"], choice.finish_reason))
+        usage = chunk.usage or usage
+    masked = [c.count(PLACEHOLDER) for c, _ in canvases]
+    assert masked[:4] == [9, 6, 3, 0], canvases  # 12 tokens over 4 steps: 3 committed per step
+    assert canvases[-1][0] == final and canvases[-1][1] in ("length", "stop") and text == final
+    assert usage.model_extra["model_calls"] == 4
+
+
+def test_streamed_ar_tokens_concatenate_to_the_completion(ar_server):
+    client = ar_server.client()
+    kw = dict(model="ar", prompt="hello", max_tokens=20, temperature=0)
+    final = client.completions.create(**kw).choices[0].text
+    deltas = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(deltas) == final and len([d for d in deltas if d]) > 5
+
+
+# ----------------------------------------------------------------------------- bad requests
+CONTEXT = 64
+BAD_REQUESTS = {
+    "not_json": (b'{"prompt": "a",', 400, "not valid JSON"),
+    "not_utf8": (b'{"prompt": "\xff\xfe"}', 400, "not UTF-8"),
+    "not_an_object": (b'["a"]', 400, "must be a JSON object"),
+    "unknown_field": ({"prompt": "a", "temprature": 0}, 400, "unknown field(s) 'temprature'"),
+    "no_prompt": ({"max_tokens": 4}, 400, "prompt is required"),
+    "prompt_too_long": ({"prompt": "a" * 70, "max_tokens": 4}, 400, "longer than the model's context"),
+    "max_tokens_zero": ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens must be >= 1"),
+    "max_tokens_past_context": ({"prompt": "abc", "max_tokens": 100}, 400, "lower max_tokens to 61"),
+    "strategy_for_another_model": ({"prompt": "a", "strategy": "ar"}, 400, "use one of ancestral"),
+    "unknown_strategy": ({"prompt": "a", "strategy": "beam"}, 400, "unknown strategy 'beam'"),
+    "n_too_large": ({"prompt": "a", "n": 1000}, 400, "lower n or split the request"),
+    "negative_temperature": ({"prompt": "a", "temperature": -1}, 400, "temperature must be >= 0"),
+    "threshold_out_of_range": ({"prompt": "a", "strategy": "threshold", "threshold": 2}, 400, "threshold must be in"),
+    "char_not_in_vocabulary": ({"prompt": "ROMEO"}, 400, "not in the char vocabulary"),
+    "unsupported_logprobs": ({"prompt": "a", "logprobs": 3}, 400, "logprobs is not supported"),
+    "unknown_model": ({"prompt": "a", "model": "gpt-4"}, 404, "this server serves 'mdlm'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
+def test_bad_request_gets_an_openai_error_and_the_server_still_serves(mdlm_server, name):
+    body, status, message = BAD_REQUESTS[name]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(mdlm_server.url + "/v1/completions", content=content,
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and error["type"], error
+    ok = httpx.post(mdlm_server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 3}, timeout=30)
+    assert ok.status_code == 200 and len(ok.json()["choices"][0]["text"]) <= 3
+
+
+def test_openai_client_raises_on_a_bad_request(mdlm_server):
+    with pytest.raises(openai.BadRequestError, match="lower max_tokens"):
+        mdlm_server.client().completions.create(model="mdlm", prompt="abc", max_tokens=100)
+    assert httpx.get(mdlm_server.url + "/nowhere").json()["error"]["code"] == "not_found"
+
+
+# ----------------------------------------------------------------------------- load and lifecycle
+def test_api_key_is_checked_on_every_request(small_server):
+    with pytest.raises(openai.AuthenticationError, match="Authorization: Bearer"):
+        small_server.client(key="wrong").models.list()
+    assert httpx.get(small_server.url + "/metrics").status_code == 401
+    assert httpx.get(small_server.url + "/health").status_code == 200  # liveness stays open
+    assert small_server.client(key=KEY).models.list().data[0].id == "mdlm"
+
+
+def test_a_full_queue_answers_429(small_server):
+    client = small_server.client(key=KEY)
+    with pytest.raises(openai.RateLimitError, match="at capacity"):  # 2 running + 2 queued < 5 rows
+        client.completions.create(model="mdlm", prompt="a", max_tokens=4, n=5)
+    with ThreadPoolExecutor(8) as pool:  # 8 requests of 1 row at once: 4 fit, the rest are refused
+        futures = [pool.submit(client.with_options(max_retries=0).completions.create, model="mdlm", prompt="a",
+                               max_tokens=8, extra_body={"strategy": "topk", "steps": 8}) for _ in range(8)]
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(len(f.result().choices))
+            except openai.RateLimitError:
+                outcomes.append(429)
+    assert outcomes.count(429) >= 1 and outcomes.count(1) >= 2, outcomes
+    assert client.completions.create(model="mdlm", prompt="a", max_tokens=2).choices[0].text is not None
+
+
+def test_a_client_that_leaves_frees_its_rows(small_server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    # 60 steps of >= 50 ms: 3 s if nobody left
+    body = {"prompt": "a", "max_tokens": 60, "stream": True, "strategy": "topk", "tokens_per_step": 1}
+    rows_before = small_server.metric("diffusiongpt_row_calls_total", headers)
+    t0 = time.monotonic()
+    with httpx.stream("POST", small_server.url + "/v1/completions", json=body, headers=headers, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one step seen: hang up
+    try:  # a non-streamed request whose client times out is cancelled too
+        httpx.post(small_server.url + "/v1/completions", json={**body, "stream": False}, headers=headers, timeout=0.3)
+    except httpx.TimeoutException:
+        pass
+    while small_server.metric("diffusiongpt_active_rows", headers) and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    assert small_server.metric("diffusiongpt_active_rows", headers) == 0
+    assert time.monotonic() - t0 < 2.5, "the rows ran to the end"
+    assert small_server.metric("diffusiongpt_row_calls_total", headers) - rows_before < 60
+    ok = small_server.client(key=KEY).completions.create(model="mdlm", prompt="b", max_tokens=3)
+    assert ok.choices[0].finish_reason in ("length", "stop")
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(model_dirs):
+    server = Server(model_dirs["mdlm"], "--step_delay_s", "0.02", "--grace_s", "10")
+    try:
+        client = server.client()
+        with ThreadPoolExecutor(2) as pool:
+            future = pool.submit(client.completions.create, model="mdlm", prompt="a", max_tokens=40,
+                                 extra_body={"strategy": "topk", "tokens_per_step": 1})  # ~1 s
+            while server.metric("diffusiongpt_active_rows") == 0:
+                time.sleep(0.02)
+            server.proc.send_signal(signal.SIGTERM)
+            out = future.result(timeout=30)
+        assert out.choices[0].finish_reason in ("length", "stop") and out.usage.model_extra["model_calls"] == 40
+        assert server.proc.wait(timeout=20) == 0, server.output()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.url + "/health", timeout=2)
+    finally:
+        server.stop()
+
+
+# ----------------------------------------------------------------------------- the playground, in a browser
+def find_chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+class DevTools:
+    """Chrome DevTools Protocol over --remote-debugging-pipe (fd 3: commands in, fd 4: replies out)."""
+
+    def __init__(self, binary, url, profile):
+        cmd_r, self.cmd_w = os.pipe()
+        self.out_r, out_w = os.pipe()
+        # the child's ends above fd 10 first, so that moving them to 3 and 4 cannot overwrite each other
+        high_r, high_w = fcntl.fcntl(cmd_r, fcntl.F_DUPFD, 10), fcntl.fcntl(out_w, fcntl.F_DUPFD, 10)
+        os.close(cmd_r)
+        os.close(out_w)
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--remote-debugging-pipe"]
+
+        def fds():  # in the child: fd 3 and 4 become the pipe ends (kept open through exec by pass_fds)
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
+        self.proc = subprocess.Popen([binary, *flags, url], preexec_fn=fds, pass_fds=(3, 4),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(high_r)
+        os.close(high_w)
+        self.buffer, self.next_id = b"", 0
+
+    def send(self, method, params=None, session=None, timeout=20):
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self.cmd_w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self.next_id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply["result"]
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.out_r], [], [], left)[0]:
+                raise TimeoutError(f"no reply to {method}")
+            chunk = os.read(self.out_r, 1 << 16)
+            if not chunk:
+                raise RuntimeError("chromium closed the pipe")
+            self.buffer += chunk
+
+    def close(self):
+        try:
+            self.send("Browser.close", timeout=5)
+        except (OSError, RuntimeError, TimeoutError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.cmd_w)
+        os.close(self.out_r)
+
+
+def test_playground_page_streams_a_completion_in_headless_chromium(mdlm_server, tmp_path):
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it as root)")
+    want = mdlm_server.client().completions.create(model="mdlm", prompt="the cat", max_tokens=20, temperature=0,
+                                                   extra_body={"strategy": "topk", "steps": 5}).choices[0].text
+    browser = DevTools(binary, mdlm_server.url + "/", tmp_path / "profile")
+    try:
+        page = next(t for t in browser.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        session = browser.send("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
+
+        def js(expression):
+            result = browser.send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
+            return result["result"].get("value")
+
+        deadline = time.monotonic() + 30
+        while js("document.getElementById('strategy') && document.getElementById('strategy').options.length") != 5:
+            assert time.monotonic() < deadline, "the page never listed the model's strategies"
+            time.sleep(0.1)
+        js("""document.getElementById('prompt').value = 'the cat';
+              document.getElementById('max_tokens').value = '20';
+              document.getElementById('temperature').value = '0';
+              document.getElementById('steps').value = '5';
+              document.getElementById('strategy').value = 'topk';
+              document.getElementById('go').click();""")
+        while not (js("document.getElementById('status').textContent") or "").startswith(("done", "error")):
+            assert time.monotonic() < deadline, "the page never finished"
+            time.sleep(0.1)
+        assert js("document.getElementById('status').textContent").startswith("done"), \
+            js("document.getElementById('status').textContent")
+        assert js("document.getElementById('canvas').dataset.text") == want
+        assert js("document.getElementById('canvas').textContent") == "the cat" + want
+    finally:
+        browser.close()
