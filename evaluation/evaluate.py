@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,9 +39,10 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 from common.config import parse_cli, read_config_file  # noqa: F401 (read_config_file: the eval_gpt2*.json)
 from models.diffusion import NoiseSchedule, diffusion_nelbo
 from inference import loading
+from training.data import load_meta, read_split
+from training.metrics import resolve_wandb_mode
 
 DEFAULT_STEPS = (8, 16, 32, 64, 128, 256, 1024)
-HF_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -124,16 +124,6 @@ def resolve_model_dir(path) -> Path:
     return p
 
 
-def load_model(source: str, from_hf: bool = False, device="cpu"):
-    """-> (model, info). inference.loading does the loading (a consolidated dir, a training out dir, a DeepSpeed
-    checkpoint, or GPT-2 when from_hf); info always carries the tokenizer meta that check_tokenizer_matches reads."""
-    if from_hf:
-        loaded = loading.load_model(init_from=source, device=device)
-    else:
-        loaded = loading.load_model(ckpt=source, device=device)
-    return loaded.model, {**loaded.info, "tokenizer": loaded.tokenizer.to_meta(), "source": loaded.source}
-
-
 def objective_of(info: dict) -> str:
     obj = info.get("objective") or {}
     name = obj.get("name") if isinstance(obj, dict) else obj
@@ -155,9 +145,9 @@ def tokenizer_fingerprint(tok) -> dict:
     return {k: v for k, v in fp.items() if v is not None}
 
 
-def check_tokenizer_matches(info: dict, meta: dict, model_name: str, data_dir) -> None:
+def check_tokenizer_matches(loaded: loading.LoadedModel, meta: dict, model_name: str, data_dir) -> None:
     """Refuse to score data tokenized differently from what the model was trained on."""
-    mine = tokenizer_fingerprint(info.get("tokenizer"))
+    mine = tokenizer_fingerprint(loaded.tokenizer.to_meta())
     theirs = tokenizer_fingerprint(meta)
     if not mine:
         print(f"warning: {model_name} records no tokenizer; assuming it matches {data_dir}", file=sys.stderr)
@@ -170,24 +160,9 @@ def check_tokenizer_matches(info: dict, meta: dict, model_name: str, data_dir) -
                 f"(vocab {theirs.get('vocab_size')}): the {what} differs. Prepare the data with the model's "
                 f"tokenizer (python -m training.prepare --tokenizer ...) or evaluate a matching model.")
     vocab = meta.get("vocab_size")
-    if vocab is not None and vocab > info["model"]["vocab_size"]:
+    if vocab is not None and vocab > loaded.model.config.vocab_size:
         raise ValueError(f"{data_dir} has {vocab} token ids but {model_name} has only "
-                         f"{info['model']['vocab_size']} embedding rows: the tokenizers differ")
-
-
-def read_meta(data_dir) -> dict:
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{data_dir} is not a prepared dataset (no meta.json); run "
-                                f"python -m training.prepare --out {data_dir}")
-    return json.loads(path.read_text())
-
-
-def read_split(data_dir, split: str, meta: dict) -> np.ndarray:
-    path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; re-run python -m training.prepare --out {data_dir}")
-    return np.memmap(path, dtype=np.dtype(meta.get("dtype", "uint16")), mode="r")
+                         f"{loaded.model.config.vocab_size} embedding rows: the tokenizers differ")
 
 
 def split_windows(tokens: np.ndarray, length: int, max_windows: int, split: str = "val") -> torch.Tensor:
@@ -303,15 +278,15 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    meta = read_meta(cfg.data_dir)
+    meta = load_meta(cfg.data_dir)
     sources = [(m, False) for m in cfg.model] + ([(cfg.init_from, True)] if cfg.init_from else [])
     loaded = []
     for src, from_hf in sources:
-        model, info = load_model(src, from_hf, device)
-        name = info.get("name") or (src if from_hf else Path(src).resolve().name
-                                    if Path(src).name != "export" else Path(src).resolve().parent.name)
-        check_tokenizer_matches(info, meta, name, cfg.data_dir)
-        loaded.append((name, model, info))
+        m = loading.load_model(init_from=src, device=device) if from_hf else loading.load_model(ckpt=src, device=device)
+        name = m.info.get("name") or (src if from_hf else Path(src).resolve().name
+                                      if Path(src).name != "export" else Path(src).resolve().parent.name)
+        check_tokenizer_matches(m, meta, name, cfg.data_dir)
+        loaded.append((name, m.model, m.info))
     # one window length for every model, so AR and diffusion numbers are per token of the same text
     length = cfg.block_size or min(m.config.block_size for _, m, _ in loaded)
     too_long = [n for n, m, _ in loaded if m.config.block_size < length]
@@ -446,18 +421,6 @@ def log_tensorboard(results: dict, logdir) -> None:
         img = mpimg.imread(str(png))[..., :3]  # (H, W, 3) floats in [0, 1]
         w.add_image("bound_vs_steps", img, dataformats="HWC")
     w.close()
-
-
-def resolve_wandb_mode(mode: str = "auto") -> str:
-    """auto: WANDB_MODE if set, else online only when an API key exists; otherwise offline, which never
-    waits on the network."""
-    if mode != "auto":
-        return mode
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file() and \
-        "api.wandb.ai" in (Path.home() / ".netrc").read_text(errors="ignore")
-    return "online" if has_key else "offline"
 
 
 def log_wandb(results: dict, cfg: EvalConfig) -> None:

@@ -30,10 +30,12 @@ if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import parse_cli
-from evaluation.evaluate import (check_tokenizer_matches, load_model, read_meta, read_split, resolve_model_dir,
-                                split_windows)
+from evaluation.evaluate import check_tokenizer_matches, resolve_model_dir, split_windows
 from evaluation.generative_perplexity import generative_perplexity, unigram_entropy
+from inference.loading import load_model
+from models.gpt import GPT2_NAMES
 from models.tokenizer import get_tokenizer, tokenizer_from_meta
+from training.data import load_meta, read_split
 
 DEFAULT_STRATEGIES = ("ancestral", "topk", "threshold")
 
@@ -154,21 +156,22 @@ def main(argv=None) -> list[dict]:
         steps = a.steps
         if any(T < 1 for T in steps) or a.length < 1 or a.num_samples < 1:
             raise ValueError("--steps, --length and --num_samples must be positive")
-        meta = read_meta(a.data_dir)
+        meta = load_meta(a.data_dir)
         tokenizer = tokenizer_from_meta(meta)
         models = []
         for m in a.model:
-            model, info = load_model(m)
+            loaded = load_model(ckpt=m, device="cpu")
             name = Path(resolve_model_dir(m)).resolve().parent.name if Path(resolve_model_dir(m)).name == "export" \
                 else Path(m).resolve().name
-            check_tokenizer_matches(info, meta, name, a.data_dir)
-            models.append((name, model, info))
-        judge_is_hf = a.judge in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") or \
+            check_tokenizer_matches(loaded, meta, name, a.data_dir)
+            models.append((name, loaded.model, loaded.info))
+        judge_is_hf = a.judge in GPT2_NAMES or \
             (Path(a.judge) / "config.json").is_file() and "GPT2" in (Path(a.judge) / "config.json").read_text()
-        judge, jinfo = load_model(a.judge, from_hf=judge_is_hf)
+        judge_loaded = load_model(init_from=a.judge, device="cpu") if judge_is_hf else load_model(ckpt=a.judge, device="cpu")
+        judge = judge_loaded.model
         judge_tok = get_tokenizer("gpt2") if judge_is_hf else None  # GPT-2 re-tokenises other vocabularies
         if not judge_is_hf:
-            check_tokenizer_matches(jinfo, meta, a.judge, a.data_dir)
+            check_tokenizer_matches(judge_loaded, meta, a.judge, a.data_dir)
         windows = split_windows(read_split(a.data_dir, "val", meta), a.prompt_tokens + a.length, a.num_samples)
         rows = generative_quality(models, tokenizer, judge, Path(a.judge).name, windows, a.length, a.num_samples,
                                   a.strategies, steps, a.prompt_tokens, a.seed, judge_tokenizer=judge_tok)

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import parse_cli
+from training.distributed import free_port
+from training.metrics import resolve_wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,12 +71,6 @@ def train_config(objective: str, size: dict, data_dir: Path) -> dict:
         "tensorboard": False,
         "progress_bar": False,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_launcher() -> str:
@@ -194,7 +189,7 @@ def main(argv=None) -> dict:
     env = dict(os.environ)
     if not gpus:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")  # one thread per rank: 2 ranks on 2 cores
-    env.setdefault("WANDB_MODE", "offline" if not env.get("WANDB_API_KEY") else env.get("WANDB_MODE", ""))
+    env.setdefault("WANDB_MODE", resolve_wandb_mode())
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     t_start = time.time()
 
@@ -215,7 +210,9 @@ def main(argv=None) -> dict:
         exports[objective], seconds_train[objective] = train(objective, size, out, num_gpus, env)
 
     # 3. evaluate both on the same windows
-    from evaluation.evaluate import EvalConfig, evaluate, load_model, read_meta, read_split, split_windows
+    from evaluation.evaluate import EvalConfig, evaluate, split_windows
+    from inference.loading import load_model
+    from training.data import load_meta, read_split
     from evaluation.generative_quality import generative_quality, markdown_table as genq_table
     from models.tokenizer import tokenizer_from_meta
 
@@ -239,9 +236,10 @@ def main(argv=None) -> dict:
     t0 = time.time()
     genq_rows = []
     if a.genq:
-        meta = read_meta(data)
+        meta = load_meta(data)
         tokenizer = tokenizer_from_meta(meta)
-        loaded = [(name, *load_model(exports[name])) for name in ("mdlm", "ar")]
+        models = {name: load_model(ckpt=str(exports[name]), device="cpu") for name in ("mdlm", "ar")}
+        loaded = [(name, m.model, m.info) for name, m in models.items()]
         judge = loaded[1][1]
         g = size["genq"]
         windows = split_windows(read_split(data, "val", meta), g["length"], g["num_samples"])

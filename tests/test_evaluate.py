@@ -29,9 +29,11 @@ def char_meta(chars=CHARS) -> dict:
 
 def write_dataset(d: Path, val: np.ndarray, train=None, meta=None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
+    train = val if train is None else train
     val.astype(np.uint16).tofile(d / "val.bin")
-    (val if train is None else train).astype(np.uint16).tofile(d / "train.bin")
-    (d / "meta.json").write_text(json.dumps({**(meta or char_meta()), "dtype": "uint16"}))
+    train.astype(np.uint16).tofile(d / "train.bin")
+    (d / "meta.json").write_text(json.dumps({**(meta or char_meta()), "dtype": "uint16", "train_tokens": len(train),
+                                             "val_tokens": len(val)}))
     return d
 
 
@@ -211,7 +213,8 @@ def test_checkpoint_with_another_tokenizer_is_refused(tmp_path):
     model = save_model(tiny_gpt("causal"), tmp_path / "ar", "ar", meta=other)
     with pytest.raises(ValueError, match="tokenizer mismatch.*character set"):
         evaluate(cfg(model=[str(model)], data_dir=str(data)))
-    gpt2_data = write_dataset(tmp_path / "gpt2", np.arange(100), meta={"tokenizer": "gpt2", "vocab_size": 50257})
+    gpt2_data = write_dataset(tmp_path / "gpt2", np.arange(100), meta={"tokenizer": "gpt2", "vocab_size": 50257,
+                                                                      "eot_id": 50256, "mask_id": 50257})
     with pytest.raises(ValueError, match="tokenizer mismatch"):
         evaluate(cfg(model=[str(model)], data_dir=str(gpt2_data)))
 

@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 from training import checkpoint as ckpt
 from training.config import load_config
 from training.ds_config import ConfigConflict, load_ds_json, resolve
+from training.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -47,12 +47,6 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 # ----------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def git_head() -> str | None:
     """This checkout's commit, None when the tests run outside a git checkout."""
     proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)

@@ -65,6 +65,15 @@ def load_meta(data_dir) -> dict:
     return meta
 
 
+def read_split(data_dir, split: str, meta: dict | None = None) -> np.memmap:
+    """The whole token stream of one split, memory-mapped read-only. `meta` is load_meta(data_dir) (read and
+    checked here when not given)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    meta = load_meta(data_dir) if meta is None else meta
+    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+
+
 def check_compatible(meta: dict, tokenizer_name: str, padded_vocab_size: int, block_size: int, mask_token: bool = True) -> None:
     """Fail early, with the fix, when a model cannot train on this data: another tokenizer's ids, an
     embedding table too small for the ids (plus the MASK id, when the model needs it), or a split shorter
@@ -120,7 +129,7 @@ class TokenDataset:
 
     def _tokens(self) -> np.memmap:
         # a fresh memmap per batch, as nanoGPT does, so the pages read do not pile up in memory
-        return np.memmap(self.path, dtype=self.dtype, mode="r")
+        return read_split(self.meta["data_dir"], self.split, self.meta)
 
     def _windows(self, starts: np.ndarray, block_size: int) -> np.ndarray:
         tokens = self._tokens()

@@ -168,7 +168,8 @@ class Metrics:
         self.jsonl.close()
 
 
-def _has_wandb_key() -> bool:
+def has_wandb_key() -> bool:
+    """Whether wandb could log online: WANDB_API_KEY, or a key `wandb login` stored in ~/.netrc ($NETRC)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))  # where `wandb login` stores the key
@@ -178,13 +179,20 @@ def _has_wandb_key() -> bool:
         return False
 
 
+def resolve_wandb_mode(mode: str = "auto") -> str:
+    """The wandb mode to run with. "auto": WANDB_MODE from the environment when set (e.g. offline in the test
+    suite, over a stored key), else online only when there is an API key, otherwise offline, which never
+    waits on the network. Any other mode is kept."""
+    if mode != "auto":
+        return mode
+    return os.environ.get("WANDB_MODE") or ("online" if has_wandb_key() else "offline")
+
+
 def _init_wandb(cfg, out_dir: Path, warn):
     mode = cfg.wandb_mode
     if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
         return None
-    if mode == "auto":
-        # WANDB_MODE=offline in the environment (e.g. the test suite) wins over a stored key
-        mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
+    mode = resolve_wandb_mode(mode)
     try:
         import wandb
         run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or Path(cfg.out_dir).name,
