@@ -10,7 +10,7 @@ is fully resolved here.
 The optimizer: an "Adam"/"AdamW" section becomes a client torch.optim.AdamW (training/optim.py) over
 GPT.optimizer_param_groups (no weight decay on biases and LayerNorms), and is removed from the dict
 DeepSpeed sees. That keeps DeepSpeed from JIT-compiling its own Adam op (~60 s on a CPU), and is what
-the plain-PyTorch baseline in training/bench.py runs too. Any other optimizer type is handed to
+the plain-PyTorch baseline in bench/training.py runs too. Any other optimizer type is handed to
 DeepSpeed unchanged (after filling "auto"). The LR schedule is the training config's (nanoGPT's linear
 warmup + cosine decay) unless the JSON has a "scheduler" section, which DeepSpeed then runs.
 """
