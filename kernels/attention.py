@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -145,16 +146,155 @@ def attention(q, k, v, mask: AttentionMask, impl: str = "auto", scale: Optional[
 
     "auto" runs the Triton kernel on a CUDA device and the PyTorch reference elsewhere; on CUDA it
     also falls back to the reference for inputs the kernel does not support (head dim > 128, a
-    dtype other than fp32/fp16/bf16, Triton not installed). "triton" never falls back: unsupported
-    inputs raise ValueError / TypeError / RuntimeError with the reason.
+    dtype other than fp32/fp16/bf16, Triton not installed), and for a case whose first-use check
+    failed (`check_kernel`: the kernel disagreed with the reference here, warned once).
+    "triton" never falls back and is never checked: unsupported inputs raise ValueError /
+    TypeError / RuntimeError with the reason.
     """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown attention impl {impl!r}; expected auto | triton | torch")
     if impl == "auto":
-        impl = "triton" if q.is_cuda and triton_unsupported_reason(q, k, v) is None else "torch"
+        impl = _auto_impl(q, k, v, mask)
     if impl == "torch":
         return attention_reference(q, k, v, mask, scale)
     return flash_attention(q, k, v, mask, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# First-use check (impl="auto")
+# --------------------------------------------------------------------------------------------
+# "auto" trusts the kernel on a GPU only after it has agreed with the reference there once. On the first
+# call of each case the kernel and the fp64 reference run a small random problem of the same kind
+# (forward and backward, the same compiled variant: dtype, head dim, padding, KV-cache shape); a mismatch
+# beyond CHECK_TOL, a NaN or an exception warns once, in words, and sends that case to the reference for
+# the rest of the process. Tolerances (abs, rel) per dtype: twice the test suite's (rounding of P / dS to
+# the input dtype before the second matmul), so rounding never trips the check and a wrong kernel, whose
+# errors are O(1), always does. "tf32": fp32 inputs with torch.backends.cuda.matmul.allow_tf32.
+CHECK_TOL = {torch.float32: (4e-5, 2e-4), "tf32": (1e-2, 1e-2), torch.float16: (1e-2, 2e-2),
+             torch.bfloat16: (8e-2, 8e-2)}
+REPORT_HINT = ("Please report it (an issue on the diffusionGPT repository with this message, the GPU name and "
+               "`python -c \"import torch, triton; print(torch.__version__, triton.__version__)\"`; "
+               "`bash bench/gpu_check.sh OUT_DIR` collects all of it). attn_impl='triton' forces the kernel, "
+               "attn_impl='torch' skips it and this check.")
+
+
+@dataclass
+class KernelCheck:
+    """The verdict of one first-use check: ok, and what differed (empty when ok)."""
+    key: tuple
+    ok: bool
+    detail: str = ""
+
+
+_KERNEL_CHECKS: dict = {}  # case key -> KernelCheck, filled on first use
+
+
+def _kernel_device(q) -> bool:
+    """Whether "auto" may run the kernel on q's device (CUDA). Tests point it at the interpreter."""
+    return q.is_cuda
+
+
+def _case_key(q, k, mask: AttentionMask) -> tuple:
+    """What selects a compiled kernel variant: device, dtype, mask kind, head dim, padding, KV-cache shape."""
+    return (str(q.device), q.dtype, mask.kind, q.shape[-1], mask.key_lengths is not None,
+            mask.key_starts is not None, q.shape[2] != k.shape[2])
+
+
+def _auto_impl(q, k, v, mask: AttentionMask) -> str:
+    if not _kernel_device(q) or triton_unsupported_reason(q, k, v) is not None:
+        return "torch"
+    key = _case_key(q, k, mask)
+    verdict = _KERNEL_CHECKS.get(key)
+    if verdict is None:
+        verdict = _check_once(key, mask.block_length)
+    return "triton" if verdict.ok else "torch"
+
+
+def kernel_checks() -> list[KernelCheck]:
+    """Every first-use check this process ran (bench/gpu_check.sh reports them)."""
+    return list(_KERNEL_CHECKS.values())
+
+
+def _check_problem(key: tuple, block_length: int, seed: int = 0):
+    """A small random problem of the case `key`: (q, k, v, dout, mask) on the key's device."""
+    device, dtype, kind, head_dim, has_len, has_start, kv_cache = key
+    B, H = 2, 2
+    if kind == "block_diffusion":
+        half = block_length * max(1, math.ceil(64 / block_length))
+        tq = tk = 2 * half
+    else:
+        tk = 150  # more than one tile, with a ragged last one
+        tq = 37 if kv_cache else tk
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, t, head_dim, generator=gen).to(device, dtype) for t in (tq, tk, tk))
+    dout = torch.randn(B, H, tq, head_dim, generator=gen).to(device, dtype)
+    mask = AttentionMask(kind, block_length if kind in ("block_causal", "block_diffusion") else 0,
+                         key_lengths=torch.tensor([tk, tk - 39], device=device) if has_len else None,
+                         key_starts=torch.tensor([0, 7], device=device) if has_start else None,
+                         q_offset=tk - tq)
+    return q, k, v, dout, mask
+
+
+def check_kernel(key: tuple, block_length: int = 16) -> KernelCheck:
+    """Run the kernel and the fp64 reference on `_check_problem(key)`; forward output and dq/dk/dv must
+    agree within CHECK_TOL. Never raises: an exception in the kernel is a failed check."""
+    dtype = key[1]
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET
+    atol, rtol = CHECK_TOL["tf32" if tf32 else dtype]
+    device_type = torch.device(key[0]).type
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+            q, k, v, dout, mask = _check_problem(key, block_length)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = flash_attention(*leaves, mask)
+            out.backward(dout)
+            ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+            ref = attention_reference(*ref_leaves, mask)
+            ref.backward(dout.double())
+            worst = None  # (excess over the tolerance, name, max abs error)
+            for name, got, want in (("forward output", out, ref), ("dq", leaves[0].grad, ref_leaves[0].grad),
+                                    ("dk", leaves[1].grad, ref_leaves[1].grad),
+                                    ("dv", leaves[2].grad, ref_leaves[2].grad)):
+                got = got.double()
+                if not torch.isfinite(got).all():
+                    worst = (math.inf, name, math.nan)
+                    break
+                err = (got - want).abs()
+                excess = float((err - atol - rtol * want.abs()).max())
+                if excess > 0 and (worst is None or excess > worst[0]):
+                    worst = (excess, name, float(err.max()))
+        if worst is None:
+            return KernelCheck(key, True)
+        _, name, max_err = worst
+        what = (f"its {name} had NaN/inf" if math.isnan(max_err) else
+                f"its {name} was off by up to {max_err:.3g} (tolerance {atol:g} + {rtol:g} x |reference|)")
+        return KernelCheck(key, False, f"{what} on a random {tuple(q.shape)} x {tuple(k.shape)} problem")
+    except Exception as exc:  # noqa: BLE001 - any failure of the kernel means: do not use it here
+        return KernelCheck(key, False, f"it raised {type(exc).__name__}: {str(exc)[:300]}")
+
+
+def _describe(key: tuple) -> str:
+    device, dtype, kind, head_dim, has_len, has_start, kv_cache = key
+    extras = [w for w, on in (("key padding (right)", has_len), ("key padding (left)", has_start),
+                              ("a KV cache", kv_cache)) if on]
+    where = device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        where = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return (f"{kind} attention in {str(dtype).replace('torch.', '')}, head dim {head_dim}"
+            + (f", with {' and '.join(extras)}" if extras else "") + f", on {where}")
+
+
+@torch.compiler.disable  # runs eagerly once; a compiled caller reads the verdict from _KERNEL_CHECKS
+def _check_once(key: tuple, block_length: int) -> KernelCheck:
+    verdict = _KERNEL_CHECKS.get(key)
+    if verdict is None:
+        verdict = _KERNEL_CHECKS[key] = check_kernel(key, max(block_length, 1))
+        if not verdict.ok:
+            warnings.warn(
+                f"diffusionGPT: the Triton attention kernel disagreed with the PyTorch reference on its first "
+                f"use for {_describe(key)}: {verdict.detail}. From now on attn_impl='auto' uses the reference "
+                f"for this case (correct, slower). {REPORT_HINT}", RuntimeWarning, stacklevel=4)
+    return verdict
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import operator
 import os
+import warnings
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -136,6 +138,99 @@ def _apply_diffusion_mask_triton(x0, mask_prob, loss_weight, mask_id, seed, mask
     return xt, token_weight
 
 
+# --------------------------------------------------------------------------------------------
+# First-use check (impl="auto"), as for the attention kernel (kernels/attention.py)
+# --------------------------------------------------------------------------------------------
+# The two impls draw different masks for one seed, so the check is not "equal outputs" but the contract
+# both must keep, on a random problem of 4 rows x 1000 tokens (4 programs): mask_prob 0 masks nothing,
+# mask_prob 1 masks every maskable token, xt is mask_id exactly where masked and x0 elsewhere, token_weight
+# is loss_weight[b] where masked and 0 elsewhere, unmaskable tokens stay, the same seed gives the same
+# draw, and the masked fraction at mask_prob 0.5 and 0.25 is within CHECK_SIGMAS standard deviations.
+CHECK_SIGMAS = 6.0
+
+
+@dataclass
+class MaskingCheck:
+    key: tuple
+    ok: bool
+    detail: str = ""
+
+
+_MASKING_CHECKS: dict = {}  # (device, x0 dtype) -> MaskingCheck
+
+
+def _kernel_device(x0) -> bool:
+    """Whether "auto" may run the kernel on x0's device (CUDA). Tests point it at the interpreter."""
+    return x0.is_cuda
+
+
+def masking_checks() -> list[MaskingCheck]:
+    """Every first-use check this process ran (bench/gpu_check.sh reports them)."""
+    return list(_MASKING_CHECKS.values())
+
+
+def check_masking_kernel(device: str, dtype: torch.dtype = torch.int64) -> MaskingCheck:
+    """Run the Triton masking kernel on a small random problem and check the contract above. Never raises."""
+    key = (device, dtype)
+    mask_id = 7
+    try:
+        B, T = 4, 1000
+        gen = torch.Generator().manual_seed(0)
+        x0 = torch.randint(0, mask_id, (B, T), generator=gen).to(device, dtype)  # never the mask id itself
+        mask_prob = torch.tensor([0.0, 1.0, 0.5, 0.25], device=device)
+        loss_weight = torch.tensor([3.0, 5.0, 2.0, 4.0], device=device)
+        maskable = (torch.rand(B, T, generator=gen) < 0.9).to(device)
+        xt, weight = _apply_diffusion_mask_triton(x0, mask_prob, loss_weight, mask_id, 1234, maskable)
+        again = _apply_diffusion_mask_triton(x0, mask_prob, loss_weight, mask_id, 1234, maskable)
+        masked = xt == mask_id
+        problems = []
+        if xt.shape != x0.shape or xt.dtype != x0.dtype or weight.shape != (B, T) or weight.dtype != torch.float32:
+            problems.append(f"outputs of shape/dtype {tuple(xt.shape)} {xt.dtype}, {tuple(weight.shape)} {weight.dtype}")
+        else:
+            if not torch.equal(torch.where(masked, x0, xt), x0):
+                problems.append("xt differs from x0 at unmasked positions")
+            if (masked & ~maskable).any():
+                problems.append(f"{int((masked & ~maskable).sum())} unmaskable tokens were masked")
+            if masked[0].any():
+                problems.append(f"mask_prob 0 masked {int(masked[0].sum())} tokens")
+            if not torch.equal(masked[1], maskable[1]):
+                problems.append(f"mask_prob 1 masked {int(masked[1].sum())} of {int(maskable[1].sum())} maskable tokens")
+            want_weight = torch.where(masked, loss_weight[:, None], torch.zeros((), device=device))
+            if not torch.equal(weight, want_weight):
+                problems.append(f"token_weight off by up to {float((weight - want_weight).abs().max()):.3g}")
+            for b in (2, 3):
+                n, p = int(maskable[b].sum()), float(mask_prob[b])
+                frac = float(masked[b].sum()) / n
+                if abs(frac - p) > CHECK_SIGMAS * (p * (1 - p) / n) ** 0.5:
+                    problems.append(f"mask_prob {p} masked a fraction {frac:.3f} of {n} tokens")
+            if not (torch.equal(again[0], xt) and torch.equal(again[1], weight)):
+                problems.append("the same seed gave a different mask")
+        if problems:
+            return MaskingCheck(key, False, "; ".join(problems) + f" (random {B} x {T} problem)")
+        return MaskingCheck(key, True)
+    except Exception as exc:  # noqa: BLE001 - any failure of the kernel means: do not use it here
+        return MaskingCheck(key, False, f"it raised {type(exc).__name__}: {str(exc)[:300]}")
+
+
+@torch.compiler.disable  # runs eagerly once; later calls read the verdict
+def _check_once(device: str, dtype: torch.dtype) -> MaskingCheck:
+    verdict = _MASKING_CHECKS.get((device, dtype))
+    if verdict is None:
+        verdict = _MASKING_CHECKS[(device, dtype)] = check_masking_kernel(device, dtype)
+        if not verdict.ok:
+            where = device
+            if device.startswith("cuda") and torch.cuda.is_available():
+                where = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+            warnings.warn(
+                f"diffusionGPT: the Triton diffusion-masking kernel broke its contract on its first use for "
+                f"{str(dtype).replace('torch.', '')} token ids on {where}: {verdict.detail}. From now on "
+                f"masking_impl='auto' uses the PyTorch reference there (correct, slower). Please report it (an "
+                f"issue on the diffusionGPT repository with this message, the GPU name and the torch and triton "
+                f"versions; `bash bench/gpu_check.sh OUT_DIR` collects all of it). masking_impl='triton' forces "
+                f"the kernel, masking_impl='torch' skips it and this check.", RuntimeWarning, stacklevel=4)
+    return verdict
+
+
 def apply_diffusion_mask(x0, mask_prob, loss_weight, mask_id: int, seed: int,
                          maskable: Optional[torch.Tensor] = None,
                          impl: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -144,12 +239,12 @@ def apply_diffusion_mask(x0, mask_prob, loss_weight, mask_id: int, seed: int,
     mask_prob (B,): probability 1 - alpha(t) of masking each token of sequence b.
     loss_weight (B,): weight of a masked token of sequence b in the loss (0 where unmasked).
     maskable (B, T) bool, optional: False = never mask (prompt, padding).
-    impl: "auto" (Triton on CUDA, PyTorch elsewhere) | "triton" | "torch".
+    impl: "auto" (Triton on CUDA once its first-use check passed there, PyTorch elsewhere) | "triton" | "torch".
     """
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown masking impl {impl!r}; expected auto | triton | torch")
     if impl == "auto":
-        impl = "triton" if x0.is_cuda and HAS_TRITON else "torch"
+        impl = "triton" if _kernel_device(x0) and HAS_TRITON and _check_once(str(x0.device), x0.dtype).ok else "torch"
     if impl == "torch":
         return apply_diffusion_mask_reference(x0, mask_prob, loss_weight, mask_id, seed, maskable)
     return _apply_diffusion_mask_triton(x0, mask_prob, loss_weight, mask_id, seed, maskable)

@@ -280,6 +280,9 @@ def test_custom_scale():
 def test_auto_uses_the_kernel_on_cuda_and_the_reference_elsewhere(monkeypatch):
     calls = []
     monkeypatch.setattr(attn_mod, "flash_attention", lambda *a, **kw: calls.append(1) or attention_reference(*a))
+    # the first-use check (tests/test_kernel_guard.py) passes here: only the model's calls are counted
+    monkeypatch.setattr(attn_mod, "_KERNEL_CHECKS", {})
+    monkeypatch.setattr(attn_mod, "check_kernel", lambda key, block_length=16: attn_mod.KernelCheck(key, True))
     q, k, v, _ = _inputs(1, 1, 8, 8, 32, torch.float32)
     attention(q, k, v, AttentionMask("causal"), impl="auto")
     assert calls == ([1] if CUDA else [])
