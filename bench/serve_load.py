@@ -1,0 +1,198 @@
+"""Load benchmark of the server: the official `openai` client at several concurrencies, loopback only.
+
+    python -m bench.serve_load --ckpt out/shakespeare_mdlm                       # 1, 4, 16, 64 concurrent
+    python -m bench.serve_load --ckpt out/shakespeare_mdlm --requests 64 --concurrency 1 16 --max_seconds 60
+    python -m bench.serve_load --url http://127.0.0.1:8000 --model shakespeare_mdlm   # a server already running
+
+Starts `python -m inference.serve` on a free 127.0.0.1 port (unless --url), then sends the SAME list of
+requests (mixed prompt lengths and max_tokens, seeded) at each concurrency: a pool of N client threads,
+each sending its next request when the previous one is answered. Bounded in count (--requests) and in
+time (--max_seconds per level: no new request starts after it). Per level: generated tokens/s, p50 / p99
+latency, merged model calls per generated token and rows per call (from the server's /metrics), errors,
+and the server's resident memory before and after. Concurrency 1 is "the same requests one at a time",
+the baseline of the speedup column.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo!", "First Citizen:\nBefore we proceed any further, hear me speak.",
+           "KING", "\n", "HAMLET:\nTo be, or not", "MENENIUS:\nWhy, masters, my good friends",
+           "Now is the winter of our discontent", "LADY MACBETH:\nOut, damned spot!", "Thou"]
+
+
+def make_requests(n: int, context: int, seed: int) -> list[dict]:
+    """n requests with mixed prompts and lengths (fixed by the seed), each fitting the context."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = rng.choice(PROMPTS)
+        room = context - len(prompt) - 1
+        out.append({"prompt": prompt, "max_tokens": max(1, min(room, rng.choice([8, 16, 24, 32, 48]))),
+                    "seed": seed + i})
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "inference.serve", "--host", "127.0.0.1", "--port", str(port),
+           "--max_rows", str(args.max_rows), "--max_queue", str(args.max_queue), "--threads", str(args.threads)]
+    cmd += ["--ckpt", args.ckpt] if args.ckpt else ["--init_from", args.init_from]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read().decode(errors='replace')}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start within 120 s")
+
+
+def read_metrics(url: str, headers: dict) -> dict:
+    out = {}
+    for line in httpx.get(url + "/metrics", headers=headers, timeout=30).text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.split()
+            out[name] = float(value)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
+
+
+def run_level(client, model: str, requests: list[dict], concurrency: int, max_seconds: float, extra: dict,
+              url: str, headers: dict) -> dict:
+    before = read_metrics(url, headers)
+    deadline = time.perf_counter() + max_seconds
+    latencies, tokens, errors = [], [], []
+
+    def one(req):
+        if time.perf_counter() > deadline:
+            return None  # the level's time is up: not started
+        t0 = time.perf_counter()
+        try:
+            out = client.completions.create(model=model, temperature=0.8, extra_body=extra or None, **req)
+        except Exception as e:  # noqa: BLE001 - every failure is counted, the run goes on
+            errors.append(f"{type(e).__name__}: {e}"[:200])
+            return None
+        latencies.append(time.perf_counter() - t0)
+        tokens.append(out.usage.completion_tokens)
+        return out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, requests))
+    wall = time.perf_counter() - t0
+    after = read_metrics(url, headers)
+    calls = after["diffusiongpt_model_calls_total"] - before["diffusiongpt_model_calls_total"]
+    rows = after["diffusiongpt_row_calls_total"] - before["diffusiongpt_row_calls_total"]
+    n_tok = sum(tokens)
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors), "error_samples": errors[:3],
+            "tokens": n_tok, "wall_s": wall, "tokens_per_s": n_tok / wall,
+            "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99),
+            "calls_per_token": calls / max(n_tok, 1), "rows_per_call": rows / max(calls, 1),
+            "rss_before_mb": before["process_resident_memory_bytes"] / 2**20,
+            "rss_after_mb": after["process_resident_memory_bytes"] / 2**20}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt")
+    src.add_argument("--init_from")
+    src.add_argument("--url", help="a running server (loopback); --model names its model")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--api_key", default="none")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    ap.add_argument("--max_seconds", type=float, default=120.0, help="no new request starts after this, per level")
+    ap.add_argument("--strategy", default=None, help="decoding strategy (default: the model's)")
+    ap.add_argument("--max_rows", type=int, default=64)
+    ap.add_argument("--max_queue", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1, help="the server's torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+        ap.error("--url must be a loopback address (this benchmark never leaves the machine)")
+
+    import openai
+    proc = None
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+        else:
+            proc, url = start_server(args)
+        headers = {"Authorization": f"Bearer {args.api_key}"}
+        card = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"][0]
+        model = args.model or card["id"]
+        client = openai.OpenAI(base_url=url + "/v1", api_key=args.api_key, max_retries=0, timeout=600)
+        requests = make_requests(args.requests, card["context_length"], args.seed)
+        extra = {"strategy": args.strategy} if args.strategy else {}
+        client.completions.create(model=model, prompt="a", max_tokens=4, extra_body=extra or None)  # warm up
+        results = []
+        for c in args.concurrency:
+            r = run_level(client, model, requests, c, args.max_seconds, extra, url, headers)
+            results.append(r)
+            print(f"concurrency {c}: {r['requests']} requests, {r['tokens_per_s']:.0f} tokens/s, "
+                  f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, errors {r['errors']}", file=sys.stderr, flush=True)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    base = results[0]["tokens_per_s"] if results and results[0]["concurrency"] == 1 else None
+    print(f"\nmodel {model} ({card['objective']}, strategy {args.strategy or card['default_strategy']}), "
+          f"{args.requests} requests per level (max_tokens 8-48, temperature 0.8), server threads {args.threads}")
+    print("| concurrency | requests | tokens/s | vs 1 at a time | p50 latency (s) | p99 latency (s) | model calls / token "
+          "| rows / call | errors | server RSS (MB) before -> after |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        speed = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        print(f"| {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:.0f} | {speed} | {r['p50_s']:.2f} | "
+              f"{r['p99_s']:.2f} | {r['calls_per_token']:.3f} | {r['rows_per_call']:.1f} | {r['errors']} | "
+              f"{r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": model, "levels": results}, indent=2))
+    return 1 if any(r["errors"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
