@@ -182,8 +182,12 @@ class StepScheduler:
             self._accepting = False
             while (self._running or self._waiting) and time.monotonic() < deadline:
                 self._cond.wait(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
-            for row in list(self._running) + list(self._waiting):
+            for row in self._running:
                 row.cancelled = True
+            while self._waiting:  # never started: tell their clients now
+                row = self._waiting.popleft()
+                row.cancelled = True
+                row.on_event("error", Cancelled())
             self._cond.notify_all()
             while self._running and time.monotonic() < deadline + 5.0:
                 self._cond.wait(timeout=0.1)
