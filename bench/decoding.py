@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 
 import torch
 
-from common.config import parse_cli
+from common.config import knob, parse_cli
 from inference.api import generate_with_stats
 from evaluation.generative_perplexity import generative_perplexity, unigram_entropy
 from inference.loading import LoadedModel, load_gpt2, load_model, resolve_device
@@ -73,40 +73,36 @@ class Row:
     token_ids: list = field(default_factory=list, repr=False)
 
 
-def _knob(default, help: str, **more):
-    return field(default=default, metadata={"help": help, **more})
-
-
 @dataclass
 class BenchConfig:
-    ckpt: str = _knob("", "the diffusion model to benchmark (consolidated dir or training out dir)")
-    ar: str = _knob("", "an AR model for the AR rows (default: the judge)")
-    judge: str = _knob("", "AR judge for generative perplexity: a model dir, or gpt2 | gpt2-medium | ... "
+    ckpt: str = knob("", "the diffusion model to benchmark (consolidated dir or training out dir)")
+    ar: str = knob("", "an AR model for the AR rows (default: the judge)")
+    judge: str = knob("", "AR judge for generative perplexity: a model dir, or gpt2 | gpt2-medium | ... "
                            "(default: GPT-2 if its weights are cached, else the --ar model)")
-    random_init: bool = _knob(False, "no checkpoint: tiny random block-causal diffusion + AR models (CPU smoke run)")
-    random_attention: str = _knob("block_causal", "--random_init: attention of the random diffusion model "
+    random_init: bool = knob(False, "no checkpoint: tiny random block-causal diffusion + AR models (CPU smoke run)")
+    random_attention: str = knob("block_causal", "--random_init: attention of the random diffusion model "
                                                   "(block_causal: its KV cache is exact)",
                                   choices=("block_causal", "bidirectional"))
-    prompts_file: str = _knob("", "one prompt per line (default: 8 built-in prompts)")
-    num_prompts: Optional[int] = _knob(None, "use the first N prompts (none = all)")
-    samples_per_prompt: int = _knob(4, "requests per prompt (different draws); more samples = smaller perplexity "
+    prompts_file: str = knob("", "one prompt per line (default: 8 built-in prompts)")
+    num_prompts: Optional[int] = knob(None, "use the first N prompts (none = all)")
+    samples_per_prompt: int = knob(4, "requests per prompt (different draws); more samples = smaller perplexity "
                                        "error bars")
-    gen_length: int = _knob(64, "L: tokens generated per prompt")
-    block_length: Optional[int] = _knob(None, "blocks rows (none: the model's block for block-causal models, "
+    gen_length: int = knob(64, "L: tokens generated per prompt")
+    block_length: Optional[int] = knob(None, "blocks rows (none: the model's block for block-causal models, "
                                               "else L/4)")
-    topk: int = _knob(4, "tokens per step of the top-k row")
-    batch_size: int = _knob(8, "requests decoded together")
-    temperature: float = _knob(1.0, "sampling temperature of every rule")
-    top_p: Optional[float] = _knob(None, "nucleus sampling (none = off)")
-    stop_at_eot: bool = _knob(False, "let EOT stop a request (default: always L tokens)")
-    seed: int = _knob(1337, "the same seed for every rule")
-    repeats: int = _knob(1, "run every rule this many times; tokens/s is the fastest run (outputs are identical)")
-    device: str = _knob("auto", "auto | cpu | cuda | cuda:1 ...")
-    threads: Optional[int] = _knob(None, "torch CPU threads (none: torch's choice; 1 is faster for tiny models on "
+    topk: int = knob(4, "tokens per step of the top-k row")
+    batch_size: int = knob(8, "requests decoded together")
+    temperature: float = knob(1.0, "sampling temperature of every rule")
+    top_p: Optional[float] = knob(None, "nucleus sampling (none = off)")
+    stop_at_eot: bool = knob(False, "let EOT stop a request (default: always L tokens)")
+    seed: int = knob(1337, "the same seed for every rule")
+    repeats: int = knob(1, "run every rule this many times; tokens/s is the fastest run (outputs are identical)")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:1 ...")
+    threads: Optional[int] = knob(None, "torch CPU threads (none: torch's choice; 1 is faster for tiny models on "
                                          "a busy CPU)")
-    dtype: str = _knob("auto", "autocast dtype on GPU (auto: bfloat16 where supported); CPU runs float32",
+    dtype: str = knob("auto", "autocast dtype on GPU (auto: bfloat16 where supported); CPU runs float32",
                        choices=("auto", "float32", "bfloat16", "float16"))
-    out: str = _knob("", "write the rows and targets as JSON here")
+    out: str = knob("", "write the rows and targets as JSON here")
 
 
 def parse_args(argv=None) -> BenchConfig:

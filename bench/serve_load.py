@@ -14,21 +14,23 @@ the baseline of the speedup column.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from common.config import knob, parse_cli
+from common.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo!", "First Citizen:\nBefore we proceed any further, hear me speak.",
@@ -46,12 +48,6 @@ def make_requests(n: int, context: int, seed: int) -> list[dict]:
         out.append({"prompt": prompt, "max_tokens": max(1, min(room, rng.choice([8, 16, 24, 32, 48]))),
                     "seed": seed + i})
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
@@ -129,27 +125,32 @@ def run_level(client, model: str, requests: list[dict], concurrency: int, max_se
             "rss_after_mb": after["process_resident_memory_bytes"] / 2**20}
 
 
+@dataclass
+class LoadConfig:
+    """`python -m bench.serve_load` (common/config.py: --key=value, --key value, --config FILE)."""
+    ckpt: str = knob("", "start a server on this checkpoint (loopback, a free port)")
+    init_from: str = knob("", "start a server on GPT-2 (gpt2 | ... | a Hugging Face dir)")
+    url: str = knob("", "or use a running server (loopback only); --model names its model")
+    model: str = knob("", "model id to request ('' = the server's)")
+    api_key: str = knob("none", "the server's API key")
+    concurrency: list[int] = knob([1, 4, 16, 64], "client concurrency levels, one after another")
+    requests: int = knob(200, "requests per concurrency level")
+    max_seconds: float = knob(120.0, "no new request starts after this, per level")
+    strategy: str = knob("", "decoding strategy ('' = the model's default)")
+    max_rows: int = knob(64, "the server's rows per model call")
+    max_queue: int = knob(256, "the server's queue")
+    threads: int = knob(1, "the server's torch CPU threads")
+    seed: int = knob(0, "seed of the request mix")
+    out: str = knob("", "also write the results as JSON")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt")
-    src.add_argument("--init_from")
-    src.add_argument("--url", help="a running server (loopback); --model names its model")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--api_key", default="none")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
-    ap.add_argument("--max_seconds", type=float, default=120.0, help="no new request starts after this, per level")
-    ap.add_argument("--strategy", default=None, help="decoding strategy (default: the model's)")
-    ap.add_argument("--max_rows", type=int, default=64)
-    ap.add_argument("--max_queue", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1, help="the server's torch CPU threads")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="also write the results as JSON")
-    args = ap.parse_args(argv)
+    args = parse_cli(LoadConfig, argv, prog="python -m bench.serve_load", description=__doc__)
+    if sum(map(bool, (args.ckpt, args.init_from, args.url))) != 1:
+        sys.exit("python -m bench.serve_load: error: give exactly one of --ckpt, --init_from, --url")
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
-        ap.error("--url must be a loopback address (this benchmark never leaves the machine)")
+        sys.exit("python -m bench.serve_load: error: --url must be a loopback address (this benchmark never "
+                 "leaves the machine)")
 
     import openai
     proc = None

@@ -42,7 +42,7 @@ import textwrap
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, TypeVar
 
@@ -52,6 +52,14 @@ SCALAR_TYPES = (str, int, float, bool)
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 NONE_WORDS = ("none", "null")
+
+
+def knob(default, help: str, **more):
+    """A config field with its default and help text (and e.g. choices=(...)), in one line. A list
+    default is copied for every instance (dataclasses refuse a shared mutable default)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **more})
+    return field(default=default, metadata={"help": help, **more})
 
 
 class _Required:

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import parse_cli
-from training.distributed import free_port
+from common.ports import free_port
 from training.metrics import resolve_wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 
 import torch
 
-from common.config import parse_cli
+from common.config import knob, parse_cli
 from inference.api import BLOCK_RULES, STRATEGIES, DecodeOptions, StepInfo, generate_with_stats
 from inference.loading import load_model
 
@@ -62,55 +62,51 @@ def read_prompts_file(path) -> list[str]:
     return prompts
 
 
-def _knob(default, help: str, **more):
-    return field(default=default, metadata={"help": help, **more})
-
-
 @dataclass
 class SampleConfig:
     """The sampling CLI (common/config.py: --key=value, --key value, --flag / --no_flag, --config FILE).
     The decoding knobs take their defaults from DecodeOptions (DEFAULTS): one place, shared with the server."""
     # the model
-    ckpt: str = _knob("", "consolidated model dir (model.safetensors + config.json), a training out dir (uses its "
+    ckpt: str = knob("", "consolidated model dir (model.safetensors + config.json), a training out dir (uses its "
                           "export/), or a DeepSpeed checkpoint dir (consolidated first)")
-    init_from: str = _knob("", "OpenAI GPT-2: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local Hugging Face GPT-2 "
+    init_from: str = knob("", "OpenAI GPT-2: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local Hugging Face GPT-2 "
                                "dir (tokenizer gpt2); needs the weights cached offline")
-    device: str = _knob("auto", "auto (cuda if present) | cpu | cuda | cuda:1 ...")
-    dtype: str = _knob("auto", "autocast dtype on GPU (auto: bfloat16 where supported); CPU always runs float32",
+    device: str = knob("auto", "auto (cuda if present) | cpu | cuda | cuda:1 ...")
+    dtype: str = knob("auto", "autocast dtype on GPU (auto: bfloat16 where supported); CPU always runs float32",
                        choices=("auto", "float32", "bfloat16", "float16"))
-    attn_impl: str = _knob("auto", "attention kernel: auto = Triton on GPU, PyTorch elsewhere",
+    attn_impl: str = knob("auto", "attention kernel: auto = Triton on GPU, PyTorch elsewhere",
                            choices=("auto", "triton", "torch"))
     # the prompts
-    start: str = _knob("\n", "prompt text, or FILE:path to read it from a UTF-8 file")
-    prompts_file: str = _knob("", "one prompt per line (UTF-8), decoded in batches; overrides --start")
-    num_samples: Optional[int] = _knob(None, "samples per prompt (none: 10 for --start as in nanoGPT, 1 with "
+    start: str = knob("\n", "prompt text, or FILE:path to read it from a UTF-8 file")
+    prompts_file: str = knob("", "one prompt per line (UTF-8), decoded in batches; overrides --start")
+    num_samples: Optional[int] = knob(None, "samples per prompt (none: 10 for --start as in nanoGPT, 1 with "
                                              "--prompts_file)")
-    max_new_tokens: Optional[int] = _knob(None, f"tokens to generate per sample (none: {NANOGPT_MAX_NEW_TOKENS}, "
+    max_new_tokens: Optional[int] = knob(None, f"tokens to generate per sample (none: {NANOGPT_MAX_NEW_TOKENS}, "
                                                 f"capped to the context)")
-    batch_size: int = _knob(DEFAULTS.batch_size, "requests decoded together")
+    batch_size: int = knob(DEFAULTS.batch_size, "requests decoded together")
     # decoding (inference/api.py DecodeOptions)
-    strategy: Optional[str] = _knob(DEFAULTS.strategy, "decoding rule (none: ancestral for diffusion models, ar "
+    strategy: Optional[str] = knob(DEFAULTS.strategy, "decoding rule (none: ancestral for diffusion models, ar "
                                                        "for AR models)", choices=STRATEGIES)
-    steps: Optional[int] = _knob(DEFAULTS.steps, "ancestral: time steps (none: L = max_new_tokens); topk: steps to "
+    steps: Optional[int] = knob(DEFAULTS.steps, "ancestral: time steps (none: L = max_new_tokens); topk: steps to "
                                                  "spread the L tokens over; threshold: cap on calls; blocks: steps "
                                                  "over all blocks (none: one token per step)")
-    tokens_per_step: Optional[int] = _knob(DEFAULTS.tokens_per_step, "topk / random / blocks(topk): commit this "
+    tokens_per_step: Optional[int] = knob(DEFAULTS.tokens_per_step, "topk / random / blocks(topk): commit this "
                                                                      "many tokens per step (none: 1 unless --steps)")
-    threshold: float = _knob(DEFAULTS.threshold, "threshold rule: confidence tau")
-    block_length: Optional[int] = _knob(DEFAULTS.block_length, "blocks: block length (none: the model's block for "
+    threshold: float = knob(DEFAULTS.threshold, "threshold rule: confidence tau")
+    block_length: Optional[int] = knob(DEFAULTS.block_length, "blocks: block length (none: the model's block for "
                                                                "block-causal models, else 32)")
-    block_rule: str = _knob(DEFAULTS.block_rule, "blocks: rule inside a block", choices=BLOCK_RULES)
-    kv_cache: bool = _knob(DEFAULTS.kv_cache, "blocks / ar: reuse the finished prefix's keys and values "
+    block_rule: str = knob(DEFAULTS.block_rule, "blocks: rule inside a block", choices=BLOCK_RULES)
+    kv_cache: bool = knob(DEFAULTS.kv_cache, "blocks / ar: reuse the finished prefix's keys and values "
                                               "(off: recompute the prefix every call)")
-    temperature: float = _knob(DEFAULTS.temperature, "0 = greedy (as nanoGPT)")
-    top_k: int = _knob(DEFAULTS.top_k, "sample among the k most likely tokens (0 = all)")
-    top_p: Optional[float] = _knob(DEFAULTS.top_p, "nucleus sampling: keep the smallest set with mass >= p")
-    stop_at_eot: bool = _knob(DEFAULTS.stop_at_eot, "cut each text at its first EOT")
-    seed: int = _knob(DEFAULTS.seed, "random seed of the sampler")
+    temperature: float = knob(DEFAULTS.temperature, "0 = greedy (as nanoGPT)")
+    top_k: int = knob(DEFAULTS.top_k, "sample among the k most likely tokens (0 = all)")
+    top_p: Optional[float] = knob(DEFAULTS.top_p, "nucleus sampling: keep the smallest set with mass >= p")
+    stop_at_eot: bool = knob(DEFAULTS.stop_at_eot, "cut each text at its first EOT")
+    seed: int = knob(DEFAULTS.seed, "random seed of the sampler")
     # the output
-    out: str = _knob("", "also write one JSON line per sample (text, token ids, NFE, tokens/s) here")
-    show_steps: bool = _knob(False, "print the text after every decoding step (MASK shown as a placeholder)")
-    progress: bool = _knob(True, "tqdm progress bar")
+    out: str = knob("", "also write one JSON line per sample (text, token ids, NFE, tokens/s) here")
+    show_steps: bool = knob(False, "print the text after every decoding step (MASK shown as a placeholder)")
+    progress: bool = knob(True, "tqdm progress bar")
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions(

@@ -21,7 +21,6 @@ requests finish for --grace_s seconds, cancel the rest, exit 0.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
@@ -44,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.config import knob, parse_cli
 from inference.api import (DIFFUSION_STRATEGIES, Completion, DecodeOptions, encode_requests, model_kind)
 from inference.scheduler import Cancelled, QueueFull, RowSpec, ShuttingDown, StepScheduler, server_options
 from models.tokenizer import PLACEHOLDER
@@ -557,29 +557,37 @@ def default_model_id(ckpt: Optional[str], init_from: Optional[str]) -> str:
     return p.parent.name if p.name == "export" else p.name
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m inference.serve", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="our checkpoint: a consolidated dir, a training out dir, or a DeepSpeed checkpoint")
-    src.add_argument("--init_from", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face GPT-2 dir")
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 opens the "
-                                                        "server to the network: set --api-key)")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--model_name", default=None, help="the model id clients send (default: the run's folder name)")
-    ap.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get(API_KEY_ENV),
-                    help=f"require 'Authorization: Bearer KEY' on every request but / and /health (or ${API_KEY_ENV})")
-    ap.add_argument("--max_rows", type=int, default=64, help="rows (decodes) per model call at most")
-    ap.add_argument("--max_queue", type=int, default=256, help="rows that may wait beyond max_rows; then 429")
-    ap.add_argument("--max_n", type=int, default=16, help="completions per request (n x prompts) at most")
-    ap.add_argument("--grace_s", type=float, default=10.0, help="on SIGTERM, seconds in-flight requests get to finish")
-    ap.add_argument("--step_delay_s", type=float, default=0.0,
-                    help="pause before every model call (demos: watch the canvas fill in in the playground)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64", "bfloat16", "float16"])
-    ap.add_argument("--attn_impl", default="auto")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    return ap.parse_args(argv)
+@dataclass
+class ServeCommand:
+    """`python -m inference.serve` (common/config.py: --key=value, --key value, --config FILE)."""
+    ckpt: str = knob("", "our checkpoint: a consolidated dir, a training out dir, or a DeepSpeed checkpoint")
+    init_from: str = knob("", "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a Hugging Face GPT-2 dir")
+    host: str = knob("127.0.0.1", "address to bind (loopback only; 0.0.0.0 opens the server to the network: "
+                                  "set --api-key)")
+    port: int = knob(8000, "port to bind")
+    model_name: str = knob("", "the model id clients send ('' = the run's folder name)")
+    api_key: str = knob("", f"require 'Authorization: Bearer KEY' on every request but / and /health "
+                            f"('' = ${API_KEY_ENV} if set, else no key)")
+    max_rows: int = knob(64, "rows (decodes) per model call at most")
+    max_queue: int = knob(256, "rows that may wait beyond max_rows; then 429")
+    max_n: int = knob(16, "completions per request (n x prompts) at most")
+    grace_s: float = knob(10.0, "on SIGTERM, seconds in-flight requests get to finish")
+    step_delay_s: float = knob(0.0, "pause before every model call (demos: watch the canvas fill in)")
+    device: str = knob("auto", "auto (cuda if present) | cpu | cuda | cuda:1 ...")
+    dtype: str = knob("auto", "autocast dtype on GPU", choices=("auto", "float32", "float64", "bfloat16", "float16"))
+    attn_impl: str = knob("auto", "attention kernel: auto = Triton on GPU, PyTorch elsewhere",
+                          choices=("auto", "triton", "torch"))
+    threads: int = knob(0, "torch CPU threads (0: torch's default)")
+
+
+def parse_args(argv=None) -> ServeCommand:
+    args = parse_cli(ServeCommand, argv, prog="python -m inference.serve", description=__doc__)
+    if bool(args.ckpt) == bool(args.init_from):
+        print("python -m inference.serve: error: give --ckpt DIR (our model) or --init_from gpt2|... "
+              "(OpenAI GPT-2), exactly one", file=sys.stderr)
+        raise SystemExit(2)
+    args.api_key = args.api_key or os.environ.get(API_KEY_ENV, "")
+    return args
 
 
 def main(argv=None) -> int:
@@ -590,13 +598,13 @@ def main(argv=None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        loaded = load_model(args.ckpt, args.init_from, args.device, args.attn_impl,
+        loaded = load_model(args.ckpt or None, args.init_from or None, args.device, args.attn_impl,
                             log=lambda m: print(m, file=sys.stderr))
         autocast = prepare_model(loaded, args.dtype)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = ServerConfig(model_id=args.model_name or default_model_id(args.ckpt, args.init_from),
+    cfg = ServerConfig(model_id=args.model_name or default_model_id(args.ckpt or None, args.init_from or None),
                        max_rows=args.max_rows, max_queue=args.max_queue, max_n=args.max_n,
                        api_key=args.api_key or None, grace_s=args.grace_s)
     scheduler = StepScheduler(loaded.model, loaded.tokenizer, cfg.max_rows, cfg.max_queue, autocast,

@@ -169,7 +169,9 @@ IN_PROCESS = [("inference.sample", "--max_new_tokens", "tokens to generate per s
               ("bench.attention_bench", "--seq_lens", "sequence lengths"),
               ("training.prepare", "--tokenizer", "GPT-2 BPE"),
               ("training.export", "--ckpt", "ckpt/step_N"),
-              ("training.hf_export", "--tokenizer", "tokenizer files")]
+              ("training.hf_export", "--tokenizer", "tokenizer files"),
+              ("inference.serve", "--max_rows", "rows (decodes) per model call"),
+              ("bench.serve_load", "--concurrency", "client concurrency levels")]
 SUBPROCESS = [("bench.training", "--rounds", "model.n_layer"),  # sets rank variables on import
               ("training/pretrain.py", "--deepspeed_config", "model.n_layer")]  # imports DeepSpeed
 

@@ -10,7 +10,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import openai
 import pytest
 import torch
 
+from common.ports import free_port
 from inference.api import DecodeOptions, generate_with_stats
 from inference.loading import load_model
 from inference.scheduler import RowSpec, StepScheduler, server_options
@@ -50,12 +50,6 @@ def export_tiny(out_dir, attention="bidirectional", objective="mdlm", block_leng
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     return {"mdlm": export_tiny(root / "mdlm"), "ar": export_tiny(root / "ar", "causal", "ar")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

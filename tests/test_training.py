@@ -32,7 +32,7 @@ import torch
 from training import checkpoint as ckpt
 from training.config import load_config
 from training.ds_config import ConfigConflict, load_ds_json, resolve
-from training.distributed import free_port
+from common.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

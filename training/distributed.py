@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (for MASTER_PORT, --master_port, test servers)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common.ports import free_port
 
 
 def prepare_environment() -> None:
