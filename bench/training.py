@@ -5,17 +5,22 @@ LR schedule.
     python -m bench.training                                   # the quickstart model and batch
     python -m bench.training --config training/configs/shakespeare_ar.json --steps 30 --rounds 3
     python -m bench.training --model.n_layer=8 --batch_size 16  # any training-config override
+    # GPT-2 124M on one GPU, bf16, compiled, Triton vs PyTorch attention (what bench/gpu_check.sh runs)
+    python -m bench.training --config training/configs/train_gpt2.json --data_dir data/shakespeare --from_data \
+        --dtype=bf16 --compile --stages 0,2 --attn_impls auto,torch --no_plain --steps 60
 
-Batches are random token ids (no dataset needed). The variants are timed in interleaved rounds (plain,
-ZeRO-0, ZeRO-2, ZeRO-3, plain, ...) and each one's best round is reported, so load from other processes
-on the machine hits every variant alike. Prints tokens/s, MFU and the ratio to the plain loop.
+Batches are random token ids (no dataset needed), or with --from_data windows of the config's data_dir as
+training samples them. The variants are timed in interleaved rounds (plain, ZeRO-0, ZeRO-2, ZeRO-3, plain,
+...; each once per --attn_impls) and each one's best round is reported, so load from other processes on
+the machine hits every variant alike. Prints tokens/s, MFU and the ratio to the first variant (the plain
+loop, unless --no_plain).
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: find the repository root
@@ -90,6 +95,12 @@ class BenchConfig:
     warmup: int = field(default=3, metadata={"help": "untimed steps first (and compile, with --compile)"})
     rounds: int = field(default=3, metadata={"help": "interleaved rounds; the best round counts"})
     json: str = field(default="", metadata={"help": "also write the results here"})
+    stages: list[int] = field(default_factory=lambda: list(STAGES), metadata={"help": "ZeRO stages to time"})
+    plain: bool = field(default=True, metadata={"help": "time the plain PyTorch loop too (fp32, no autocast)"})
+    attn_impls: list[str] = field(default_factory=list, metadata={
+        "help": "model.attn_impl values to time, each with every variant (empty: the config's)"})
+    from_data: bool = field(default=False, metadata={"help": "batches from the config's data_dir (train split) "
+                                                             "instead of random ids"})
 
 
 def main(argv=None):
@@ -104,70 +115,110 @@ def main(argv=None):
         args, _, overrides = load(BenchConfig, argv, config_flag=None, allow_unknown=True)
         cfg, explicit = load_config(args.config, overrides)
     cfg.gradient_accumulation_steps = 1  # one micro step per optimizer step: the comparison is per step
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = args.vocab_size
-    mask_id = cfg.model.vocab_size - 1
+    data = None
+    if args.from_data:
+        from training.data import TokenDataset
+        data = TokenDataset(cfg.data_dir, "train")  # names the prepare command when it is missing
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = data.meta["padded_vocab_size"]
+        mask_id = data.meta["mask_id"]
+    else:
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = args.vocab_size
+        mask_id = cfg.model.vocab_size - 1
     B, T = cfg.batch_size, cfg.model.block_size
 
     import deepspeed  # after prepare_environment()
     deepspeed.init_distributed()  # a world of one (prepare_environment set the rank variables)
 
-    def fresh_module():
+    def fresh_module(attn_impl):
         torch.manual_seed(cfg.seed)  # identical weights for every variant
-        gpt = GPT(cfg.model)
+        gpt = GPT(replace(cfg.model, attn_impl=attn_impl))
         if cfg.compile:
             compile_blocks(gpt)
         return TrainingModule(gpt, cfg.objective, mask_id)
 
     variants = {}
     flops_per_token = GPT(cfg.model).flops_per_token(T)
-    base = None
-    for stage in STAGES:
-        ds_json = load_ds_json(REPO / f"ds_configs/zero{stage}.json")
-        ds = resolve(ds_json, cfg, explicit - {"dtype"}, world_size=1, source=f"zero{stage}.json")
-        base = base or ds
-        engine = DeepSpeedEngine(fresh_module(), ds.config, ds.client_optimizer, ds.client_scheduler)
-        variants[f"deepspeed zero{stage}"] = DeepSpeedLoop(engine)
-    plain = {"plain pytorch": PlainLoop(fresh_module(), base.client_optimizer, base.client_scheduler, cfg.grad_clip)}
-    variants = {**plain, **variants}
-    if cfg.dtype != "fp32":
+    impls = args.attn_impls or [cfg.model.attn_impl]
+    for impl in impls:
+        suffix = f" attn={impl}" if len(impls) > 1 else ""
+        base = None
+        for stage in args.stages:
+            ds_json = load_ds_json(REPO / f"ds_configs/zero{stage}.json")
+            ds = resolve(ds_json, cfg, explicit - {"dtype"}, world_size=1, source=f"zero{stage}.json")
+            base = base or ds
+            engine = DeepSpeedEngine(fresh_module(impl), ds.config, ds.client_optimizer, ds.client_scheduler)
+            variants[f"deepspeed zero{stage}{suffix}"] = DeepSpeedLoop(engine)
+        if args.plain:
+            base = base or resolve(load_ds_json(REPO / "ds_configs/zero0.json"), cfg, explicit - {"dtype"},
+                                   world_size=1, source="zero0.json")
+            plain = PlainLoop(fresh_module(impl), base.client_optimizer, base.client_scheduler, cfg.grad_clip)
+            variants = {f"plain pytorch{suffix}": plain, **variants}
+    if not variants:
+        raise SystemExit(f"{prog}: nothing to time (--stages is empty and --no_plain)")
+    if args.plain and cfg.dtype != "fp32":
         print(f"note: DeepSpeed runs {cfg.dtype}; the plain loop runs fp32 (no autocast) - compare with dtype=fp32")
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, mask_id, (B, T + 1), generator=gen) for _ in range(4)]
     step_of = {name: 0 for name in variants}
 
+    def batch(name):
+        if data is not None:  # the loop's own sampling: (seed, step) -> windows
+            return data.get_batch(B, T, seed=cfg.seed, step=step_of[name])
+        w = batches[step_of[name] % len(batches)]
+        return w[:, :-1], w[:, 1:]
+
+    losses = {name: [] for name in variants}
+
     def run(name, n):
         loop = variants[name]
         for _ in range(n):
-            w = batches[step_of[name] % len(batches)]
-            loop.train_step(w[:, :-1], w[:, 1:], seed=step_of[name]).item()  # .item(): wait for the step
+            x, y = batch(name)
+            losses[name].append(loop.train_step(x, y, seed=step_of[name]).item())  # .item(): wait for the step
             step_of[name] += 1
 
+    t_compile = {}
     for name in variants:
+        t0 = time.perf_counter()
         run(name, args.warmup)
+        t_compile[name] = time.perf_counter() - t0
+    peak = cfg.peak_flops or default_peak_flops(cfg.dtype)
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
     best = {name: 0.0 for name in variants}
-    for _ in range(args.rounds):
+
+    def results(rounds_done: int) -> dict:
+        first = next(iter(best))
+        out = {}
+        for name, tps in best.items():
+            out[name] = {"tokens_per_s": tps, "mfu": model_flops_utilization(flops_per_token, tps, peak),
+                         "ratio_to_first": tps / best[first] if best[first] else 0.0, "steps": step_of[name],
+                         "last_loss": losses[name][-1], "warmup_s": t_compile[name]}
+        if args.json:  # after every round: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "peak_flops": peak, "device": device,
+                                                   "first": first, "rounds_done": rounds_done, "results": out}, indent=2))
+        return out
+
+    final = results(0)
+    for r in range(args.rounds):
         for name in variants:
             sync()
             t0 = time.perf_counter()
             run(name, args.steps)
             sync()
             best[name] = max(best[name], args.steps * B * T / (time.perf_counter() - t0))
+        final = results(r + 1)
 
-    peak = cfg.peak_flops or default_peak_flops(cfg.dtype)
-    ref = best["plain pytorch"]
     print(f"model {cfg.model.n_layer}L/{cfg.model.n_head}H/{cfg.model.n_embd}d block {T}, batch {B}, "
-          f"{cfg.objective.name}, {cfg.dtype}, {torch.get_num_threads()} threads, "
+          f"{cfg.objective.name}, {cfg.dtype}{', compiled' if cfg.compile else ''}, {device}, "
+          f"{'data ' + cfg.data_dir if data is not None else 'random ids'}, "
           f"best of {args.rounds} rounds x {args.steps} steps")
-    print(f"{'variant':<18} {'tokens/s':>10} {'MFU':>7} {'vs plain':>9}")
-    results = {}
-    for name, tps in best.items():
-        mfu = model_flops_utilization(flops_per_token, tps, peak)
-        results[name] = {"tokens_per_s": tps, "mfu": mfu, "ratio_to_plain": tps / ref}
-        print(f"{name:<18} {tps:>10,.0f} {mfu:>7.2%} {tps / ref:>8.3f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"config": cfg.to_dict(), "peak_flops": peak, "results": results}, indent=2))
+    width = max(18, max(len(n) for n in best))
+    print(f"{'variant':<{width}} {'tokens/s':>10} {'MFU':>7} {'vs first':>9} {'last loss':>9}")
+    for name, v in final.items():
+        print(f"{name:<{width}} {v['tokens_per_s']:>10,.0f} {v['mfu']:>7.2%} {v['ratio_to_first']:>8.3f}x "
+              f"{v['last_loss']:>9.4f}")
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ def check_kernel(key: tuple, block_length: int = 16) -> KernelCheck:
             for name, got, want in (("forward output", out, ref), ("dq", leaves[0].grad, ref_leaves[0].grad),
                                     ("dk", leaves[1].grad, ref_leaves[1].grad),
                                     ("dv", leaves[2].grad, ref_leaves[2].grad)):
-                got = got.double()
+                got, want = got.detach().double(), want.detach()
                 if not torch.isfinite(got).all():
                     worst = (math.inf, name, math.nan)
                     break

@@ -206,3 +206,17 @@ def test_a_wrong_masking_kernel_is_caught_and_the_reference_used(fresh_checks, m
     assert re.search(match, str(warning.message))
     want = apply_diffusion_mask_reference(x0, p, w, mask_id=99, seed=3)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_compiled_caller_checks_once_eagerly_then_traces_the_verdict_without_graph_breaks(fresh_checks, monkeypatch):
+    monkeypatch.setattr(attn_mod, "flash_attention", lambda q, k, v, mask, scale=None: attention_reference(q, k, v, mask, scale))
+    q, _, _ = _qkv()
+
+    def layer(q):
+        return attention(q, q, q, AttentionMask("causal"), impl="auto") * 2
+
+    first = torch._dynamo.explain(layer)(q)
+    assert first.graph_break_count == 1  # the check runs eagerly (torch.compiler.disable), once
+    steady = torch._dynamo.explain(layer)(q)
+    assert steady.graph_break_count == 0 and steady.graph_count == 1
+    assert [c.ok for c in attn_mod.kernel_checks()] == [True]

@@ -1,0 +1,328 @@
+"""The Python half of bench/gpu_check.sh (run that; these are its steps):
+
+    python -m bench.gpu_check prepare DIR              # here: wheels the GPU image lacks + GPT-2 BPE Shakespeare
+    python -m bench.gpu_check env OUT.json [--data DIR] [--dry-run]   # versions, GPU, DeepSpeed, data
+    python -m bench.gpu_check guard OUT.json [--dry-run]              # the kernels' first-use checks
+    python -m bench.gpu_check report RAW_DIR OUT_DIR [--mode M] [--elapsed S]  # gpu_check.json + .md
+
+The GPU machine has no network and its own Python 3.12 image (torch, triton, transformers, pytest-xdist;
+no DeepSpeed, no pydantic, no bundled corpus), and at most 64 MiB travel with the code. `prepare` fills a
+folder (default .gpu_check/, ignored by git) with what it lacks: pure-Python wheels at the versions of
+this environment (DeepSpeed and its missing requirements; pydantic-core as a cp312 manylinux wheel) and
+the bundled Shakespeare prepared with the GPT-2 tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: find the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+# what DeepSpeed needs that the GPU image does not have (the image has torch, numpy, packaging, psutil,
+# py-cpuinfo, tqdm, einops, msgpack, ninja, typing-extensions; typing-extensions travels too, for pydantic)
+PURE_WHEELS = ("deepspeed", "hjson", "pydantic", "annotated-types", "typing-inspection", "typing-extensions")
+BINARY_WHEELS = ("pydantic-core",)  # cp312 manylinux x86_64
+CARRY_LIMIT_MB = 64
+STEP_TITLES = {
+    "env": "environment", "gpu-tests": "GPU-only tests + first-use check tests", "guard": "first-use kernel checks",
+    "attention": "attention benchmark", "masking": "masking benchmark", "training": "GPT-2 124M training",
+    "decoding": "decoding benchmark", "kernel-tests": "whole kernel test files",
+}
+
+
+# ------------------------------------------------------------------------------------------- prepare
+def prepare(out: Path) -> int:
+    wheels, data = out / "wheels", out / "data" / "shakespeare"
+    wheels.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    for name in PURE_WHEELS + BINARY_WHEELS:
+        version = importlib.metadata.version(name)
+        if list(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl")):
+            continue
+        if name in BINARY_WHEELS:
+            cmd = pip + ["download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+                         "--implementation", "cp", "--platform", "manylinux_2_17_x86_64",
+                         "--platform", "manylinux2014_x86_64", "-d", str(wheels), f"{name}=={version}"]
+        else:  # deepspeed is an sdist on PyPI: build its (pure-Python, no ops) wheel with this torch
+            cmd = pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), f"{name}=={version}"]
+        print("$", " ".join(cmd), flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            print(f"prepare: could not get the wheel of {name}=={version}", file=sys.stderr)
+            return 1
+    if not (data / "meta.json").is_file():
+        cmd = [sys.executable, "-m", "training.prepare", "--source", "shakespeare", "--tokenizer", "gpt2", "--out", str(data)]
+        print("$", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, cwd=REPO).returncode != 0:
+            return 1
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2 ** 20
+    print(f"prepare: {out} holds {size:.1f} MiB (the carry limit is {CARRY_LIMIT_MB} MiB with the code):")
+    for f in sorted(out.rglob("*")):
+        if f.is_file():
+            print(f"  {f.relative_to(out)}  {f.stat().st_size / 2 ** 20:.2f} MiB")
+    print(f"on the GPU machine: bash bench/gpu_check.sh OUT_DIR   (with {out} carried beside the code)")
+    return 0 if size < CARRY_LIMIT_MB - 8 else 1
+
+
+# ------------------------------------------------------------------------------------------- env
+def _version(name: str):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(out: Path, data_dir: str, dry_run: bool) -> int:
+    info = {"dry_run": dry_run, "python": sys.version.split()[0], "executable": sys.executable,
+            "platform": platform.platform(), "cpus": os.cpu_count(), "pythonpath": os.environ.get("PYTHONPATH", ""),
+            "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1", "problems": []}
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    info["git_commit"] = commit.stdout.strip() or None
+    import torch
+    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
+    for name in ("triton", "transformers", "deepspeed", "pydantic", "numpy", "safetensors", "pytest", "pytest-xdist"):
+        info[name] = _version(name)
+    if info["cuda_available"]:
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), capability=f"{props.major}.{props.minor}",
+                    gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), multiprocessors=props.multi_processor_count,
+                    bf16_supported=torch.cuda.is_bf16_supported())
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                              "--format=csv,noheader"], capture_output=True, text=True)
+        info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()[:300]
+    elif not dry_run:
+        info["problems"].append("no CUDA GPU visible to torch: nothing but --dry-run can run here")
+    try:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if info["cuda_available"] else "cpu")
+        import deepspeed
+        info["deepspeed_import"] = f"ok {deepspeed.__version__} from {Path(deepspeed.__file__).parent}"
+    except Exception as exc:  # noqa: BLE001 - report it, the training step will fail on it
+        info["deepspeed_import"] = f"FAILED: {type(exc).__name__}: {exc}"
+        info["problems"].append("DeepSpeed does not import (carry its wheels: bash bench/gpu_check.sh --prepare): "
+                                "the training step will fail")
+    meta = Path(data_dir) / "meta.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        info["data"] = {"dir": data_dir, "tokenizer": m.get("tokenizer"), "train_tokens": m.get("train_tokens"),
+                        "val_tokens": m.get("val_tokens")}
+    else:
+        info["data"] = {"dir": data_dir, "missing": True}
+        info["problems"].append(f"no prepared data in {data_dir} (bash bench/gpu_check.sh --prepare makes it): "
+                                f"the training step will fail")
+    out.write_text(json.dumps(info, indent=1))
+    for k, v in info.items():
+        print(f"{k}: {v}")
+    return 1 if (not dry_run and not info["cuda_available"]) else 0
+
+
+# ------------------------------------------------------------------------------------------- guard
+def guard(out: Path, dry_run: bool) -> int:
+    """Run impl="auto" once per case, as a model would, and record every first-use check's verdict."""
+    import warnings
+
+    import torch
+
+    import kernels.attention as attn
+    import kernels.masking as masking
+    from kernels.attention import AttentionMask, attention
+    from kernels.masking import apply_diffusion_mask
+
+    if dry_run:  # the interpreter stands in for the GPU (as in tests/test_kernel_guard.py)
+        attn._kernel_device = lambda q: True
+        masking._kernel_device = lambda x0: True
+        device, plan = "cpu", [(torch.float32, 32)]
+    elif torch.cuda.is_available():
+        device = "cuda"
+        plan = [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 64)]
+    else:
+        print("guard: no CUDA GPU", file=sys.stderr)
+        return 1
+    masks = [AttentionMask("causal"), AttentionMask("bidirectional"), AttentionMask("block_causal", block_length=16),
+             AttentionMask("block_diffusion", block_length=16)]
+    rows, t0 = [], time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for dtype, head_dim in plan:
+            for mask in masks:
+                q = torch.randn(1, 2, 64, head_dim, device=device, dtype=dtype)
+                t = time.perf_counter()
+                attention(q, q, q, mask, impl="auto")
+                rows.append({"what": "attention", "dtype": str(dtype).replace("torch.", ""), "head_dim": head_dim,
+                             "mask": mask.kind, "seconds": round(time.perf_counter() - t, 2)})
+        x0 = torch.randint(0, 100, (2, 64), device=device)
+        apply_diffusion_mask(x0, torch.rand(2, device=device), torch.ones(2, device=device), 100, 0, impl="auto")
+    checks = [{"case": attn._describe(c.key), "ok": c.ok, "detail": c.detail} for c in attn.kernel_checks()]
+    checks += [{"case": f"diffusion masking of {str(c.key[1]).replace('torch.', '')} ids on {c.key[0]}", "ok": c.ok,
+                "detail": c.detail} for c in masking.masking_checks()]
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)", "checks": checks,
+              "calls": rows, "warnings": [str(w.message) for w in caught if "diffusionGPT" in str(w.message)],
+              "seconds": round(time.perf_counter() - t0, 1)}
+    out.write_text(json.dumps(result, indent=1))
+    for c in checks:
+        print(("ok      " if c["ok"] else "FAILED  ") + c["case"] + (f": {c['detail']}" if c["detail"] else ""))
+    for w in result["warnings"]:
+        print("WARNING:", w)
+    return 0 if all(c["ok"] for c in checks) and checks else 1
+
+
+# ------------------------------------------------------------------------------------------- report
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _junit(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError:
+        return None
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    out = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": [], "time_s": 0.0}
+    for s in suites:
+        for k in ("tests", "failures", "errors", "skipped"):
+            out[k] += int(s.get(k, 0))
+        out["time_s"] += float(s.get("time", 0))
+        for case in s.iter("testcase"):
+            bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+            if bad is not None:
+                out["failed"].append(f"{case.get('classname')}::{case.get('name')}: "
+                                     f"{(bad.get('message') or '')[:200]}")
+    out["passed"] = out["tests"] - out["failures"] - out["errors"] - out["skipped"]
+    return out
+
+
+def _fmt(x, spec=".3g"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def report(raw: Path, out_dir: Path, mode: str, elapsed: float) -> int:
+    steps = []
+    if (raw / "steps.tsv").is_file():
+        for line in (raw / "steps.tsv").read_text().splitlines():
+            name, rc, secs, limit, cmd = (line.split("\t") + [""] * 5)[:5]
+            status = ("skipped (out of time)" if rc == "skipped" else "ok" if rc == "0" else
+                      "TIMED OUT" if rc in ("124", "137") else f"FAILED (rc {rc})")
+            log = raw / f"{name}.log"
+            tail = log.read_text(errors="replace").splitlines()[-25:] if log.is_file() and rc not in ("0", "skipped") else []
+            steps.append({"step": name, "status": status, "rc": rc, "seconds": int(secs or 0), "limit_s": int(limit or 0),
+                          "command": cmd, "log_tail": tail})
+    result = {"mode": mode, "elapsed_s": elapsed, "written": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": steps,
+              "env": _load(raw / "env.json"), "wheels": (raw / "wheels.txt").read_text().split() if (raw / "wheels.txt").is_file() else [],
+              "gpu_tests": _junit(raw / "gpu-tests.xml"), "guard": _load(raw / "guard.json"),
+              "attention": _load(raw / "attention.json"), "masking": _load(raw / "masking.json"),
+              "training": _load(raw / "training.json"), "decoding": _load(raw / "decoding.json"),
+              "kernel_tests": _junit(raw / "kernel-tests.xml")}
+    (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "gpu_check.md").write_text(markdown(result))
+    return 0
+
+
+def markdown(r: dict) -> str:
+    env = r["env"] or {}
+    md = [f"# diffusionGPT GPU check ({r['mode']})", ""]
+    md.append(f"Written {r['written']}, {r['elapsed_s']:.0f} s into the run. "
+              f"GPU: {env.get('gpu', 'none')} ({env.get('gpu_memory_gib', '?')} GiB, sm {env.get('capability', '?')}); "
+              f"Python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
+              f"triton {env.get('triton')}, transformers {env.get('transformers')}, deepspeed {env.get('deepspeed')}; "
+              f"commit {env.get('git_commit')}.")
+    if r["wheels"]:
+        md.append(f"Carried wheels installed into a temp path: {', '.join(r['wheels'])}.")
+    for p in env.get("problems", []):
+        md.append(f"- **problem:** {p}")
+    md += ["", "| step | what | status | seconds (limit) |", "|---|---|---|---|"]
+    for s in r["steps"]:
+        md.append(f"| {s['step']} | {STEP_TITLES.get(s['step'], '')} | {s['status']} | {s['seconds']} ({s['limit_s']}) |")
+    for name in ("gpu_tests", "kernel_tests"):
+        t = r[name]
+        if t:
+            md += ["", f"## {'GPU-only tests' if name == 'gpu_tests' else 'Kernel test files'}", "",
+                   f"{t['passed']} passed, {t['failures'] + t['errors']} failed, {t['skipped']} skipped "
+                   f"({t['time_s']:.0f} s)."]
+            md += [f"- FAILED {f}" for f in t["failed"][:30]]
+    g = r["guard"]
+    if g:
+        md += ["", "## First-use kernel checks", "", f"{g['device']}, {g['seconds']} s:", ""]
+        md += [f"- {'ok' if c['ok'] else '**FAILED**'}: {c['case']}" + (f": {c['detail']}" if c["detail"] else "")
+               for c in g["checks"]]
+    a = r["attention"]
+    if a and a.get("rows"):
+        md += ["", f"## Attention ({a['device']}, {a['dtype']}, {a['tokens']} tokens per batch, model dim "
+                   f"{a['model_dim']}{'' if a.get('complete') else '; INCOMPLETE: stopped by its time budget'})", "",
+               "TFLOP/s over visible pairs; x = baseline ms / Triton ms (> 1: Triton faster).", "",
+               "| T | d | mask | mode | Triton TFLOP/s | SDPA flash TFLOP/s | x vs SDPA | Flex TFLOP/s | x vs Flex |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for row in a["rows"]:
+            mask = row["mask"] + (f" b={row['block_length']}" if row["block_length"] else "")
+            md.append(f"| {row['T']} | {row['head_dim']} | {mask} | {row['mode']} | {_fmt(row.get('triton_tflops'))} | "
+                      f"{_fmt(row.get('sdpa_tflops'))} | {_fmt(row.get('triton_vs_sdpa'), '.2f')} | "
+                      f"{_fmt(row.get('flex_tflops'))} | {_fmt(row.get('triton_vs_flex'), '.2f')} |")
+    m = r["masking"]
+    if m and m.get("rows"):
+        md += ["", f"## Masking kernel ({m['device']})", "", "| B x T | Triton GB/s | PyTorch GB/s | x faster |",
+               "|---|---|---|---|"]
+        md += [f"| {row['B']} x {row['T']} | {row['triton_gb_s']:.1f} | {row['torch_gb_s']:.1f} | "
+               f"{row['triton_vs_torch']:.2f} |" for row in m["rows"]]
+    t = r["training"]
+    if t and t.get("results"):
+        c = t["config"]
+        md += ["", f"## Training ({t.get('device')}: {c['model']['n_layer']}L/{c['model']['n_embd']}d, block "
+                   f"{c['model']['block_size']}, batch {c['batch_size']}, {c['dtype']}, compile={c['compile']})", "",
+               "| variant | tokens/s | MFU | vs first | last loss |", "|---|---|---|---|---|"]
+        md += [f"| {name} | {v['tokens_per_s']:,.0f} | {v['mfu']:.1%} | {v['ratio_to_first']:.3f} | {v['last_loss']:.4f} |"
+               for name, v in t["results"].items()]
+    d = r["decoding"]
+    if d and d.get("rows"):
+        md += ["", "## Decoding (random-init models: speed only)", "", "| rule | tokens/s | model calls per token |",
+               "|---|---|---|"]
+        md += [f"| {row['name']} | {row['tokens_per_s']:,.0f} | {row['nfe_per_token']:.3f} |" for row in d["rows"]]
+    bad = [s for s in r["steps"] if s["log_tail"]]
+    if bad:
+        md += ["", "## Logs of failed steps (last lines)"]
+        for s in bad:
+            md += ["", f"### {s['step']}: {s['status']}", "", f"`{s['command']}`", "", "```", *s["log_tail"], "```"]
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("dir", nargs="?", default=".gpu_check")
+    e = sub.add_parser("env")
+    e.add_argument("out")
+    e.add_argument("--data", default=".gpu_check/data/shakespeare")
+    e.add_argument("--dry-run", action="store_true")
+    g = sub.add_parser("guard")
+    g.add_argument("out")
+    g.add_argument("--dry-run", action="store_true")
+    r = sub.add_parser("report")
+    r.add_argument("raw")
+    r.add_argument("out_dir")
+    r.add_argument("--mode", default="gpu")
+    r.add_argument("--elapsed", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    if args.cmd == "prepare":
+        return prepare(Path(args.dir))
+    if args.cmd == "env":
+        return environment(Path(args.out), args.data, args.dry_run)
+    if args.cmd == "guard":
+        return guard(Path(args.out), args.dry_run)
+    return report(Path(args.raw), Path(args.out_dir), args.mode, args.elapsed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

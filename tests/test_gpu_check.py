@@ -1,0 +1,87 @@
+"""bench/gpu_check.sh, the one command a GPU session runs, tested on CPU with --dry-run: every step's plumbing
+(tiny shapes, the Triton steps in the interpreter), the carried-wheel install, the JSON + Markdown report,
+and that a failing step is recorded and the run goes on (and ends non-zero)."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ["env", "gpu-tests", "guard", "attention", "masking", "training", "decoding", "kernel-tests"]
+pytestmark = pytest.mark.slow
+
+
+def _probe_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel, standing in for the carried DeepSpeed wheels."""
+    folder.mkdir()
+    path = folder / "gpu_check_probe-1.0-py3-none-any.whl"
+    info = "gpu_check_probe-1.0.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("gpu_check_probe/__init__.py", "VERSION = '1.0'\n")
+        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: gpu-check-probe\nVersion: 1.0\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return folder
+
+
+def _run(*args, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script sets it itself
+    env["PYTHON"] = sys.executable
+    return subprocess.run(["bash", "bench/gpu_check.sh", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_dry_run_runs_every_step_and_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "out"
+    done = _run("--dry-run", "--wheels", str(_probe_wheel(tmp_path / "wheels")), str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "every step passed" in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "raw.tar.gz"]
+
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert [s["step"] for s in report["steps"]] == STEPS
+    assert all(s["status"] == "ok" for s in report["steps"]), report["steps"]
+    assert report["mode"].startswith("dry-run")
+    # the carried wheel went into a temporary path first on PYTHONPATH
+    assert report["wheels"] == ["gpu_check_probe-1.0-py3-none-any.whl"]
+    assert "/site" in report["env"]["pythonpath"] and report["env"]["deepspeed_import"].startswith("ok")
+    # every step left its numbers
+    assert report["gpu_tests"]["passed"] > 0 and report["gpu_tests"]["failures"] == 0
+    assert report["guard"]["checks"] and all(c["ok"] for c in report["guard"]["checks"])
+    kinds = {(r["mask"], r["block_length"]) for r in report["attention"]["rows"]}
+    assert kinds == {("causal", 0), ("bidirectional", 0), ("block_causal", 4), ("block_causal", 16),
+                     ("block_diffusion", 16)}
+    assert {r["mode"] for r in report["attention"]["rows"]} == {"fwd", "fwd+bwd"}
+    assert report["masking"]["rows"][0]["triton_gb_s"] > 0
+    assert set(report["training"]["results"]) == {"deepspeed zero0 attn=triton", "deepspeed zero2 attn=triton",
+                                                  "deepspeed zero0 attn=torch", "deepspeed zero2 attn=torch"}
+    losses = {round(v["last_loss"], 4) for v in report["training"]["results"].values()}
+    assert len(losses) == 1  # same weights, same data: the Triton and PyTorch attention give the same loss
+    assert any("KV cache" in r["name"] or "kv" in r["name"].lower() for r in report["decoding"]["rows"])
+    assert report["kernel_tests"]["passed"] > 0
+
+    md = (out / "gpu_check.md").read_text()
+    for heading in ("| step | what | status |", "## First-use kernel checks", "## Attention", "## Masking kernel",
+                    "## Training", "## Decoding"):
+        assert heading in md
+    with tarfile.open(out / "raw.tar.gz") as tar:
+        names = tar.getnames()
+    assert {f"raw/{s}.log" for s in STEPS} <= set(names)
+
+
+def test_a_failing_step_is_recorded_the_run_goes_on_and_ends_non_zero(tmp_path):
+    out = tmp_path / "out"
+    done = _run("--dry-run", "--only", "training,masking", "--data", str(tmp_path / "no_such_data"), str(out))
+    assert done.returncode == 1
+    assert "!! training FAILED" in done.stdout and "FAILED or timed out: training" in done.stderr
+    report = json.loads((out / "gpu_check.json").read_text())
+    status = {s["step"]: s["status"] for s in report["steps"]}
+    assert status == {"env": "ok", "training": "FAILED (rc 1)", "masking": "ok"}  # masking ran after the failure
+    assert any("no prepared data" in p for p in report["env"]["problems"])
+    md = (out / "gpu_check.md").read_text()
+    assert "### training: FAILED (rc 1)" in md and "training.prepare" in md  # the log names the fix
