@@ -13,7 +13,10 @@
 #   CONFIG     training config          (default training/configs/shakespeare_mdlm.json)
 #   ZERO       0 | 1 | 2 | 3 | 3_offload | path/to/ds.json   (default 2)
 #   NPROC      ranks on this machine     (default: every GPU, or 2 on a CPU-only machine)
-#   HOSTFILE   DeepSpeed hostfile for multi-node runs (NPROC is then ignored)
+#   HOSTFILE   DeepSpeed hostfile for multi-node runs (checked first: it must exist and parse, NPROC if
+#              given must equal its slots, every node must answer passwordless ssh)
+#   MASTER_ADDR  address of the first node that the others reach it at (multi-node; default: DeepSpeed
+#              asks the first node for `hostname -I`)
 #   OUT_DIR    run directory             (default: the config's out_dir)
 #   DATA_DIR   prepared dataset          (default: the config's data_dir; prepared here if missing)
 #   MAX_ITERS  optimizer steps           (default: the config's max_iters)
@@ -50,6 +53,7 @@ OUT_DIR="${OUT_DIR:-$(config_value out_dir)}"
 DATA_DIR="${DATA_DIR:-$(config_value data_dir)}"
 
 # ---------------------------------------------------------------- devices
+NPROC_GIVEN="${NPROC:-}"
 NUM_GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$NUM_GPUS" -gt 0 ]; then
   NPROC="${NPROC:-$NUM_GPUS}"
@@ -74,7 +78,14 @@ fi
 # ---------------------------------------------------------------- train
 PORT=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 if [ -n "${HOSTFILE:-}" ]; then
+  # DeepSpeed would train on this machine alone after one warning line for a missing file, and only tries
+  # ssh on the first node: refuse a bad hostfile, NPROC against its slots, and unreachable nodes here
+  "$PY" -m training.hostfile "$HOSTFILE" ${NPROC_GIVEN:+--num_gpus "$NPROC_GIVEN"} >/dev/null \
+    || { echo "launch.sh: HOSTFILE=$HOSTFILE refused (above)" >&2; exit 2; }
+  export HOSTFILE  # pretrain.py warns when only one node joined
   LAUNCH=("$DEEPSPEED" --hostfile "$HOSTFILE" --master_port "$PORT")
+  [ -n "${MASTER_ADDR:-}" ] && LAUNCH+=(--master_addr "$MASTER_ADDR")
+  [ -n "$NPROC_GIVEN" ] && LAUNCH+=(--num_gpus "$NPROC_GIVEN")
 else
   LAUNCH=("$DEEPSPEED" --num_gpus "$NPROC" --master_port "$PORT")
 fi

@@ -7,18 +7,21 @@ them for a run of many ranks:
              shards, a barrier, rank 0's manifest + verification + `latest` + pruning (checkpoint.finalize),
              and a barrier again, so no rank runs on (or exports) before the checkpoint is marked
     resume   the newest verified checkpoint (checkpoint.find_latest_good), refused with the flags that fix
-             it when it holds another network, another engine, or optimizer shards of another world size;
-             then the engine's state and this rank's RNG state
+             it when it holds another network or another engine; on another number of ranks the global batch
+             is kept (accumulation adapts), and ZeRO shards of another world size or stage are re-cut through
+             DeepSpeed's universal checkpoint (FSDP's DCP reshards by itself); then the engine's state and
+             this rank's RNG state
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.distributed as dist
 
 from models.gpt import GPTConfig
 from training import checkpoint as ckpt
+from training.distributed import all_mean
 from training.engine import Engine
 
 # model keys that may change when a run is resumed: they do not change the parameters
@@ -33,6 +36,8 @@ class ResumePoint:
     skipped: list[str]  # newer checkpoints that were not usable, and why
     train_config: dict  # the resolved training config of the run that wrote it
     engine_config: dict  # its resolved DeepSpeed (or FSDP) config
+    universal: bool = False  # load through DeepSpeed's universal checkpoint (another world size or ZeRO stage)
+    notes: list[str] = field(default_factory=list)  # what was adapted, for the run's log
 
     @classmethod
     def find(cls, out_dir) -> ResumePoint:
@@ -46,23 +51,56 @@ class ResumePoint:
 
     def check_compatible(self, cfg, world: int) -> None:
         """ValueError naming the difference and its fix, when this run cannot continue the checkpoint."""
-        self._check_same_world(world)
         self._check_same_architecture(cfg)
         kind = ckpt.checkpoint_kind(self.tag_dir)  # "deepspeed" | "fsdp": a verified tag dir is one of them
         if kind != cfg.engine:
             raise ValueError(f"checkpoint {self.tag} in {cfg.out_dir} was written by engine={kind}; resume it with "
                              f"--engine={kind} (or export it and start a new run)")
 
-    def _check_same_world(self, world: int) -> None:
-        """ZeRO stages >= 1 shard the optimizer state over the ranks, and DeepSpeed cannot re-shard it."""
-        saved = self.engine_config
-        per_rank = saved["train_micro_batch_size_per_gpu"] * saved["gradient_accumulation_steps"]
-        saved_world = saved["train_batch_size"] // per_rank
-        if saved_world != world and saved.get("zero_optimization", {}).get("stage", 0) >= 1:
-            raise ValueError(f"--resume: the checkpoint {self.tag_dir} was written by {saved_world} rank(s) with ZeRO "
-                             f"stage {saved['zero_optimization']['stage']}, whose optimizer state is sharded per "
-                             f"rank; this run has {world}. Resume with {saved_world} ranks (e.g. NPROC={saved_world} "
-                             f"bash launch.sh --resume), or train into a new --out_dir.")
+    def keep_global_batch(self, cfg, world: int, accumulation_flag: bool = False) -> None:
+        """On another number of ranks, set the accumulation that keeps the checkpoint's global batch: the
+        resumed run then trains on the same batches (pretrain.py numbers micro batches by their place in the
+        global batch), so its loss curve continues the original. A --gradient_accumulation_steps flag
+        given now wins (the global batch then changes, and the note says so)."""
+        saved_world, _ = ckpt.saved_world_and_stage(self.engine_config)
+        if saved_world == world:
+            return
+        saved_gas = self.engine_config["gradient_accumulation_steps"]
+        micro_batches = saved_world * saved_gas  # per optimizer step
+        if accumulation_flag:
+            self.notes.append(f"{saved_world} -> {world} rank(s) with --gradient_accumulation_steps="
+                              f"{cfg.gradient_accumulation_steps}: the global batch changes from {micro_batches} to "
+                              f"{world * cfg.gradient_accumulation_steps} micro batches of {cfg.batch_size}")
+            return
+        if micro_batches % world:
+            raise ValueError(f"--resume: the checkpoint {self.tag_dir} was trained by {saved_world} rank(s) x "
+                             f"accumulation {saved_gas} = {micro_batches} micro batches per step, which {world} ranks "
+                             f"cannot split evenly. Resume with a number of ranks that divides {micro_batches}, or "
+                             f"change the global batch with --gradient_accumulation_steps=N.")
+        cfg.gradient_accumulation_steps = micro_batches // world
+        self.notes.append(f"{saved_world} -> {world} rank(s): global batch kept at {micro_batches} x {cfg.batch_size} "
+                          f"sequences, gradient_accumulation_steps {saved_gas} -> {cfg.gradient_accumulation_steps}")
+
+    def plan_resharding(self, engine_config: dict, world: int) -> None:
+        """DeepSpeed: whether the ZeRO shards must be re-cut for this run (another number of ranks or another
+        stage >= 1). If so, load through a universal checkpoint (converted on first use, Checkpointer.load)
+        and tell DeepSpeed so in engine_config (its `checkpoint.load_universal`). ZeRO-0 keeps the optimizer
+        state whole: it resumes on any number of ranks, but is no ZeRO-1/2/3 state (nor the reverse)."""
+        saved_world, saved_stage = ckpt.saved_world_and_stage(self.engine_config)
+        stage = int(engine_config.get("zero_optimization", {}).get("stage", 0))
+        if (saved_world, saved_stage) == (world, stage) or (saved_stage == 0 and stage == 0):
+            return
+        if 0 in (saved_stage, stage):
+            raise ValueError(f"--resume: the checkpoint {self.tag_dir} holds ZeRO-{saved_stage} optimizer state and this "
+                             f"run uses ZeRO-{stage}; ZeRO-0 state is not sharded and does not convert to or from "
+                             f"ZeRO-1/2/3. Resume with ZeRO-{saved_stage} (ZERO={saved_stage} bash launch.sh --resume, "
+                             f"or --deepspeed_config ds_configs/zero{saved_stage}.json), or export it and start a "
+                             f"new run.")
+        ckpt.check_convertible(self.tag_dir)
+        self.universal = True
+        engine_config.setdefault("checkpoint", {})["load_universal"] = True
+        self.notes.append(f"ZeRO-{saved_stage} on {saved_world} rank(s) -> ZeRO-{stage} on {world} rank(s): loading "
+                          f"{self.tag} through a DeepSpeed universal checkpoint ({self.tag_dir / ckpt.UNIVERSAL})")
 
     def _check_same_architecture(self, cfg) -> None:
         """A resumed run must rebuild the checkpoint's network: a config file edited since (another
@@ -112,7 +150,22 @@ class Checkpointer:
 
     def load(self, engine: Engine, resume: ResumePoint) -> tuple[int, int]:
         """The engine's and this rank's RNG state from the checkpoint; returns its (step, tokens_seen)."""
-        client = engine.load(str(resume.tag_dir.parent), resume.tag)
+        if resume.universal:
+            # rank 0 converts once into the shared out_dir; every rank learns whether it worked
+            error = None
+            if self.rank == 0:
+                try:
+                    ckpt.to_universal(resume.tag_dir)
+                except Exception as e:  # noqa: BLE001 (re-raised below, after the other ranks know)
+                    error = e
+            converted = all_mean([0.0 if error else 1.0])[0] == 1.0
+            if error is not None:
+                raise error
+            if not converted:
+                raise RuntimeError(f"rank 0 could not convert {resume.tag_dir} to a universal checkpoint (see its error)")
+            client = engine.load(str(resume.tag_dir), ckpt.UNIVERSAL)
+        else:
+            client = engine.load(str(resume.tag_dir.parent), resume.tag)
         ckpt.restore_rng(resume.tag_dir, self.rank)
         self.last_tag = resume.tag
         return client["step"], client["tokens_seen"]

@@ -11,6 +11,8 @@ discovery at import time.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from training.engine import Engine, TrainingModule
@@ -84,4 +86,14 @@ class DeepSpeedEngine(Engine):
                                                      load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+        if self.ds.load_universal_checkpoint() and self.ds.zero_optimization_partition_weights():
+            self._restore_param_group_settings(Path(ckpt_dir) / tag)
         return client_state
+
+    def _restore_param_group_settings(self, universal_dir: Path) -> None:
+        """DeepSpeed 0.19's ZeRO-3 universal loader gives every param group the settings of group 0, so the
+        no-decay group (biases, LayerNorms) would get weight decay: put back each group's own."""
+        saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", weights_only=False)["param_groups"]
+        optimizer = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)  # the wrapped torch optimizer
+        for group, saved_group in zip(optimizer.param_groups, saved):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})

@@ -48,6 +48,7 @@ from training.data import TokenDataset, check_compatible, load_meta  # noqa: E40
 from training.ds_config import load_ds_json, resolve, zero_stage  # noqa: E402
 from training.engine import TrainingModule, compile_blocks, make_engine  # noqa: E402
 from training.fsdp_engine import CONFIG_FILE as FSDP_CONFIG_FILE, resolve_fsdp  # noqa: E402
+from training.hostfile import launch_info, single_node_warning  # noqa: E402
 from training.metrics import Metrics, default_peak_flops, memory_mb, model_flops_utilization, provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,9 @@ def setup_config(args, overrides, world):
         resume = ResumePoint.find(cfg.out_dir)
         # the saved, resolved config is the base; the file and flags given now still override it
         cfg, explicit = load_config(args.config, overrides, base=resume.train_config)
-        resume.check_compatible(cfg, world)  # the same network, engine and (sharded) world size
+        resume.check_compatible(cfg, world)  # the same network and engine
+        resume.keep_global_batch(cfg, world, accumulation_flag=any(
+            o.startswith("--gradient_accumulation_steps") for o in overrides))  # on another number of ranks
     meta = load_meta(cfg.data_dir)  # names the prepare command when the data is missing
     tokenizer = tokenizer_from_meta(meta)
     if cfg.model.vocab_size == 0:
@@ -88,7 +91,11 @@ def setup_config(args, overrides, world):
                              f"batch, optimizer, schedule, clipping and dtype from the training config: drop it")
         return cfg, resume, meta, tokenizer, resolve_fsdp(cfg, world)
     ds_path = args.deepspeed_config or str(DEFAULT_DS_CONFIG)
-    return cfg, resume, meta, tokenizer, resolve(load_ds_json(ds_path), cfg, explicit, world, source=ds_path)
+    resolved = resolve(load_ds_json(ds_path), cfg, explicit, world, source=ds_path)
+    if resume:  # another world size or ZeRO stage: through a universal checkpoint (FSDP's DCP reshards itself)
+        resume.plan_resharding(resolved.config, world)
+    return cfg, resume, meta, tokenizer, resolved
+
 
 
 class Validator:
@@ -173,11 +180,19 @@ def main(argv=None):
     metrics.print(f"{cfg.objective.name} model, {num_params / 1e6:.2f}M params, {sharding}, "
                   f"{world} rank(s) on {engine.device}, {cfg.dtype}, {tokens_per_step:,} tokens/step "
                   f"(batch {B} x block {T} x accum {gas} x {world} ranks)")
+    launch = launch_info()  # a hostfile was given, yet only this node joined: say so before any step runs
+    if launch.nodes > 1:
+        metrics.print(f"{launch.nodes} nodes joined ({world} ranks)")
+    elif warning := single_node_warning(launch):
+        metrics.print(warning)
     if resume:
         for note in resume.skipped:
             metrics.print(f"WARNING: skipped checkpoint {note}")
+        for note in resume.notes:
+            metrics.print(f"resume: {note}")
         metrics.print(f"resumed from {resume.tag_dir} (step {step})")
-        metrics.log("resumed", step, checkpoint=resume.tag, skipped=resume.skipped)
+        metrics.log("resumed", step, checkpoint=resume.tag, skipped=resume.skipped, universal=resume.universal,
+                    notes=resume.notes)
     validator = Validator(cfg, rank, world, metrics)
     if cfg.eval_only:
         validator.validate(engine, step, tokens_seen)
@@ -195,8 +210,11 @@ def main(argv=None):
             window_t0 = time.perf_counter()  # tokens/s counts training time only
         lr = engine.lr
         for micro_step in range(gas):
-            x, y = train_data.get_batch(B, T, seed=cfg.seed, step=step, rank=rank, micro_step=micro_step)
-            loss = engine.loss(x, y, seed=mix_seed(cfg.seed, 0, step, rank, micro_step))
+            # a micro batch is named by its place in the global batch, not by (rank, micro step): 2 ranks x
+            # accumulation 1 and 1 rank x accumulation 2 train on the same batches and masks (resume elsewhere)
+            part = rank * gas + micro_step
+            x, y = train_data.get_batch(B, T, seed=cfg.seed, step=step, rank=part, micro_step=0)
+            loss = engine.loss(x, y, seed=mix_seed(cfg.seed, 0, step, part, 0))
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float().cpu() / gas  # no .item(): a GPU keeps running ahead
