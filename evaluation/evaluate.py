@@ -180,12 +180,13 @@ def split_windows(tokens: np.ndarray, length: int, max_windows: int, split: str 
 
 # ----------------------------------------------------------------------------- estimators
 @torch.no_grad()
-def ar_window_nll(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Mean next-token cross-entropy of each window (N, L+1) -> (N,) nats per token (L targets each)."""
+def ar_window_nll(model, windows: torch.Tensor, batch_size: int = 8, num_tokens: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of each window (N, L+1) -> (N,) nats per token (L targets each).
+    num_tokens: the softmax runs over the real ids only (rows past them are MASK and padding), as in training."""
     out = []
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size].to(next(model.parameters()).device)
-        logits = model(w[:, :-1])  # (B, L, V)
+        logits = model(w[:, :-1])[..., :num_tokens]  # (B, L, V) -> (B, L, num_tokens)
         nll = F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="none")  # (B*L,)
         out.append(nll.view(w.size(0), -1).mean(1).cpu())
     return torch.cat(out)
@@ -227,7 +228,7 @@ def evaluate_model(model, info: dict, name: str, windows_by_split: dict, cfg: Ev
     for split, windows in windows_by_split.items():
         t0 = time.time()
         if objective == "ar":
-            per_window = ar_window_nll(model, windows, cfg.batch_size)
+            per_window = ar_window_nll(model, windows, cfg.batch_size, num_tokens=info.get("mask_id"))
             loss, se = mean_and_stderr(per_window)
             L = windows.size(1) - 1
             entry = {"loss": loss, "loss_stderr": se, "ppl": math.exp(loss), "windows": len(windows),

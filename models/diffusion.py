@@ -91,10 +91,17 @@ def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- losses
-def ar_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy, nats per token; targets of -1 are ignored (padding)."""
+def ar_loss(model, x: torch.Tensor, y: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy, nats per token; targets of -1 are ignored (padding).
+
+    num_tokens: the tokenizer's real ids 0 .. num_tokens-1 (= the mask id, docs/design.md). The softmax runs
+    over those rows only: the MASK row and the padding rows of the embedding are not text, so no
+    probability goes to them, and the loss equals the exported Hugging Face model's (which has only the
+    real rows). None: every row (a model without extra rows, e.g. OpenAI's GPT-2)."""
     logits = model(x)  # (B, T, V)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+    if num_tokens is not None and num_tokens < logits.size(-1):
+        logits = logits[..., :num_tokens]  # (B, T, num_tokens)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
 
 
 def is_diffusion(objective: str) -> bool:
@@ -239,7 +246,7 @@ def compute_loss(model, x: torch.Tensor, y: torch.Tensor, objective: ObjectiveCo
                  seed: int) -> torch.Tensor:
     """Loss of one batch for any objective, nats per token. x, y: (B, T) with y = x shifted by one."""
     if objective.name == "ar":
-        return ar_loss(model, x, y)
+        return ar_loss(model, x, y, num_tokens=mask_id)  # real ids are 0 .. mask_id-1
     return diffusion_nelbo(model, x, objective.name, NoiseSchedule(objective.schedule), mask_id, seed,
                            block_length=model.config.block_length, t_min=objective.t_min,
                            antithetic=objective.antithetic, masking_impl=objective.masking_impl)
