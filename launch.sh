@@ -44,13 +44,24 @@ case "$ZERO" in
   0|1|2|3|3_offload) DS_CONFIG="ds_configs/zero${ZERO}.json" ;;
   *) DS_CONFIG="$ZERO" ;;
 esac
-[ -f "$DS_CONFIG" ] || { echo "launch.sh: DeepSpeed config $DS_CONFIG not found (ZERO=0..3, 3_offload or a path)" >&2; exit 2; }
+[ -f "$DS_CONFIG" ] || { echo "launch.sh: ZERO=$ZERO: DeepSpeed config $DS_CONFIG not found (ZERO=0..3, 3_offload or a path)" >&2; exit 2; }
 [ -f "$CONFIG" ] || { echo "launch.sh: training config $CONFIG not found" >&2; exit 2; }
 
 # a value from the training config, unless the environment overrides it
-config_value() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$CONFIG" "$1"; }
-OUT_DIR="${OUT_DIR:-$(config_value out_dir)}"
-DATA_DIR="${DATA_DIR:-$(config_value data_dir)}"
+# out_dir and data_dir through the one config loader: a bad config file stops here, its message naming it
+CONFIG_DIRS=$("$PY" - "$CONFIG" <<'EOF'
+import sys
+from training.config import load_config
+try:
+    cfg, _ = load_config(sys.argv[1])
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"launch.sh: CONFIG={sys.argv[1]}: {e}")
+print(cfg.out_dir)
+print(cfg.data_dir)
+EOF
+) || exit 2
+OUT_DIR="${OUT_DIR:-$(sed -n 1p <<<"$CONFIG_DIRS")}"
+DATA_DIR="${DATA_DIR:-$(sed -n 2p <<<"$CONFIG_DIRS")}"
 
 # ---------------------------------------------------------------- devices
 NPROC_GIVEN="${NPROC:-}"
@@ -91,36 +102,65 @@ else
 fi
 ARGS=(--config "$CONFIG" --deepspeed_config "$DS_CONFIG" --out_dir "$OUT_DIR" --data_dir "$DATA_DIR")
 [ -n "${MAX_ITERS:-}" ] && ARGS+=(--max_iters "$MAX_ITERS")
+# another run training into OUT_DIR: stop before touching its train.log (pretrain.py holds the lock itself)
+"$PY" -m training.run_lock "$OUT_DIR" || exit 1
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/train.log"
 echo "== training: ${LAUNCH[*]} training/pretrain.py ${ARGS[*]} $*"
 echo "   (ZeRO config $DS_CONFIG, log $LOG)"
+# The launcher gets a process group of its own (setsid), so SIGTERM or SIGINT (Ctrl-C) to launch.sh reaches
+# every rank as one SIGTERM to that group: the ranks finish their step, write a checkpoint and exit. A second
+# signal sends SIGKILL (the last verified checkpoint stays good). tee ignores both and ends with the log.
+exec 3> >(trap '' INT TERM; exec tee "$LOG")
+TEE_PID=$!
+SETSID=()
+command -v setsid >/dev/null && SETSID=(setsid)
 set +e
-"${LAUNCH[@]}" training/pretrain.py "${ARGS[@]}" "$@" 2>&1 | tee "$LOG"
-RC=${PIPESTATUS[0]}
+"${SETSID[@]}" "${LAUNCH[@]}" training/pretrain.py "${ARGS[@]}" "$@" >&3 2>&3 &
+TRAIN_PID=$!
+SIGNALS=0
+stop_training() {
+  SIGNALS=$((SIGNALS + 1))
+  local how=TERM what="the ranks write a checkpoint and exit; a second signal kills them"
+  [ "$SIGNALS" -gt 1 ] && how=KILL what="killed; the last verified checkpoint is kept"
+  echo "launch.sh: $1: SIG$how to the training processes ($what)" >&2
+  if [ ${#SETSID[@]} -gt 0 ]; then kill -s "$how" -- "-$TRAIN_PID" 2>/dev/null; else kill -s "$how" "$TRAIN_PID" 2>/dev/null; fi
+}
+trap 'stop_training SIGTERM' TERM
+trap 'stop_training SIGINT' INT
+while :; do
+  wait "$TRAIN_PID"
+  RC=$?
+  kill -0 "$TRAIN_PID" 2>/dev/null || break  # wait also returns when a trapped signal arrives
+done
+trap - TERM INT
+exec 3>&-
+wait "$TEE_PID" 2>/dev/null
 set -e
 
 # Success is the run's own "done" record (written after the final checkpoint and export), not only the
 # exit code: one CPU run in ~100 has been seen to abort in process teardown after finishing, with
 # "terminate called without an active exception". Only that exact case is forgiven.
-DONE=$("$PY" - "$OUT_DIR/metrics.jsonl" <<'EOF'
-import json, sys
-try:
-    records = [json.loads(line) for line in open(sys.argv[1])]
-except OSError:
-    records = []
-print("yes" if records and records[-1]["kind"] == "done" else "no")
+LAST=$("$PY" - "$OUT_DIR/metrics.jsonl" <<'EOF'
+import sys
+from common.jsonl import read_jsonl  # skips a torn last line (a killed run, a full disk)
+records = read_jsonl(sys.argv[1])
+print(records[-1].get("kind", "none") if records else "none")
 EOF
 )
-if [ "$RC" -ne 0 ]; then
-  if [ "$DONE" = "yes" ] && grep -q "terminate called without an active exception" "$LOG"; then
+if [ "$LAST" = "stopped" ]; then
+  # the ranks saw SIGTERM (from here, or their launcher went away) and wrote a checkpoint
+  echo "launch.sh: training stopped before the end by a signal, after writing a checkpoint; continue with: bash launch.sh --resume" >&2
+  exit $(( SIGNALS > 0 ? 143 : 1 ))
+elif [ "$RC" -ne 0 ]; then
+  if [ "$LAST" = "done" ] && grep -q "terminate called without an active exception" "$LOG"; then
     echo "launch.sh: training finished (final checkpoint and export written) but a rank aborted at exit; ignoring" >&2
   else
     echo "launch.sh: training failed (exit code $RC); see $LOG" >&2
     exit "$RC"
   fi
-elif [ "$DONE" != "yes" ]; then
-  echo "launch.sh: training stopped before the end (SIGTERM?); resume with: bash launch.sh --resume" >&2
+elif [ "$LAST" != "done" ]; then
+  echo "launch.sh: training stopped before the end; continue with: bash launch.sh --resume" >&2
   exit 1
 fi
 
@@ -128,12 +168,10 @@ fi
 "$PY" - "$OUT_DIR" <<'EOF'
 import json, math, sys
 from pathlib import Path
+from common.jsonl import read_jsonl  # skips a torn last line
 
 def last_eval(out):
-    try:
-        evals = [r for r in map(json.loads, open(Path(out) / "metrics.jsonl")) if r["kind"] == "eval"]
-    except OSError:
-        return None
+    evals = [r for r in read_jsonl(Path(out) / "metrics.jsonl") if r.get("kind") == "eval"]
     return evals[-1] if evals else None
 
 out = sys.argv[1]

@@ -220,7 +220,11 @@ def read_config_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): save it "
+                          f"as UTF-8 (JSON and TOML files are UTF-8)") from None
     if path.suffix == ".toml":
         try:
             data = tomllib.loads(text)
@@ -232,7 +236,8 @@ def read_config_file(path) -> dict:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a table of config keys, not {type(data).__name__}")
+        raise ConfigError(f"{path} must hold a table of config keys (e.g. {{\"max_iters\": 100}}; --help lists them), "
+                          f"not {type(data).__name__}")
     return _without_comments(data)
 
 
@@ -353,8 +358,10 @@ def build(cls: type[T], values: Mapping, where: str = "") -> T:
         if sub is not None:
             given = values.get(name, {})
             if not isinstance(given, Mapping):
-                raise ConfigError(f"config key {where}{name} is a table of {sub.__name__} keys "
-                                  f"(--{where}{name}.KEY=...), got {given!r}")
+                example = next(iter(config_keys(sub)), "KEY")
+                raise ConfigError(f"config key {where}{name} is a table of {sub.__name__} keys, got {given!r}: "
+                                  f"set its keys one by one, e.g. {{\"{name}\": {{\"{example}\": ...}}}} in a file or "
+                                  f"--{where}{name}.{example}=... as a flag (--help lists them)")
             default = _field_default(f)
             base = asdict(default) if default is not MISSING else {}
             kwargs[name] = build(sub, {**base, **given}, f"{where}{name}.")

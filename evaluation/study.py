@@ -122,16 +122,12 @@ def machine() -> str:
 
 def final_train_loss(run_dir: Path) -> dict:
     """The last train/eval records of a run's metrics.jsonl (what pretrain.py logged)."""
+    from training.metrics import read_records  # the owner of metrics.jsonl: skips a torn last line
+
     out = {}
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("kind") in ("train", "eval", "done"):
-                out[rec["kind"]] = rec
+    for rec in read_records(run_dir):
+        if rec.get("kind") in ("train", "eval", "done"):
+            out[rec["kind"]] = rec
     return out
 
 

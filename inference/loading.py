@@ -86,7 +86,8 @@ def resolve_checkpoint(path, log=print) -> Path:
     """A directory with consolidated weights for `path` (consolidating a DeepSpeed checkpoint if needed)."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
+        raise FileNotFoundError(f"checkpoint {p} does not exist: give a training run's out_dir, its export/ folder "
+                                f"or one ckpt/step_N folder (or --init_from gpt2 for OpenAI's weights)")
     kind = checkpoint_kind(p)
     if kind == "consolidated":
         return p

@@ -152,7 +152,15 @@ def run(args: SampleConfig) -> list:
     model, tokenizer = loaded.model, loaded.tokenizer
     max_new = args.max_new_tokens
     if max_new is None:
-        longest = max(len(tokenizer.encode(p)) for p in prompts)
+        lengths = [len(tokenizer.encode(p)) for p in prompts]
+        longest = max(lengths)
+        if longest >= model.config.block_size:  # nothing would be left to generate: name the prompt, not a count
+            i = lengths.index(longest)
+            where = (f"prompt {i + 1} of {args.prompts_file}" if args.prompts_file
+                     else f"the --start prompt ({args.start[5:]})" if args.start.startswith("FILE:") else "the --start prompt")
+            raise ValueError(f"{where} is {longest} tokens long, but the model's context is "
+                             f"{model.config.block_size} tokens (block_size) and must hold the prompt plus at least "
+                             f"one new token: shorten it to at most {model.config.block_size - 1} tokens")
         max_new = min(NANOGPT_MAX_NEW_TOKENS, model.config.block_size - max(longest, 1))
         if max_new < NANOGPT_MAX_NEW_TOKENS:
             print(f"note: max_new_tokens = {max_new} (the context is {model.config.block_size} tokens)",

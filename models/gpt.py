@@ -183,6 +183,36 @@ class TransformerLayer(nn.Module):
         return x, present
 
 
+# GPT2Config settings this network reproduces: anything else would load silently with other logits
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all three are GELU's tanh approximation
+LAYER_NORM_EPS = 1e-5  # LayerNorm.forward
+
+
+def _check_reproducible_gpt2(name, hc, hf) -> None:
+    """ValueError naming the first GPT2Config setting this network does not implement."""
+    problems = []
+    if hc.activation_function not in GPT2_ACTIVATIONS:
+        problems.append(f"activation_function={hc.activation_function!r} (this network uses GELU's tanh "
+                        f"approximation: {' | '.join(GPT2_ACTIVATIONS)})")
+    if not math.isclose(hc.layer_norm_epsilon, LAYER_NORM_EPS, rel_tol=1e-6):
+        problems.append(f"layer_norm_epsilon={hc.layer_norm_epsilon} (this network uses {LAYER_NORM_EPS})")
+    if not hc.scale_attn_weights:
+        problems.append("scale_attn_weights=False (this network scales attention scores by 1/sqrt(head size))")
+    if hc.scale_attn_by_inverse_layer_idx:
+        problems.append("scale_attn_by_inverse_layer_idx=True (this network does not scale scores by layer)")
+    if hc.n_inner not in (None, 4 * hc.n_embd):
+        problems.append(f"n_inner={hc.n_inner} (this network's MLP is 4 x n_embd = {4 * hc.n_embd} wide)")
+    if getattr(hc, "add_cross_attention", False):
+        problems.append("add_cross_attention=True (this network has no cross-attention)")
+    head, wte = hf.lm_head.weight, hf.transformer.wte.weight
+    if not getattr(hc, "tie_word_embeddings", True) or (head.data_ptr() != wte.data_ptr() and not torch.equal(head, wte)):
+        problems.append("an untied output layer (lm_head differs from wte; this network ties them)")
+    if problems:
+        raise ValueError(f"from_pretrained({name!r}): this GPT-2 variant cannot be reproduced here, its logits would "
+                         f"differ: {'; '.join(problems)}. Load it with transformers itself, or convert it to a "
+                         f"standard GPT-2 configuration first.")
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -302,6 +332,7 @@ class GPT(nn.Module):
             raise ValueError(f"from_pretrained can only override {sorted(allowed)}, got {sorted(overrides)}")
         hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         hc = hf.config
+        _check_reproducible_gpt2(name_or_dir, hc, hf)
         config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
                            n_head=hc.n_head, n_embd=hc.n_embd, bias=True, **overrides)
         model = cls(config)

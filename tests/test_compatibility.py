@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.metrics import read_records
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "pre_restructure"
 REFERENCE = json.loads((FIXTURE / "reference.json").read_text())
@@ -60,7 +62,7 @@ def test_an_old_deepspeed_checkpoint_resumes_with_the_same_losses(shakespeare_ch
          "--resume"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(out)
     resumed = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
     expected = {int(k): v for k, v in REFERENCE["train_loss_by_step"].items() if int(k) > 5}
     # the same data, masks (seeded by step) and optimizer state: bit-for-bit on the same machine

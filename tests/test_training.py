@@ -33,6 +33,7 @@ from training import checkpoint as ckpt
 from training.config import load_config
 from training.ds_config import ConfigConflict, load_ds_json, resolve
 from common.ports import free_port
+from training.metrics import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -62,9 +63,7 @@ def env_for_cpu_ranks() -> dict:
 
 
 def records(out_dir, kind=None) -> list[dict]:
-    path = Path(out_dir) / "metrics.jsonl"
-    rs = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return [r for r in rs if kind is None or r["kind"] == kind]
+    return read_records(out_dir, kind)  # skips a torn last line, as every reader of metrics.jsonl does
 
 
 def train_losses(out_dir) -> dict[int, float]:

@@ -120,9 +120,7 @@ def write_side_files(tag_dir: Path, rank: int, train_config: dict, ds_config: di
         for name, obj in (("train_config.json", train_config), (engine_config_name, ds_config),
                           ("data_meta.json", data_meta)):
             atomic_write_text(tag_dir / name, json.dumps(obj, indent=2) + "\n")
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(rng, tag_dir / f"rng_rank{rank}.pt")
+    torch.save(rng_state_as_tensors(), tag_dir / f"rng_rank{rank}.pt")
 
 
 def finalize(ckpt_dir: Path, tag: str, step: int, keep: int) -> None:
@@ -211,16 +209,134 @@ def load_side_files(tag_dir: Path) -> tuple[dict, dict, dict]:
     return tuple(json.loads((tag_dir / n).read_text()) for n in ("train_config.json", engine_file, "data_meta.json"))
 
 
+def rng_state_as_tensors() -> dict:
+    """This process's RNG states (torch, CUDA, numpy, Python) as tensors and plain numbers only, so that
+    torch.load(weights_only=True) reads them back: nothing in a checkpoint needs unpickling code."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, mt_state, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
+
+
 def restore_rng(tag_dir: Path, rank: int) -> None:
     path = tag_dir / f"rng_rank{rank}.pt"
     if not path.is_file():  # a checkpoint from more ranks than now: keep this rank's seeded state
         return
-    rng = torch.load(path, weights_only=False)
+    rng = safe_torch_load(path)
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    if isinstance(rng["numpy"], dict):
+        n = rng["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    else:  # checkpoints written before the states were stored as tensors: numpy's own tuple
+        np.random.set_state(rng["numpy"])
+    if isinstance(rng["python"], dict):
+        p = rng["python"]
+        random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+    else:
+        random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# ----------------------------------------------------------------------------- loading never runs code
+def _safe_globals() -> list:
+    """The classes, beyond tensors and containers, that torch.load(weights_only=True) may rebuild from our
+    checkpoints: DeepSpeed's ZeRO optimizer files hold these objects, and rng files written before the
+    states were stored as tensors hold numpy arrays. Each only stores data; none runs code on load."""
+    out = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        out.append(np._core.multiarray._reconstruct)
+    except AttributeError:  # numpy < 2
+        out.append(np.core.multiarray._reconstruct)
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+        out += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:  # inference without DeepSpeed: its files are not read there
+        pass
+    return out
+
+
+class UnsafeCheckpoint(ValueError):
+    """A file in a checkpoint would run code (or build objects we do not know) when unpickled."""
+
+
+def safe_torch_load(path, **kwargs):
+    """torch.load with weights_only=True: tensors, containers and _safe_globals() only. A file that
+    needs anything else (a pickle that would import os.system, say) raises UnsafeCheckpoint, unread."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except OSError:  # missing or unreadable: not a question of trust
+        raise
+    except Exception as e:  # noqa: BLE001 - pickle.UnpicklingError, RuntimeError of a non-zip file, ...
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch's first paragraph suggests weights_only=False: the line that names the culprit is what matters
+        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else type(e).__name__)
+        raise UnsafeCheckpoint(
+            f"refusing to load {path}: it is not plain tensor data that can be read without running code "
+            f"({first}). Loading never executes code from a file; a checkpoint written by diffusionGPT never "
+            f"needs it. Use checkpoints you trained yourself, or ask for an export (model.safetensors + "
+            f"config.json, which cannot hold code).") from None
+
+
+def check_safe_to_load(tag_dir) -> None:
+    """Read every pickle of a tag dir the safe way before DeepSpeed (which unpickles its files with
+    weights_only=False) or torch.distributed.checkpoint (which pickle.loads its .metadata and byte items)
+    touches it; UnsafeCheckpoint names the first that fails. The .pt files are memory-mapped, so only their
+    pickled structure is read, not the tensor data."""
+    for path in sorted(Path(tag_dir).rglob("*.pt")):
+        safe_torch_load(path, mmap=True)
+    for metadata in sorted(Path(tag_dir).rglob(".metadata")):
+        _check_dcp_dir(metadata.parent)
+
+
+def _check_dcp_dir(dcp_dir: Path) -> None:
+    """An FSDP (torch.distributed.checkpoint) directory: its .metadata through an unpickler that can only
+    build DCP's own metadata classes (pickle's "restricting globals"), then every non-tensor item it lists."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint import filesystem, metadata as m
+
+    allowed = {(c.__module__, c.__qualname__): c for c in (
+        m.Metadata, m.TensorStorageMetadata, m.ChunkStorageMetadata, m.BytesStorageMetadata, m.TensorProperties,
+        m.MetadataIndex, m.StorageMeta, m._MEM_FORMAT_ENCODING, filesystem._StorageInfo, torch.Size)}
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    allowed[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+    for name in ("PosixPath", "PurePosixPath"):
+        allowed[("pathlib", name)] = getattr(__import__("pathlib"), name)
+
+    class MetadataUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in allowed:
+                return allowed[(module, name)]
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which DCP metadata never holds")
+
+    path = dcp_dir / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            meta = MetadataUnpickler(f).load()
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UnsafeCheckpoint(f"refusing to load {path}: it is not the plain metadata torch.distributed.checkpoint "
+                               f"writes ({e}); loading never executes code from a file. Use checkpoints you trained "
+                               f"yourself, or ask for an export (model.safetensors + config.json).") from None
+    for index, info in getattr(meta, "storage_data", {}).items():
+        if isinstance(meta.state_dict_metadata.get(index.fqn), m.BytesStorageMetadata):
+            with open(dcp_dir / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                blob = f.read(info.length)
+            safe_torch_load(io.BytesIO(blob))
 
 
 # ----------------------------------------------------------------------------- another cluster size

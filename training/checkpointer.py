@@ -14,11 +14,13 @@ them for a run of many ranks:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.distributed as dist
 
+from common.disk import disk_full_error, is_disk_full
 from models.gpt import GPTConfig
 from training import checkpoint as ckpt
 from training.distributed import all_mean
@@ -46,6 +48,7 @@ class ResumePoint:
         if found is None:
             raise FileNotFoundError(ckpt.no_checkpoint_message(out_dir))
         tag_dir = ckpt.ckpt_root(out_dir) / found.tag
+        ckpt.check_safe_to_load(tag_dir)  # before DeepSpeed unpickles anything: a planted pickle is refused
         train_config, engine_config, _ = ckpt.load_side_files(tag_dir)
         return cls(found.tag, tag_dir, found.skipped, train_config, engine_config)
 
@@ -138,15 +141,31 @@ class Checkpointer:
     def save(self, engine: Engine, step: int, tokens_seen: int) -> str:
         """Every rank calls this at the same step; returns the tag once it is verified and `latest`."""
         tag = ckpt.tag_for(step)
-        ckpt.write_side_files(self.root / tag, self.rank, self.train_config, self.engine_config, self.data_meta,
-                              engine_config_name=self.engine_config_name)
-        engine.save(str(self.root), tag, {"step": step, "tokens_seen": tokens_seen})
-        dist.barrier()  # every rank's shards are on disk before rank 0 hashes them
-        if self.rank == 0:
-            ckpt.finalize(self.root, tag, step, self.keep)
-        dist.barrier()
+        with self._disk_full_said(tag):
+            ckpt.write_side_files(self.root / tag, self.rank, self.train_config, self.engine_config, self.data_meta,
+                                  engine_config_name=self.engine_config_name)
+            engine.save(str(self.root), tag, {"step": step, "tokens_seen": tokens_seen})
+            dist.barrier()  # every rank's shards are on disk before rank 0 hashes them
+            if self.rank == 0:
+                ckpt.finalize(self.root, tag, step, self.keep)
+            dist.barrier()
         self.last_tag = tag
         return tag
+
+    @contextmanager
+    def _disk_full_said(self, tag: str):
+        """A save that runs out of space (torch's C++ writer says only "iostream error") becomes DiskFull
+        naming the path, the free space and the checkpoint that is still good: the torn tag is never
+        marked `latest`, so --resume skips it."""
+        try:
+            yield
+        except Exception as e:
+            if is_disk_full(e, self.root):
+                good = self.last_tag or "none yet"
+                raise disk_full_error(self.root / tag, f"checkpoint {tag}", keeps=(
+                    f"The last verified checkpoint ({good}) is intact and `latest` still names it; {tag} is "
+                    f"incomplete and --resume skips it.")) from e
+            raise
 
     def load(self, engine: Engine, resume: ResumePoint) -> tuple[int, int]:
         """The engine's and this rank's RNG state from the checkpoint; returns its (step, tokens_seen)."""

@@ -44,6 +44,7 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=_quickstart_model, metadata={"help": "the backbone (models/gpt.py GPTConfig); model.vocab_size=0 takes it from the data"})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "ar | mdlm | bd3lm and its noise schedule (models/diffusion.py)"})
     tokenizer: str = field(default="", metadata={"help": "expected tokenizer of the data ('' = whatever the data was prepared with)"})
+    verify_data: bool = field(default=False, metadata={"help": "check the data's sha256 and every token id against meta.json before training (a full read)"})
     # batch: stated here or in the DeepSpeed JSON, not both (ds_config.py)
     batch_size: int = field(default=32, metadata={"help": "micro batch per rank (DeepSpeed train_micro_batch_size_per_gpu)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro steps per optimizer step"})

@@ -6,6 +6,7 @@ Which windows a batch holds depends only on (seed, step, rank, micro_step), neve
 were drawn before: a resumed run, or the same run on a different number of ranks, sees the same data
 for the same coordinates. Diffusion objectives use x alone; AR uses (x, y), y = x shifted by one.
 """
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,8 +19,27 @@ REQUIRED_META_KEYS = ("tokenizer", "vocab_size", "mask_id", "eot_id", "dtype", "
 _SAME_IDS = {"gpt2-online": "gpt2"}
 
 
-def prepare_command(data_dir) -> str:
-    return f"python -m training.prepare --source shakespeare --tokenizer gpt2 --out {data_dir}"
+class CorruptData(ValueError):
+    """The token files disagree with meta.json: ids outside the vocabulary, or another sha256."""
+
+
+# training.prepare's defaults, left out of a suggested command (prepare.DEFAULT_VAL_FRACTION, OWT_VAL_FRACTION)
+_DEFAULT_VAL_FRACTION = {"openwebtext": 0.0005}
+
+
+def prepare_command(data_dir, meta: dict | None = None) -> str:
+    """The command that (re-)creates data_dir: what its meta.json says it was prepared from, when it has one."""
+    if not meta:
+        return f"python -m training.prepare --source shakespeare --tokenizer gpt2 --out {data_dir}"
+    source = meta.get("source", "shakespeare")
+    parts = ["python -m training.prepare", f"--source {source}", f"--tokenizer {meta.get('tokenizer', 'gpt2')}"]
+    if meta.get("dataset_path") not in (None, "openwebtext"):
+        parts.append(f"--dataset_path {meta['dataset_path']}")
+    if meta.get("max_docs") is not None:
+        parts.append(f"--max_docs {meta['max_docs']}")
+    if meta.get("val_fraction") is not None and meta["val_fraction"] != _DEFAULT_VAL_FRACTION.get(source, 0.1):
+        parts.append(f"--val_fraction {meta['val_fraction']}")
+    return " ".join(parts + [f"--out {data_dir}"])
 
 
 def _prepare_hint(data_dir) -> str:
@@ -53,16 +73,71 @@ def load_meta(data_dir) -> dict:
     for split in SPLITS:
         path = data_dir / f"{split}.bin"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing. {_prepare_hint(data_dir)}")
+            raise FileNotFoundError(f"{path} is missing. Re-create the dataset: {prepare_command(data_dir, meta)}")
         expected = meta[f"{split}_tokens"] * itemsize
         if path.stat().st_size != expected:
             raise ValueError(
                 f"{path} has {path.stat().st_size:,} bytes but meta.json says {meta[f'{split}_tokens']:,} "
                 f"{meta['dtype']} tokens ({expected:,} bytes): the file is truncated or belongs to another "
-                f"dataset. Re-create it: {prepare_command(data_dir)}"
+                f"dataset. Re-create it: {prepare_command(data_dir, meta)}"
             )
     meta["data_dir"] = str(data_dir)
+    for split in SPLITS:  # cheap: whole files up to FULL_SCAN_TOKENS, evenly spread samples of larger ones
+        check_token_range(meta, split, full=meta[f"{split}_tokens"] <= FULL_SCAN_TOKENS)
     return meta
+
+
+FULL_SCAN_TOKENS = 64 << 20  # a split this small is scanned whole on every load (~0.1 s); larger ones sampled
+_SAMPLES, _SAMPLE_TOKENS = 64, 1 << 16
+_CHUNK_TOKENS = 16 << 20
+
+
+def _corrupt(meta: dict, what: str) -> CorruptData:
+    data_dir = meta["data_dir"]
+    return CorruptData(f"{what}: the dataset is damaged or was changed after it was prepared. Re-create it: "
+                       f"{prepare_command(data_dir, meta)} (python -m training.prepare --verify --out {data_dir} "
+                       f"checks it in full)")
+
+
+def _check_ids(meta: dict, split: str, ids: np.ndarray, offset: int) -> None:
+    vocab = meta["vocab_size"]
+    if ids.size and int(ids.max()) >= vocab:
+        bad = int(np.argmax(ids >= vocab))
+        raise _corrupt(meta, f"{Path(meta['data_dir']) / f'{split}.bin'} holds token id {int(ids[bad])} at position "
+                             f"{offset + bad:,}, outside the vocabulary of {vocab} ids ({meta['tokenizer']} tokenizer, "
+                             f"meta.json)")
+
+
+def check_token_range(meta: dict, split: str, full: bool = True) -> None:
+    """CorruptData when a split holds an id >= vocab_size (the mask id or beyond: an embedding row that is
+    no token, or an IndexError deep in the model). full=False reads evenly spread samples only."""
+    tokens = np.memmap(Path(meta["data_dir"]) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    n = len(tokens)
+    if full:
+        starts = range(0, n, _CHUNK_TOKENS)
+        size = _CHUNK_TOKENS
+    else:
+        starts = sorted({int(s) for s in np.linspace(0, max(n - _SAMPLE_TOKENS, 0), _SAMPLES)})
+        size = _SAMPLE_TOKENS
+    for start in starts:
+        _check_ids(meta, split, np.asarray(tokens[start:start + size]), start)
+
+
+def verify_dataset(meta: dict) -> None:
+    """The full check (--verify_data, prepare --verify): every id in range and each file's sha256 equal to
+    the one meta.json recorded when it was prepared."""
+    for split in SPLITS:
+        check_token_range(meta, split, full=True)
+        path = Path(meta["data_dir"]) / f"{split}.bin"
+        expected = (meta.get("sha256") or {}).get(f"{split}.bin")
+        if expected is None:
+            continue  # prepared before hashes were recorded
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        if h.hexdigest() != expected:
+            raise _corrupt(meta, f"{path} has sha256 {h.hexdigest()[:16]}..., meta.json recorded {expected[:16]}...")
 
 
 def read_split(data_dir, split: str, meta: dict | None = None) -> np.memmap:
@@ -133,7 +208,11 @@ class TokenDataset:
 
     def _windows(self, starts: np.ndarray, block_size: int) -> np.ndarray:
         tokens = self._tokens()
-        return np.stack([tokens[i : i + block_size + 1] for i in starts])  # (B, T+1)
+        windows = np.stack([tokens[i : i + block_size + 1] for i in starts])  # (B, T+1)
+        if int(windows.max()) >= self.meta["vocab_size"]:  # a sampled load check can miss a damaged stretch
+            row = int(np.argmax((windows >= self.meta["vocab_size"]).any(axis=1)))
+            _check_ids(self.meta, self.split, windows[row], int(starts[row]))
+        return windows
 
     def _num_starts(self, block_size: int) -> int:
         num_starts = self.num_tokens - block_size  # windows of block_size + 1 tokens that fit

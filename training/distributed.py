@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -22,7 +25,9 @@ def prepare_environment() -> None:
     """Make a plain `python training/pretrain.py` a world of one, and pick the CPU accelerator when
     there is no GPU. Launchers (deepspeed, torchrun, mpirun via DeepSpeed) set these variables
     themselves and are left alone."""
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+    global _STARTED_BY_LAUNCHER
+    _STARTED_BY_LAUNCHER = "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+    if not _STARTED_BY_LAUNCHER:
         # without these DeepSpeed falls back to MPI discovery and fails on a missing mpi4py
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -54,16 +59,65 @@ def all_mean(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+_STARTED_BY_LAUNCHER = False  # set by prepare_environment: a launcher (deepspeed, torchrun, mpirun) started us
+
+
+def launcher_processes() -> list:
+    """The processes whose end should stop this rank (psutil.Process objects): the launcher that started it
+    (its parent: DeepSpeed's per-node launch.py, or torchrun) and, above DeepSpeed's launch.py, the
+    `deepspeed` command itself, which is what a user or a scheduler kills (it forwards nothing on one node).
+    Empty for a process that no launcher started: a plain `python training/pretrain.py` outlives its shell
+    (nohup) as before."""
+    if not _STARTED_BY_LAUNCHER:
+        return []
+    import psutil  # a DeepSpeed dependency
+
+    try:
+        parent = psutil.Process(os.getppid())
+        chain = [parent]
+        if any("deepspeed.launcher.launch" in part for part in parent.cmdline()):
+            grand = parent.parent()
+            if grand is not None and any("deepspeed" in part for part in grand.cmdline()[:2]):
+                chain.append(grand)
+        return chain
+    except psutil.Error:
+        return []
+
+
 class StopOnSigterm:
     """SIGTERM sets a flag; at every step boundary the ranks agree (all-reduce max) on whether to stop,
-    so they all write the same checkpoint and leave together. Stopping mid-step would desync ZeRO."""
+    so they all write the same checkpoint and leave together. Stopping mid-step would desync ZeRO.
+    A rank whose launcher is gone (killed: `kill <deepspeed pid>` leaves its ranks running otherwise)
+    stops the same way: a watcher thread checks the launcher processes every `poll_s` seconds."""
 
-    def __init__(self):
+    def __init__(self, poll_s: float = 1.0):
         self.received = False
+        self.reason = "SIGTERM"
         signal.signal(signal.SIGTERM, self._handler)
+        watched = launcher_processes()
+        if watched:
+            threading.Thread(target=self._watch_launchers, args=(watched, poll_s), daemon=True,
+                             name="launcher-watch").start()
 
     def _handler(self, signum, frame):
         self.received = True
+
+    def _watch_launchers(self, watched: list, poll_s: float) -> None:
+        import psutil
+
+        while not self.received:
+            time.sleep(poll_s)
+            for proc in watched:
+                try:
+                    gone = not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+                except psutil.Error:
+                    gone = True
+                if gone:
+                    self.reason = f"launcher gone (pid {proc.pid})"
+                    print(f"rank {os.environ.get('RANK', 0)}: its launcher (pid {proc.pid}) is gone: stopping as on "
+                          f"SIGTERM (checkpoint, then exit)", file=sys.stderr, flush=True)
+                    self.received = True
+                    return
 
     def agreed(self) -> bool:
         flag = torch.tensor([1.0 if self.received else 0.0])

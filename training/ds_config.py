@@ -48,9 +48,32 @@ def load_ds_json(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist (see ds_configs/ for zero0..zero3)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    check_ds_shape(ds, path)
+    return ds
+
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def check_ds_shape(ds, path) -> None:
+    """The few things DeepSpeed would otherwise reject with a long pydantic traceback: the file is one JSON
+    object, and zero_optimization (when given) is an object whose stage is 0, 1, 2 or 3."""
+    fix = "start from one of ds_configs/zero0.json .. zero3.json"
+    if not isinstance(ds, dict):
+        raise ValueError(f"DeepSpeed config {path} must hold one JSON object ({{\"zero_optimization\": ...}}), not a "
+                         f"{type(ds).__name__}: {fix}")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"DeepSpeed config {path}: zero_optimization must be an object ({{\"stage\": 2}}), got "
+                         f"{zero!r}: {fix}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:
+        raise ValueError(f"DeepSpeed config {path}: zero_optimization.stage={stage!r}, but DeepSpeed's ZeRO stages are "
+                         f"0, 1, 2 and 3 (0 = plain data parallel, 3 = parameters sharded too): set one of them, or "
+                         f"{fix}")
 
 
 def default_dtype() -> str:

@@ -38,6 +38,7 @@ def resolve_tag_dir(path) -> Path:
         problem = ckpt.verify(path)
         if problem:
             raise ValueError(f"checkpoint {path} is incomplete or corrupt: {problem}")
+        ckpt.check_safe_to_load(path)
         return path
     out_dir = path.parent if path.name == "ckpt" else path
     found = ckpt.find_latest_good(out_dir)
@@ -45,7 +46,9 @@ def resolve_tag_dir(path) -> Path:
         raise FileNotFoundError(f"no complete checkpoint under {path} (expected {ckpt.ckpt_root(out_dir)}/step_*/)")
     for note in found.skipped:
         print(f"export: skipped {note}", file=sys.stderr)
-    return ckpt.ckpt_root(out_dir) / found.tag
+    tag_dir = ckpt.ckpt_root(out_dir) / found.tag
+    ckpt.check_safe_to_load(tag_dir)  # DeepSpeed's readers unpickle with weights_only=False: refuse planted code first
+    return tag_dir
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -59,7 +62,7 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:  # ZeRO-0 in fp32: the model file holds the full weights
         model_file = tag_dir / "mp_rank_00_model_states.pt"
-        state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+        state = ckpt.safe_torch_load(model_file)["module"]
     out = {}
     for k, v in state.items():
         if not k.startswith(MODULE_PREFIX):

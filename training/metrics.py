@@ -1,6 +1,7 @@
 """Where the numbers go: OUT_DIR/metrics.jsonl (always), TensorBoard (OUT_DIR/tb), wandb, a tqdm bar.
 
-Only rank 0 writes. metrics.jsonl is the source of truth (tests and launch.sh read it); one JSON object
+Only rank 0 writes. metrics.jsonl is the source of truth (tests and launch.sh read it, through
+read_records: a torn last line, from a killed run or a full disk, is skipped); one JSON object
 per line, each with a "kind":
     config   the resolved training and DeepSpeed configs, world size, parameter count, and what the run
              can be traced to: git_commit, git_dirty, versions (python, torch, deepspeed, triton, numpy)
@@ -17,7 +18,6 @@ them later with `wandb sync`), and any error in it turns it off with a warning.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import math
 import os
 import platform
@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from common.disk import disk_full_error, is_disk_full
+from common.jsonl import JsonlAppender, read_jsonl
 
 # ----------------------------------------------------------------------------- peak FLOP/s for MFU
 # dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s per GPU, matched on the device name
@@ -104,7 +107,12 @@ class Metrics:
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: readable live
+        # each record is written whole (or not at all) when it is logged: readable live; a torn last
+        # record of an earlier, killed run is cut off first
+        self.jsonl = JsonlAppender(self.out_dir / "metrics.jsonl")
+        if self.jsonl.repaired_bytes:
+            self.warn(f"{self.jsonl.path}: removed a torn last record ({self.jsonl.repaired_bytes} bytes) left by "
+                      f"a run that was killed or ran out of disk")
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -130,7 +138,13 @@ class Metrics:
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
-        self.jsonl.write(json.dumps(record) + "\n")
+        try:
+            self.jsonl.write(record)
+        except OSError as e:
+            if is_disk_full(e, self.jsonl.path):
+                raise disk_full_error(self.jsonl.path, f"a {kind!r} record", keeps="metrics.jsonl ends with the "
+                                      "last whole record and the last verified checkpoint is kept.") from e
+            raise
         scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and math.isfinite(v)}
         if kind in ("train", "eval"):
@@ -166,6 +180,11 @@ class Metrics:
             except Exception as e:  # noqa: BLE001
                 self.warn(f"wandb.finish failed: {e}")
         self.jsonl.close()
+
+
+def read_records(out_dir, kind: str | None = None) -> list[dict]:
+    """The records of OUT_DIR/metrics.jsonl (of one kind, if given), skipping a torn last line."""
+    return [r for r in read_jsonl(Path(out_dir) / "metrics.jsonl") if kind is None or r.get("kind") == kind]
 
 
 def has_wandb_key() -> bool:

@@ -349,6 +349,9 @@ class PrepareConfig:
         "dataset name")})
     cache_dir: Optional[str] = field(default=None, metadata={"help": (
         "openwebtext only: HF datasets cache directory (none: $HF_DATASETS_CACHE or ~/.cache/huggingface)")})
+    verify: bool = field(default=False, metadata={"help": (
+        "check the dataset already in --out instead of writing one: sizes, every token id and the sha256 of "
+        "train.bin / val.bin against its meta.json (exit 1 naming the problem and the command that re-creates it)")})
 
 
 EXAMPLES = """examples:
@@ -365,6 +368,13 @@ def parse_args(argv=None) -> PrepareConfig:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.verify:
+        from training.data import load_meta, verify_dataset  # the owner of the token files' format
+        meta = load_meta(args.out)
+        verify_dataset(meta)
+        print(f"{args.out}: OK (train {meta['train_tokens']:,} + val {meta['val_tokens']:,} tokens, ids < "
+              f"{meta['vocab_size']}, sha256 as in meta.json)")
+        return meta
     meta = prepare(
         out=args.out, source=args.source, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
         num_proc=args.num_proc, max_docs=args.max_docs, dataset_path=args.dataset_path, cache_dir=args.cache_dir,

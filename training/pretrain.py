@@ -29,10 +29,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.distributed import StopOnSigterm, all_mean, mix_seed, prepare_environment, rank_and_world
-from training.shm_buffers import release_at_exit
+from training.shm_buffers import release_at_exit, remove_stale_buffers
 
 prepare_environment()  # before DeepSpeed is imported: accelerator and single-process rank variables
 release_at_exit()  # DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm file per rank behind otherwise
+if rank_and_world()[1] == 0:  # one rank per node: the buffers SIGKILLed runs left behind
+    remove_stale_buffers(log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
@@ -44,11 +46,13 @@ from models.tokenizer import tokenizer_from_meta  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training.checkpointer import Checkpointer, ResumePoint  # noqa: E402
 from training.config import config_help, load_config  # noqa: E402
-from training.data import TokenDataset, check_compatible, load_meta  # noqa: E402
+from training.data import CorruptData, TokenDataset, check_compatible, load_meta, verify_dataset  # noqa: E402
 from training.ds_config import load_ds_json, resolve, zero_stage  # noqa: E402
 from training.engine import TrainingModule, compile_blocks, make_engine  # noqa: E402
 from training.fsdp_engine import CONFIG_FILE as FSDP_CONFIG_FILE, resolve_fsdp  # noqa: E402
 from training.hostfile import launch_info, single_node_warning  # noqa: E402
+from training.run_lock import OutDirInUse, hold_out_dir  # noqa: E402
+from common.disk import DiskFull, disk_full_error, is_disk_full  # noqa: E402
 from training.metrics import Metrics, default_peak_flops, memory_mb, model_flops_utilization, provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +76,8 @@ def setup_config(args, overrides, world):
     """Config, resume point, data meta, tokenizer and the engine's resolved config; every mistake a user
     can make shows up here."""
     cfg, explicit = load_config(args.config, overrides)
+    for note in hold_out_dir(cfg.out_dir):  # one run per out_dir: a second one stops here, naming the first
+        print(f"WARNING: {note}", file=sys.stderr, flush=True)
     resume = None
     if cfg.resume:
         resume = ResumePoint.find(cfg.out_dir)
@@ -81,6 +87,8 @@ def setup_config(args, overrides, world):
         resume.keep_global_batch(cfg, world, accumulation_flag=any(
             o.startswith("--gradient_accumulation_steps") for o in overrides))  # on another number of ranks
     meta = load_meta(cfg.data_dir)  # names the prepare command when the data is missing
+    if cfg.verify_data:
+        verify_dataset(meta)  # sha256 and every id, against meta.json
     tokenizer = tokenizer_from_meta(meta)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["padded_vocab_size"]
@@ -137,7 +145,14 @@ def export_final(cfg, tag_dir: Path, rank: int, metrics: Metrics) -> str | None:
     export_dir = cfg.export_dir or str(Path(cfg.out_dir) / "export")
     if rank == 0:
         from training.export import export_checkpoint
-        export_checkpoint(tag_dir, export_dir)
+        try:
+            export_checkpoint(tag_dir, export_dir)
+        except Exception as e:
+            if is_disk_full(e, export_dir):
+                raise disk_full_error(export_dir, "the export", keeps=f"The checkpoint {tag_dir.name} is complete; "
+                                      f"export it later with python -m training.export --ckpt {cfg.out_dir} "
+                                      f"--out {export_dir}.") from e
+            raise
         metrics.print(f"exported {tag_dir.name} -> {export_dir}")
     dist.barrier()
     return export_dir
@@ -148,7 +163,7 @@ def main(argv=None):
     rank, _, world = rank_and_world()
     try:
         cfg, resume, meta, tokenizer, resolved = setup_config(args, overrides, world)
-    except (ValueError, FileNotFoundError) as e:  # a config or data mistake: the message, not a traceback
+    except (ValueError, FileNotFoundError, OutDirInUse) as e:  # a config or data mistake: the message, not a traceback
         sys.exit(f"error: {e}")
     B, T, gas = cfg.batch_size, cfg.model.block_size, cfg.gradient_accumulation_steps
     tokens_per_step = B * T * gas * world
@@ -237,8 +252,8 @@ def main(argv=None):
             checkpointer.save(engine, step, tokens_seen)
             window_t0 = time.perf_counter()
         if stopped:
-            metrics.print(f"SIGTERM: checkpoint {checkpointer.last_tag} written at step {step}; exiting")
-            metrics.log("stopped", step, reason="SIGTERM", checkpoint=checkpointer.last_tag, tokens_seen=tokens_seen)
+            metrics.print(f"{stop.reason}: checkpoint {checkpointer.last_tag} written at step {step}; exiting")
+            metrics.log("stopped", step, reason=stop.reason, checkpoint=checkpointer.last_tag, tokens_seen=tokens_seen)
             break
 
     if not stopped:
@@ -252,6 +267,8 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
+    except (DiskFull, CorruptData) as e:  # the path, the free space and what is still good; not a C++ stream error
+        sys.exit(f"error: {e}")
         main()
     finally:
         # leave the process group explicitly: tearing it down in interpreter shutdown has been seen to

@@ -1,0 +1,192 @@
+"""One run per out_dir: an advisory lock held for the whole life of the run.
+
+Two runs writing one out_dir replace each other's checkpoints, `latest` and export and interleave their
+metrics.jsonl. So a run locks OUT_DIR/run.lock before it reads or writes anything there, and a second run
+refuses, naming the holder (pid, host, start time, command) and what to do.
+
+The lock is flock(2) on the file: the kernel drops it when the process ends, however it ends (SIGKILL
+included), so nothing stale is left to clean up by hand. Linux NFS emulates flock with POSIX locks, which the
+server shares between nodes; Lustre needs the `flock` mount option. The file holds the holder's identity
+for the message; a free lock whose file still names a holder was left by a process that was killed
+(a clean exit empties it), and the new run says so and takes over.
+
+Who holds it: global rank 0 holds OUT_DIR/run.lock. In a run over several nodes the local rank 0 of every
+node also holds OUT_DIR/run.lock.HOST: on a filesystem the nodes share, run.lock catches any second run; on
+node-local disks (each node its own OUT_DIR) a second run collides with the first on a node they share,
+and that node's lock catches it.
+
+    python -m training.run_lock OUT_DIR     # exit 1 naming the holder if a run holds OUT_DIR (launch.sh)
+
+Standard library only: launch.sh calls it before anything heavy is imported.
+"""
+from __future__ import annotations
+
+import atexit
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+LOCK_FILE = "run.lock"
+
+
+class OutDirInUse(RuntimeError):
+    """Another live process holds the out_dir's lock."""
+
+
+def _holder(fd: int) -> dict:
+    """The identity the holder wrote into the lock file ({} when it is empty or unreadable)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 1 << 16).decode("utf-8", "replace").strip()
+        return json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "a process that has not written its identity yet (it is just starting)"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    return (f"pid {holder.get('pid')} on host {holder.get('host')}, started {started}"
+            f" ({holder.get('command', '?')})")
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive flock on one file, held until release() or the end of the process."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+        self.stale: dict = {}  # the identity a killed holder left behind, when the lock was taken over
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = _holder(fd)
+            for _ in range(10):  # a holder that is just starting writes its identity within moments
+                if holder:
+                    break
+                time.sleep(0.1)
+                holder = _holder(fd)
+            os.close(fd)
+            raise OutDirInUse(self._refusal(holder)) from None
+        self.fd = fd
+        self.stale = _holder(fd)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": round(time.time(), 3),
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        os.fsync(fd)
+        return self
+
+    def _refusal(self, holder: dict) -> str:
+        out_dir = self.path.parent
+        msg = (f"out_dir {out_dir} is in use by another run: {_describe(holder)} holds {self.path}. Two runs in one "
+               f"out_dir would overwrite each other's checkpoints, export and metrics.jsonl. Wait for that run to "
+               f"finish, or stop it (kill -TERM {holder.get('pid', 'PID')} writes a checkpoint and exits; then "
+               f"continue it with --resume), or train into another directory (--out_dir=NEW_DIR; OUT_DIR=NEW_DIR "
+               f"for launch.sh).")
+        if holder.get("host") == socket.gethostname() and holder.get("pid") and not _pid_alive(holder["pid"]):
+            msg += (f" (pid {holder['pid']} is no longer running on this host, yet the filesystem still holds its "
+                    f"lock: a network filesystem releases it when its lease expires, usually within 90 s; try again "
+                    f"then.)")
+        return msg
+
+    def release(self) -> None:
+        """Empty the file (a clean exit leaves no identity behind) and unlock. The file itself stays:
+        deleting a lock file races with a process that has just opened it."""
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)
+        except OSError:  # a full or read-only disk: the lock still goes away with the descriptor
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _is_multi_node() -> bool:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")  # torchrun | deepspeed
+    return local is not None and int(local) < world
+
+
+_held: list[RunLock] = []
+
+
+def hold_out_dir(out_dir) -> list[str]:
+    """Take this process's share of out_dir's lock for the rest of its life (see the module doc): global
+    rank 0 OUT_DIR/run.lock; the local rank 0 of each node of a multi-node run OUT_DIR/run.lock.HOST.
+    Other ranks hold nothing. Raises OutDirInUse naming the holder. Returns notes for the log (a lock
+    taken over from a killed run)."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    names = []
+    if rank == 0:
+        names.append(LOCK_FILE)
+    if local_rank == 0 and _is_multi_node():
+        names.append(f"{LOCK_FILE}.{socket.gethostname()}")
+    notes = []
+    for name in names:
+        path = Path(out_dir) / name
+        if any(lock.path == path for lock in _held):
+            continue
+        lock = RunLock(path).acquire()
+        if not _held:
+            atexit.register(release_all)
+        _held.append(lock)
+        if lock.stale:
+            notes.append(f"{path} named {_describe(lock.stale)}, which ended without releasing it (killed?); "
+                         f"this run holds it now")
+    return notes
+
+
+def release_all() -> None:
+    while _held:
+        _held.pop().release()
+
+
+def check_free(out_dir) -> None:
+    """OutDirInUse when a run holds out_dir right now (nothing is created or changed)."""
+    path = Path(out_dir) / LOCK_FILE
+    if not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: never blocks another checker
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise OutDirInUse(RunLock(path)._refusal(_holder(fd))) from None
+    finally:
+        os.close(fd)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m training.run_lock OUT_DIR   (exit 1 when a run holds OUT_DIR)")
+    try:
+        check_free(sys.argv[1])
+    except OutDirInUse as e:
+        sys.exit(f"error: {e}")
