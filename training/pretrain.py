@@ -267,9 +267,9 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
+        main()
     except (DiskFull, CorruptData) as e:  # the path, the free space and what is still good; not a C++ stream error
         sys.exit(f"error: {e}")
-        main()
     finally:
         # leave the process group explicitly: tearing it down in interpreter shutdown has been seen to
         # abort with "terminate called without an active exception"
