@@ -1,0 +1,636 @@
+"""What happens when things go wrong: bad inputs and real faults, as a new user meets them.
+
+Every refusal below is specified the same way (`assert_refused`): a non-zero exit, no traceback, a
+message that names the problem and the fix, and nothing on disk that existed before changed
+(`DiskSnapshot` hashes the out_dir and data dir before and after). The faults are real, not simulated:
+two concurrent runs on one out_dir, a small tmpfs as a full disk (root only; skipped otherwise, with the
+reason), SIGTERM to launch.sh alone and to the `deepspeed` launcher alone, SIGKILL in the middle of a save,
+DeepSpeed buffers of dead processes in /dev/shm, a planted pickle that would run code.
+
+Tiny models (training/configs/tiny_test.json) on a ~30k-character corpus: the whole file takes ~3 minutes
+on 2 CPU cores; the tests that train or launch several processes are @slow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import checkpoint as ckpt
+from training.metrics import read_records
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+TINY = str(REPO / "training/configs/tiny_test.json")
+
+
+# ----------------------------------------------------------------------------- helpers
+def cpu_env(**extra) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env.update(extra)
+    return env
+
+
+def run(cmd, timeout=180, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=cpu_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def pretrain(*args, timeout=180) -> subprocess.CompletedProcess:
+    """One process, no launcher: python training/pretrain.py --config tiny_test.json ARGS."""
+    return run([PY, "training/pretrain.py", "--config", TINY, *args], timeout=timeout)
+
+
+def start_pretrain(*args, launcher=None) -> subprocess.Popen:
+    cmd = [*(launcher or [PY]), "training/pretrain.py", "--config", TINY, *args]
+    return subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+class DiskSnapshot:
+    """sha256 of every file under some directories; assert_unchanged: each one is still there, unchanged
+    (new files are allowed: a refusal may leave an empty run.lock in a fresh out_dir)."""
+
+    def __init__(self, *roots):
+        self.roots = [Path(r) for r in roots]
+        self.before = self._hashes()
+
+    def _hashes(self) -> dict:
+        out = {}
+        for root in self.roots:
+            for p in sorted(root.rglob("*")) if root.is_dir() else []:
+                if p.is_file():
+                    out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+        return out
+
+    def assert_unchanged(self):
+        after = self._hashes()
+        changed = [p for p, h in self.before.items() if after.get(p) != h]
+        assert not changed, f"files that existed before changed or vanished: {changed}"
+
+
+def assert_refused(proc: subprocess.CompletedProcess, problem: str, fix: str, snapshot: DiskSnapshot | None = None):
+    """Non-zero exit, no traceback, the problem and the fix named (regexes), nothing existing changed."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, f"exit 0 for a bad input\n{out[-3000:]}"
+    assert "Traceback" not in out, out[-4000:]
+    assert re.search(problem, out, re.S | re.I), f"the problem ({problem!r}) is not named:\n{out[-3000:]}"
+    assert re.search(fix, out, re.S | re.I), f"the fix ({fix!r}) is not named:\n{out[-3000:]}"
+    if snapshot is not None:
+        snapshot.assert_unchanged()
+
+
+def wait_for(predicate, proc: subprocess.Popen | None = None, timeout=120.0, what="the condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def processes_with(text: str) -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in part for part in p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def stop_group(proc: subprocess.Popen):
+    """The end of a test: nothing it started keeps running, whatever happened."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+def plant_pickle(path: Path, marker: Path, key: str | None = None) -> None:
+    """Replace a checkpoint file with a pickle that would create `marker` when loaded with weights_only=False."""
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({key: RunsCode()} if key else RunsCode(), path)
+
+
+def reseal(tag_dir: Path) -> None:
+    """What an attacker who sends a whole directory does: a manifest (and `latest`) matching the planted file."""
+    step = int(ckpt.TAG_RE.match(tag_dir.name).group(1))
+    (tag_dir / ckpt.MANIFEST).unlink()
+    ckpt.finalize(tag_dir.parent, tag_dir.name, step, keep=100)
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faults_data")
+    rng = random.Random(0)
+    words = "thou art the sun and moon my lord good night sweet prince fair is foul and foul is fair".split()
+    text = "\n".join(f"{rng.choice(['ROMEO', 'JULIET'])}:\n" + " ".join(rng.choice(words) for _ in range(7)) + ".\n"
+                     for _ in range(800))
+    (root / "verse.txt").write_text(text)
+    proc = run([PY, "-m", "training.prepare", "--source", root / "verse.txt", "--tokenizer", "char", "--out",
+                root / "char"])
+    assert proc.returncode == 0, proc.stderr
+    return root / "char"
+
+
+@pytest.fixture(scope="module")
+def finished_run(data, tmp_path_factory) -> Path:
+    """A completed 20-step run (checkpoints at 10 and 20, export): the reference the faults are compared to."""
+    out = tmp_path_factory.mktemp("faults_runs") / "finished"
+    proc = pretrain("--data_dir", data, "--out_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(finished_run, dst)
+    return dst
+
+
+def losses(out_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_records(out_dir, "train")}
+
+
+# ============================================================================= 1. one run per out_dir
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_out_dir_refuses_naming_the_first(data, tmp_path):
+    out = tmp_path / "busy"
+    first = start_pretrain("--data_dir", data, "--out_dir", out, "--max_iters=1000000", "--eval_interval=1000000",
+                           "--checkpoint_interval=0")
+    try:
+        wait_for(lambda: len(read_records(out, "train")) >= 2, first, what="the first run's steps")
+        # a second terminal, a re-submitted job: pretrain.py, launch.sh and the lock check all refuse
+        second = pretrain("--data_dir", data, "--out_dir", out)
+        assert_refused(second, rf"out_dir {out} is in use by another run: pid {first.pid} on host .*started",
+                       r"kill -TERM %d.*--out_dir=NEW_DIR" % first.pid)
+        script = run(["bash", "launch.sh"], CONFIG=TINY, OUT_DIR=str(out), DATA_DIR=str(data), SAMPLES="0")
+        assert_refused(script, rf"in use by another run: pid {first.pid}", r"OUT_DIR=NEW_DIR")
+        assert not (out / "train.log").exists()  # refused before its log could replace anything
+        check = run([PY, "-m", "training.run_lock", out])
+        assert_refused(check, rf"pid {first.pid}", r"--out_dir=NEW_DIR")
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(timeout=60)
+    finally:
+        stop_group(first)
+    kinds = [r["kind"] for r in read_records(out)]
+    assert kinds.count("config") == 1 and kinds[-1] == "stopped"  # only the first run ever wrote there
+    assert (out / "run.lock").read_text() == ""  # released cleanly: the next run starts without a note
+
+
+# ============================================================================= 2. faults
+@pytest.mark.slow
+def test_sigkill_mid_save_keeps_the_last_good_checkpoint_and_resume_reproduces_the_losses(data, finished_run, tmp_path):
+    """SIGKILL while a checkpoint is half written: `latest` still names a verified one, the torn tag is
+    skipped, the dead run's lock is taken over with a note, and the resumed run ends with the losses of the
+    uninterrupted one."""
+    out = tmp_path / "killed"
+    proc = start_pretrain("--data_dir", data, "--out_dir", out, "--checkpoint_interval=1")
+    root = ckpt.ckpt_root(out)
+
+    def mid_save() -> bool:  # a tag dir after step 3 without its manifest: the save is under way
+        tags = ckpt.list_tags(root)
+        return bool(tags) and tags[-1][0] > 3 and not (root / tags[-1][1] / ckpt.MANIFEST).exists()
+
+    try:
+        wait_for(mid_save, proc, what="a save in progress")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        stop_group(proc)
+    newest = ckpt.list_tags(root)[-1][1]
+    found = ckpt.find_latest_good(out)
+    assert found is not None and (root / ckpt.LATEST).read_text() == found.tag
+    resumed = pretrain("--data_dir", data, "--out_dir", out, "--resume")
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    assert "ended without releasing it (killed?)" in output  # the stale lock, detected and taken over
+    if newest != found.tag:  # (almost always: the kill lands before the manifest is written)
+        assert f"skipped checkpoint {newest}" in output
+    assert read_records(out)[-1]["kind"] == "done"
+    reference, now = losses(finished_run), losses(out)
+    assert {s: now[s] for s in range(found.step + 1, 21)} == {s: reference[s] for s in range(found.step + 1, 21)}
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 700 KB tmpfs: room for one tiny checkpoint, not two. Needs root (mount)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a full disk is simulated with a small tmpfs, and mounting one needs root")
+    where = tmp_path / "tmpfs"
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(where)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_says_disk_full_keeps_the_last_checkpoint_and_resumes_once_there_is_room(data, finished_run, small_tmpfs):
+    out = small_tmpfs / "run"
+    full = pretrain("--data_dir", data, "--out_dir", out)
+    assert_refused(full, rf"disk full: could not write checkpoint step_000020 to {out}/ckpt/step_000020 \(.* free of",
+                   r"last verified checkpoint \(step_000010\) is intact.*Free some space.*--resume")
+    assert ckpt.find_latest_good(out).tag == "step_000010" and (out / "ckpt" / "latest").read_text() == "step_000010"
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines][-1] == "train"  # every line whole, none torn
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
+    resumed = pretrain("--data_dir", data, "--out_dir", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(out) == losses(finished_run)
+
+
+@pytest.mark.slow
+def test_a_torn_last_metrics_record_is_skipped_by_readers_and_cut_off_by_a_resumed_run(data, run_copy):
+    path = run_copy / "metrics.jsonl"
+    whole = path.read_text()
+    path.write_text(whole + '{"kind": "train", "step": 21, "lo')  # a writer killed mid-line
+    assert read_records(run_copy) == [json.loads(line) for line in whole.splitlines()]
+    last_kind = run([PY, "-c", "import sys; from common.jsonl import read_jsonl; print(read_jsonl(sys.argv[1])[-1]['kind'])",
+                     path])  # what launch.sh runs, without importing torch
+    assert last_kind.stdout.strip() == "done"
+    resumed = pretrain("--data_dir", data, "--out_dir", run_copy, "--resume", "--max_iters=22")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "removed a torn last record" in resumed.stderr
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()][-1] == 22  # strict: every line parses
+
+
+@pytest.mark.slow
+def test_sigterm_to_launch_sh_alone_stops_every_rank_with_a_checkpoint(data, tmp_path):
+    out = tmp_path / "launched"
+    proc = subprocess.Popen(["bash", "launch.sh", "--eval_interval=1000000", "--checkpoint_interval=0"], cwd=REPO,
+                            env=cpu_env(CONFIG=TINY, OUT_DIR=str(out), DATA_DIR=str(data), MAX_ITERS="1000000",
+                                        SAMPLES="0", NPROC="2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: len(read_records(out, "train")) >= 3, proc, timeout=180, what="training steps")
+        proc.send_signal(signal.SIGTERM)  # launch.sh only, as `kill <pid>` does
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        stop_group(proc)
+    assert proc.returncode == 143, output[-3000:]
+    assert "continue with: bash launch.sh --resume" in output
+    stopped = read_records(out, "stopped")
+    assert stopped and stopped[0]["reason"] == "SIGTERM", output[-3000:]
+    assert ckpt.find_latest_good(out).tag == stopped[0]["checkpoint"]
+    wait_for(lambda: not processes_with(str(out)), timeout=30, what="every rank to exit")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_launcher_alone_stops_its_ranks_with_a_checkpoint(data, tmp_path):
+    """`kill <deepspeed pid>`: the launcher dies at once and forwards nothing; the ranks see their launcher
+    gone and stop as on SIGTERM."""
+    from common.ports import free_port
+
+    out = tmp_path / "orphaned"
+    proc = start_pretrain("--data_dir", data, "--out_dir", out, "--max_iters=1000000", "--eval_interval=1000000",
+                          "--checkpoint_interval=0", launcher=[DEEPSPEED, "--num_gpus", "2", "--master_port", free_port()])
+    try:
+        wait_for(lambda: len(read_records(out, "train")) >= 3, proc, timeout=180, what="training steps")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        wait_for(lambda: not processes_with(str(out)), timeout=60, what="every rank to exit")
+    finally:
+        stop_group(proc)
+    stopped = read_records(out, "stopped")
+    assert stopped and stopped[0]["reason"].startswith("launcher gone")
+    assert ckpt.find_latest_good(out).tag == stopped[0]["checkpoint"]
+
+
+def test_a_new_run_removes_shm_buffers_of_dead_processes_only():
+    """Three buffers named as DeepSpeed names them: one of a dead rank (old, mapped by nobody), one a live
+    process maps, one just created. Starting pretrain.py removes the first only."""
+    from training.shm_buffers import PREFIX, SHM_DIR
+
+    if not SHM_DIR.is_dir():
+        pytest.skip("no /dev/shm on this system")
+    tag = f"127.0.0.254_{os.getpid()}"
+    dead, live, young = (SHM_DIR / f"{PREFIX}_{os.getuid()}_{tag}_{r}" for r in range(3))
+    holder = None
+    try:
+        for p in (dead, live, young):
+            p.write_bytes(b"\0" * 4096)
+        for p in (dead, live):
+            os.utime(p, (time.time() - 3600,) * 2)
+        holder = subprocess.Popen([PY, "-c", "import mmap, sys, time; f = open(sys.argv[1], 'r+b'); "
+                                   "m = mmap.mmap(f.fileno(), 0); f.close(); print('mapped', flush=True); time.sleep(120)",
+                                   str(live)], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "mapped"
+        proc = run([PY, "training/pretrain.py", "--help"])  # the clean-up runs when pretrain.py starts
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert re.search(rf"removed \d+ stale DeepSpeed buffer\(s\) of dead runs from {SHM_DIR}: .*{dead}", proc.stderr)
+        assert not dead.exists() and live.exists() and young.exists()
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        for p in (dead, live, young):
+            p.unlink(missing_ok=True)
+    assert mmap  # (the helper process maps the file with Python's mmap module)
+
+
+# ============================================================================= 3. files that would run code
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["resume", "export", "sample"])
+def test_a_planted_pickle_is_refused_and_never_run(data, run_copy, tmp_path, how):
+    marker = tmp_path / "code_ran"
+    tag_dir = run_copy / "ckpt" / "step_000020"
+    if how == "resume":  # the RNG state a resumed run reads
+        plant_pickle(tag_dir / "rng_rank0.pt", marker)
+    else:  # the model states DeepSpeed and the export read
+        plant_pickle(tag_dir / "mp_rank_00_model_states.pt", marker, key="module")
+    reseal(tag_dir)
+    shutil.rmtree(run_copy / "export")
+    snapshot = DiskSnapshot(run_copy)
+    if how == "resume":
+        proc = pretrain("--data_dir", data, "--out_dir", run_copy, "--resume")
+    elif how == "export":
+        proc = run([PY, "-m", "training.export", "--ckpt", run_copy, "--out", tmp_path / "exported"])
+    else:  # inference consolidates a training checkpoint through the export first
+        proc = run([PY, "-m", "inference.sample", "--ckpt", run_copy, "--num_samples", "1", "--max_new_tokens", "4"])
+    assert_refused(proc, r"refusing to load .*step_000020/(rng_rank0|mp_rank_00_model_states)\.pt.*GLOBAL posix\.system",
+                   r"never executes code.*export \(model\.safetensors", snapshot)
+    assert not marker.exists()
+
+
+def test_rng_state_in_a_checkpoint_is_plain_tensors(tmp_path):
+    ckpt.write_side_files(tmp_path, 0, {}, {}, {})
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "rng_rank0.pt") == []
+
+
+# ============================================================================= 4. bad inputs
+BAD_DS_JSON = {
+    "stage_7": ('{"zero_optimization": {"stage": 7}}', r"zero_optimization\.stage=7.*stages are 0, 1, 2 and 3"),
+    "top_level_array": ('[{"zero_optimization": {"stage": 2}}]', r"must hold one JSON object .* not a list"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BAD_DS_JSON))
+def test_a_bad_deepspeed_json_is_refused_naming_the_setting(data, run_copy, tmp_path, case):
+    text, problem = BAD_DS_JSON[case]
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    snapshot = DiskSnapshot(run_copy, data)
+    proc = pretrain("--data_dir", data, "--out_dir", run_copy, "--deepspeed_config", path)
+    assert_refused(proc, rf"{path}.*{problem}", r"ds_configs/zero0\.json", snapshot)
+
+
+BAD_CONFIGS = {  # file name, bytes, the problem named, the fix named
+    "json_array": ("c.json", b'[{"max_iters": 5}]', r"c\.json must hold a table of config keys.*not list",
+                   r'\{"max_iters": 100\}'),
+    "model_small": ("c.json", b'{"model": "small"}', r"model is a table of GPTConfig keys, got 'small'",
+                    r'set its keys one by one.*--model\.\w+='),
+    "toml_syntax": ("c.toml", b"max_iters = \n", r"c\.toml is not valid TOML", r"line 1, column 13"),
+    "not_utf8": ("c.json", b'{"out_dir": "caf\xe9"}', r"c\.json is not UTF-8 text \(byte 0xe9", r"save it as UTF-8"),
+    "unknown_key": ("c.json", b'{"max_iter": 5}', r"unknown config key.*max_iter", r"known keys: .*max_iters"),
+    "wrong_type": ("c.json", b'{"max_iters": "many"}', r"max_iters: expected int", r"got 'many'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_bad_training_config_is_refused_naming_the_file_or_key(data, tmp_path, case):
+    name, content, problem, fix = BAD_CONFIGS[case]
+    path = tmp_path / name
+    path.write_bytes(content)
+    snapshot = DiskSnapshot(data, tmp_path)
+    proc = run([PY, "training/pretrain.py", "--config", path, "--data_dir", data, "--out_dir", tmp_path / "out"])
+    assert_refused(proc, problem, fix, snapshot)
+
+
+def test_launch_sh_refuses_a_bad_config_before_starting_anything(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text("[]")
+    proc = run(["bash", "launch.sh"], CONFIG=str(path), OUT_DIR=str(tmp_path / "out"), SAMPLES="0")
+    assert_refused(proc, rf"CONFIG={path}: {path} must hold a table of config keys", r"table of config keys")
+    assert proc.returncode == 2 and not (tmp_path / "out").exists()
+
+
+def test_a_missing_config_file_is_named(tmp_path):
+    proc = run([PY, "training/pretrain.py", "--config", tmp_path / "nope.json"])
+    assert_refused(proc, r"config file .*nope\.json does not exist", r"nope\.json")
+
+
+def test_fsdp_with_a_deepspeed_json_is_refused(data, tmp_path):
+    proc = pretrain("--data_dir", data, "--out_dir", tmp_path / "o", "--engine=fsdp", "--deepspeed_config",
+                    "ds_configs/zero2.json")
+    assert_refused(proc, r"--deepspeed_config=ds_configs/zero2\.json is for engine=deepspeed", r"drop it")
+
+
+def test_missing_data_names_the_prepare_command(tmp_path):
+    proc = pretrain("--data_dir", tmp_path / "nowhere", "--out_dir", tmp_path / "o")
+    assert_refused(proc, rf"data directory {tmp_path / 'nowhere'} does not exist",
+                   rf"python -m training\.prepare .*--out {tmp_path / 'nowhere'}")
+
+
+def test_data_of_another_tokenizer_is_refused(data, tmp_path):
+    snapshot = DiskSnapshot(data)
+    proc = pretrain("--data_dir", data, "--out_dir", tmp_path / "o", "--tokenizer=gpt2")
+    assert_refused(proc, r"tokenizer mismatch.*prepared with tokenizer 'char'", r"--tokenizer gpt2 --out NEW_DIR",
+                   snapshot)
+
+
+def test_a_context_longer_than_the_data_is_refused(data, tmp_path):
+    proc = pretrain("--data_dir", data, "--out_dir", tmp_path / "o", "--model.block_size=100000")
+    assert_refused(proc, r"fewer than one training window", r"smaller block_size")
+
+
+@pytest.fixture
+def data_copy(data, tmp_path) -> Path:
+    dst = tmp_path / "data"
+    shutil.copytree(data, dst)
+    return dst
+
+
+def test_the_suggested_fix_for_a_damaged_dataset_is_what_it_was_prepared_from(data_copy, tmp_path):
+    (data_copy / "val.bin").unlink()
+    meta = json.loads((data_copy / "meta.json").read_text())
+    snapshot = DiskSnapshot(data_copy)
+    proc = pretrain("--data_dir", data_copy, "--out_dir", tmp_path / "o")
+    assert_refused(proc, r"val\.bin is missing",
+                   rf"python -m training\.prepare --source {re.escape(meta['source'])} --tokenizer char --out {data_copy}",
+                   snapshot)
+
+
+def test_token_ids_outside_the_vocabulary_are_caught_on_load(data_copy, tmp_path):
+    with open(data_copy / "train.bin", "r+b") as f:
+        f.seek(2 * 1234)
+        f.write((300).to_bytes(2, "little"))  # uint16 id 300 in a 31-id vocabulary
+    snapshot = DiskSnapshot(data_copy)
+    proc = pretrain("--data_dir", data_copy, "--out_dir", tmp_path / "o")
+    assert_refused(proc, r"train\.bin holds token id 300 at position 1,234, outside the vocabulary",
+                   r"Re-create it: python -m training\.prepare --source .* --tokenizer char", snapshot)
+
+
+def test_a_changed_dataset_fails_its_sha256_with_verify(data_copy, tmp_path):
+    with open(data_copy / "train.bin", "r+b") as f:  # swap two tokens: sizes and ids still look fine
+        a, b = f.read(2), f.read(2)
+        f.seek(0)
+        f.write(b + a)
+    snapshot = DiskSnapshot(data_copy)
+    problem, fix = r"train\.bin has sha256 \w+\.\.\., meta\.json recorded", r"Re-create it: python -m training\.prepare"
+    assert_refused(pretrain("--data_dir", data_copy, "--out_dir", tmp_path / "o", "--verify_data"), problem, fix, snapshot)
+    assert_refused(run([PY, "-m", "training.prepare", "--verify", "--out", data_copy]), problem, fix, snapshot)
+
+
+def test_prepare_verify_passes_an_intact_dataset(data):
+    proc = run([PY, "-m", "training.prepare", "--verify", "--out", data])
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_without_a_checkpoint_is_refused(data, tmp_path):
+    proc = pretrain("--data_dir", data, "--out_dir", tmp_path / "empty", "--resume")
+    assert_refused(proc, r"--resume: no checkpoint in", r"start without --resume")
+
+
+@pytest.mark.slow
+def test_resume_with_another_network_names_the_difference(data, run_copy):
+    snapshot = DiskSnapshot(run_copy)
+    proc = pretrain("--data_dir", data, "--out_dir", run_copy, "--resume", "--model.n_layer=3")
+    assert_refused(proc, r"model\.n_layer: checkpoint 2, now 3", r"--model\.n_layer=2.*new --out_dir", snapshot)
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(data, run_copy):
+    with open(run_copy / "ckpt" / "step_000020" / "mp_rank_00_model_states.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"garbage!")
+    proc = pretrain("--data_dir", data, "--out_dir", run_copy, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING: skipped checkpoint step_000020: mp_rank_00_model_states.pt does not match its sha256" in proc.stdout
+    assert read_records(run_copy, "resumed")[-1]["checkpoint"] == "step_000010"
+
+
+@pytest.mark.slow
+def test_an_over_long_prompt_names_the_prompt(finished_run, tmp_path):
+    proc = run([PY, "-m", "inference.sample", "--ckpt", finished_run / "export", "--start", "fair is foul " * 5,
+                "--no_progress"])
+    assert_refused(proc, r"the --start prompt is 65 tokens long, but the model's context is 32 tokens",
+                   r"shorten it to at most 31 tokens")
+
+
+def test_sampling_a_missing_checkpoint_is_refused(tmp_path):
+    proc = run([PY, "-m", "inference.sample", "--ckpt", tmp_path / "nope"])
+    assert_refused(proc, r"checkpoint .*nope does not exist", r"a training run's out_dir, its export/ folder")
+
+
+def test_exporting_a_directory_that_is_no_checkpoint_is_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    proc = run([PY, "-m", "training.export", "--ckpt", tmp_path / "x", "--out", tmp_path / "e"])
+    assert_refused(proc, r"no complete checkpoint under", r"expected .*ckpt/step_\*")
+
+
+def test_launch_sh_refuses_an_unknown_zero_stage(tmp_path):
+    proc = run(["bash", "launch.sh"], ZERO="9", OUT_DIR=str(tmp_path / "o"), SAMPLES="0")
+    assert_refused(proc, r"ZERO=9: DeepSpeed config 9 not found", r"ZERO=0\.\.3, 3_offload or a path")
+
+
+# ----------------------------------------------------------------------------- GPT-2 variants we cannot reproduce
+GPT2_VARIANTS = {
+    "relu": ({"activation_function": "relu"}, r"activation_function='relu'"),
+    "layer_norm_epsilon": ({"layer_norm_epsilon": 1e-6}, r"layer_norm_epsilon=1e-06"),
+    "unscaled_attention": ({"scale_attn_weights": False}, r"scale_attn_weights=False"),
+    "scale_by_layer": ({"scale_attn_by_inverse_layer_idx": True}, r"scale_attn_by_inverse_layer_idx=True"),
+    "untied_head": ({"tie_word_embeddings": False}, r"untied output layer"),
+}
+
+
+@pytest.fixture(scope="module")
+def gpt2_variants(tmp_path_factory) -> dict[str, Path]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("gpt2_variants")
+    out = {}
+    for name, (settings, _) in [("standard", ({}, "")), *GPT2_VARIANTS.items()]:
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=32, n_layer=1, n_head=2, vocab_size=50257, **settings)) \
+            .save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(GPT2_VARIANTS))
+def test_from_pretrained_refuses_a_gpt2_variant_naming_the_setting(gpt2_variants, variant):
+    from models.gpt import GPT
+
+    with pytest.raises(ValueError, match=rf"cannot be reproduced here.*{GPT2_VARIANTS[variant][1]}.*transformers itself"):
+        GPT.from_pretrained(str(gpt2_variants[variant]))
+
+
+def test_from_pretrained_loads_a_standard_gpt2(gpt2_variants):
+    from models.gpt import GPT
+    from transformers import GPT2LMHeadModel
+
+    x = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(GPT.from_pretrained(str(gpt2_variants["standard"])).eval()(x),
+                                   GPT2LMHeadModel.from_pretrained(gpt2_variants["standard"]).eval()(x).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_a_gpt2_variant_exits_with_the_setting_named(gpt2_variants):
+    proc = run([PY, "-m", "inference.sample", "--init_from", gpt2_variants["relu"], "--max_new_tokens", "2"])
+    assert_refused(proc, r"activation_function='relu'", r"transformers itself")
+
+
+# ============================================================================= 5. the AR loss counts real tokens only
+def test_ar_loss_puts_no_mass_on_mask_and_padding_rows_so_it_equals_the_hf_export(tmp_path):
+    """An AR model's embedding has rows past the tokenizer's ids (MASK, padding to a multiple of 64); the
+    exported Hugging Face model has only the real ones. Both losses agree, and the extra rows carry no
+    probability: making their logits huge changes nothing."""
+    from transformers import GPT2LMHeadModel
+
+    from models.diffusion import ObjectiveConfig, compute_loss
+    from models.gpt import GPT, GPTConfig
+    from models.tokenizer import get_tokenizer
+    from models.weights import save_consolidated
+    from training.hf_export import export_to_hf
+
+    tok = get_tokenizer("gpt2")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=32)).eval()
+    save_consolidated(model.state_dict(), {"model": model.config.to_dict(), "objective": {"name": "ar"},
+                                           "tokenizer": tok.to_meta(), "mask_id": tok.mask_id, "eot_id": tok.eot_id},
+                      tmp_path / "model")
+    export_to_hf(tmp_path / "model", tmp_path / "hf")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 50257, (2, 17))
+    with torch.no_grad():
+        ours = compute_loss(model, x[:, :-1], x[:, 1:], ObjectiveConfig(name="ar"), tok.mask_id, seed=0)
+        theirs = hf(x, labels=x).loss
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        model.lm_head.weight[tok.mask_id:] = 10.0  # the MASK and padding rows (tied to the embedding)
+        model.transformer.wte.weight[tok.mask_id:] = 10.0
+        again = compute_loss(model, x[:, :-1], x[:, 1:], ObjectiveConfig(name="ar"), tok.mask_id, seed=0)
+    torch.testing.assert_close(again, ours)
