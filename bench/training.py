@@ -5,6 +5,8 @@ LR schedule.
     python -m bench.training                                   # the quickstart model and batch
     python -m bench.training --config training/configs/shakespeare_ar.json --steps 30 --rounds 3
     python -m bench.training --model.n_layer=8 --batch_size 16  # any training-config override
+    # pretrain.py against nanoGPT's own train.py (a checkout), same data and model, interleaved
+    python -m bench.training --vs_nanogpt /path/to/nanoGPT --steps 50 --warmup 10 --rounds 3
     # GPT-2 124M on one GPU, bf16, compiled, Triton vs PyTorch attention (what bench/gpu_check.sh runs)
     python -m bench.training --config training/configs/train_gpt2.json --data_dir data/shakespeare --from_data \
         --dtype=bf16 --compile --stages 0,2 --attn_impls auto,torch --no_plain --steps 60
@@ -101,6 +103,8 @@ class BenchConfig:
         "help": "model.attn_impl values to time, each with every variant (empty: the config's)"})
     from_data: bool = field(default=False, metadata={"help": "batches from the config's data_dir (train split) "
                                                              "instead of random ids"})
+    vs_nanogpt: str = field(default="", metadata={"help": "a nanoGPT checkout: time training/pretrain.py against its "
+                                                          "train.py instead (bench/vs_nanogpt.py)"})
 
 
 def main(argv=None):
@@ -113,6 +117,10 @@ def main(argv=None):
     with exit_on_config_error(prog):
         # --config here is the training config file (a field of BenchConfig), not a file of bench keys
         args, _, overrides = load(BenchConfig, argv, config_flag=None, allow_unknown=True)
+        if args.vs_nanogpt:  # its own model and runs: pretrain.py and nanoGPT's train.py as they are
+            from bench import vs_nanogpt
+            args.config_given = any(a == "--config" or a.startswith("--config=") for a in argv)
+            return vs_nanogpt.main(args.vs_nanogpt, args, overrides)
         cfg, explicit = load_config(args.config, overrides)
     cfg.gradient_accumulation_steps = 1  # one micro step per optimizer step: the comparison is per step
     data = None

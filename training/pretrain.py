@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.distributed import StopOnSigterm, all_mean, mix_seed, prepare_environment, rank_and_world
 from training.shm_buffers import release_at_exit, remove_stale_buffers
+from common.host_memory import keep_freed_memory
 
 prepare_environment()  # before DeepSpeed is imported: accelerator and single-process rank variables
 release_at_exit()  # DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm file per rank behind otherwise
+keep_freed_memory()  # reuse freed activations instead of re-mapping them every step (common/host_memory.py)
 if rank_and_world()[1] == 0:  # one rank per node: the buffers SIGKILLed runs left behind
     remove_stale_buffers(log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
