@@ -29,10 +29,12 @@ if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import exit_on_config_error, load, usage, wants_help
+from common.host_memory import keep_freed_memory
 from training.distributed import prepare_environment
 from training.engine import TrainingModule, compile_blocks
 
 prepare_environment()
+keep_freed_memory()  # as pretrain.py does (common/host_memory.py)
 
 import torch  # noqa: E402
 
