@@ -120,7 +120,12 @@ class StopOnSigterm:
                     return
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
+        # 0: run on, 1: SIGTERM, 2: a launcher is gone; the max over ranks, so every rank logs the same reason
+        code = 0.0 if not self.received else 2.0 if self.reason.startswith("launcher gone") else 1.0
+        flag = torch.tensor([code])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        agreed = int(flag.item())
+        if agreed and agreed != code:  # another rank's reason
+            self.reason = "launcher gone (seen by another rank)" if agreed == 2 else "SIGTERM"
+        return bool(agreed)

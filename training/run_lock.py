@@ -10,10 +10,9 @@ server shares between nodes; Lustre needs the `flock` mount option. The file hol
 for the message; a free lock whose file still names a holder was left by a process that was killed
 (a clean exit empties it), and the new run says so and takes over.
 
-Who holds it: global rank 0 holds OUT_DIR/run.lock. In a run over several nodes the local rank 0 of every
-node also holds OUT_DIR/run.lock.HOST: on a filesystem the nodes share, run.lock catches any second run; on
-node-local disks (each node its own OUT_DIR) a second run collides with the first on a node they share,
-and that node's lock catches it.
+Who holds it: global rank 0, alone. A run over several nodes needs an out_dir every node sees (its ranks
+write their shards into one checkpoint directory), so the one file catches a second run whichever nodes it
+runs on. (Per-node locks would add nothing there and would collide between two "nodes" of one machine.)
 
     python -m training.run_lock OUT_DIR     # exit 1 naming the holder if a run holds OUT_DIR (launch.sh)
 
@@ -126,26 +125,14 @@ class RunLock:
         self.fd = None
 
 
-def _is_multi_node() -> bool:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")  # torchrun | deepspeed
-    return local is not None and int(local) < world
-
-
 _held: list[RunLock] = []
 
 
 def hold_out_dir(out_dir) -> list[str]:
-    """Take this process's share of out_dir's lock for the rest of its life (see the module doc): global
-    rank 0 OUT_DIR/run.lock; the local rank 0 of each node of a multi-node run OUT_DIR/run.lock.HOST.
-    Other ranks hold nothing. Raises OutDirInUse naming the holder. Returns notes for the log (a lock
-    taken over from a killed run)."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    names = []
-    if rank == 0:
-        names.append(LOCK_FILE)
-    if local_rank == 0 and _is_multi_node():
-        names.append(f"{LOCK_FILE}.{socket.gethostname()}")
+    """On global rank 0, lock OUT_DIR/run.lock for the rest of this process's life (other ranks hold
+    nothing: when rank 0 refuses and exits, the launcher stops them). Raises OutDirInUse naming the holder.
+    Returns notes for the log (a lock taken over from a killed run)."""
+    names = [LOCK_FILE] if int(os.environ.get("RANK", 0)) == 0 else []
     notes = []
     for name in names:
         path = Path(out_dir) / name
