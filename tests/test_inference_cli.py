@@ -11,22 +11,7 @@ from bench.decoding import CONFIDENCE_BASELINE, RANDOM_BASELINE, Row, check_targ
 from bench.decoding import main as bench_main
 from inference.sample import SEPARATOR
 from inference.sample import main as sample_main
-from models.gpt import GPT, GPTConfig
-from models.tokenizer import get_tokenizer
-from models.weights import save_consolidated
-
-TOK = get_tokenizer("char", corpus_text="abcdefghijklmnopqrstuvwxyz .,!?\n")
-
-
-
-def export_tiny(out_dir, attention="bidirectional", objective="mdlm", block_length=0):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=TOK.padded_vocab_size, n_layer=2, n_head=2, n_embd=32,
-                          attention=attention, block_length=block_length))
-    info = {"model": model.config.to_dict(), "objective": {"name": objective, "schedule": "loglinear"},
-            "tokenizer": TOK.to_meta(), "mask_id": TOK.mask_id, "eot_id": TOK.eot_id}
-    save_consolidated(model.state_dict(), info, out_dir)
-    return out_dir
+from tests.tiny_models import TOK, export_tiny
 
 
 @pytest.fixture

@@ -28,22 +28,11 @@ from inference.api import DecodeOptions, generate_with_stats
 from inference.loading import load_model
 from inference.scheduler import RowSpec, StepScheduler, server_options
 from models.gpt import GPT, GPTConfig
-from models.tokenizer import PLACEHOLDER, get_tokenizer
-from models.weights import save_consolidated
+from models.tokenizer import PLACEHOLDER
+from tests.tiny_models import TOK, export_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-TOK = get_tokenizer("char", corpus_text="abcdefghijklmnopqrstuvwxyz .,!?\n")
 KEY = "test-key-123"
-
-
-def export_tiny(out_dir, attention="bidirectional", objective="mdlm", block_length=0):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=64, vocab_size=TOK.padded_vocab_size, n_layer=2, n_head=2, n_embd=32,
-                          attention=attention, block_length=block_length))
-    info = {"model": model.config.to_dict(), "objective": {"name": objective, "schedule": "loglinear"},
-            "tokenizer": TOK.to_meta(), "mask_id": TOK.mask_id, "eot_id": TOK.eot_id}
-    save_consolidated(model.state_dict(), info, out_dir)
-    return Path(out_dir)
 
 
 @pytest.fixture(scope="module")
