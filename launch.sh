@@ -69,6 +69,8 @@ NUM_GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null
 if [ "$NUM_GPUS" -gt 0 ]; then
   NPROC="${NPROC:-$NUM_GPUS}"
 else
+  # 2 ranks x 1 thread: as fast as 1 rank x 2 threads on 2 cores (26,385 vs 26,459 tokens/s, within noise;
+  # python -m bench.cpu_ranks) and it exercises ZeRO's data parallelism; NPROC=1 gives one rank every core
   NPROC="${NPROC:-2}"
   # DeepSpeed's launcher counts NUMA nodes, not cores, on CPU: say it plainly, and give each rank
   # its share of the cores (more threads than cores makes step times swing 10x)
