@@ -107,7 +107,6 @@ def setup_config(args, overrides, world):
     return cfg, resume, meta, tokenizer, resolved
 
 
-
 class Validator:
     """The held-out loss every eval_interval steps, over the same batches every time (for mdlm/bd3lm: the
     continuous-time NELBO with a fixed seed per batch), so evaluations are comparable. Each rank runs its
