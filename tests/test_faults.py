@@ -520,6 +520,20 @@ def test_resume_with_another_network_names_the_difference(data, run_copy):
 
 
 @pytest.mark.slow
+def test_resume_on_data_of_another_tokenizer_names_both_and_the_data_dir_to_use(data, run_copy, tmp_path):
+    """Another char corpus pads to the same embedding rows, so nothing else would notice that its ids mean
+    other characters."""
+    (tmp_path / "other.txt").write_text("0123456789 abcdefghij\n" * 400)
+    other = tmp_path / "other_char"
+    assert run([PY, "-m", "training.prepare", "--source", tmp_path / "other.txt", "--tokenizer", "char",
+                "--out", other]).returncode == 0
+    snapshot = DiskSnapshot(run_copy)
+    proc = pretrain("--data_dir", other, "--out_dir", run_copy, "--resume")
+    assert_refused(proc, r"trained on data tokenized with 'char'.*ids mean other things",
+                   rf"Resume with --data_dir={re.escape(str(data))}.*new --out_dir", snapshot)
+
+
+@pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(data, run_copy):
     with open(run_copy / "ckpt" / "step_000020" / "mp_rank_00_model_states.pt", "r+b") as f:
         f.seek(100)

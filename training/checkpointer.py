@@ -38,6 +38,7 @@ class ResumePoint:
     skipped: list[str]  # newer checkpoints that were not usable, and why
     train_config: dict  # the resolved training config of the run that wrote it
     engine_config: dict  # its resolved DeepSpeed (or FSDP) config
+    data_meta: dict = field(default_factory=dict)  # tokenizer, mask/EOT ids and data_dir of the run that wrote it
     universal: bool = False  # load through DeepSpeed's universal checkpoint (another world size or ZeRO stage)
     notes: list[str] = field(default_factory=list)  # what was adapted, for the run's log
 
@@ -49,8 +50,8 @@ class ResumePoint:
             raise FileNotFoundError(ckpt.no_checkpoint_message(out_dir))
         tag_dir = ckpt.ckpt_root(out_dir) / found.tag
         ckpt.check_safe_to_load(tag_dir)  # before DeepSpeed unpickles anything: a planted pickle is refused
-        train_config, engine_config, _ = ckpt.load_side_files(tag_dir)
-        return cls(found.tag, tag_dir, found.skipped, train_config, engine_config)
+        train_config, engine_config, data_meta = ckpt.load_side_files(tag_dir)
+        return cls(found.tag, tag_dir, found.skipped, train_config, engine_config, data_meta)
 
     def check_compatible(self, cfg, world: int) -> None:
         """ValueError naming the difference and its fix, when this run cannot continue the checkpoint."""
@@ -59,6 +60,23 @@ class ResumePoint:
         if kind != cfg.engine:
             raise ValueError(f"checkpoint {self.tag} in {cfg.out_dir} was written by engine={kind}; resume it with "
                              f"--engine={kind} (or export it and start a new run)")
+
+    def check_same_data(self, tokenizer_meta: dict, data_dir: str) -> None:
+        """Token ids mean nothing under another tokenizer: a resume on data prepared with another one is a
+        ValueError naming both and the fix. Other data under the same tokenizer is allowed (a moved or
+        extended dataset) and noted in the run's log."""
+        saved = self.data_meta.get("tokenizer")
+        saved_dir = self.data_meta.get("data_dir", "?")
+        if saved is not None and saved != tokenizer_meta:
+            raise ValueError(
+                f"--resume: the checkpoint {self.tag_dir} was trained on data tokenized with "
+                f"{saved.get('tokenizer', saved)!r} ({saved.get('vocab_size', '?')} ids, from {saved_dir}), but "
+                f"--data_dir={data_dir} was prepared with {tokenizer_meta.get('tokenizer', tokenizer_meta)!r} "
+                f"({tokenizer_meta.get('vocab_size', '?')} ids): its token ids mean other things. Resume with "
+                f"--data_dir={saved_dir}, or train into a new --out_dir.")
+        if saved_dir != "?" and Path(saved_dir).resolve() != Path(data_dir).resolve():
+            self.notes.append(f"data_dir is {data_dir}; the checkpoint was trained on {saved_dir} "
+                              f"(same tokenizer): the run continues on the new data")
 
     def keep_global_batch(self, cfg, world: int, accumulation_flag: bool = False) -> None:
         """On another number of ranks, set the accumulation that keeps the checkpoint's global batch: the

@@ -92,6 +92,8 @@ def setup_config(args, overrides, world):
     if cfg.verify_data:
         verify_dataset(meta)  # sha256 and every id, against meta.json
     tokenizer = tokenizer_from_meta(meta)
+    if resume:
+        resume.check_same_data(tokenizer.to_meta(), cfg.data_dir)  # the same token ids
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["padded_vocab_size"]
     check_compatible(meta, cfg.tokenizer or meta["tokenizer"], cfg.model.vocab_size, cfg.model.block_size)
