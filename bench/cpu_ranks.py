@@ -18,13 +18,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import parse_cli
+from common.config import knob, parse_cli
 from common.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,14 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class CpuRanksConfig:
-    config: str = field(default="training/configs/shakespeare_mdlm.json", metadata={"help": "training config"})
-    layouts: list[str] = field(default_factory=lambda: ["2x1", "1x2", "1x2@64"],
-                               metadata={"help": "RANKSxTHREADS[@BATCH_PER_RANK] to compare"})
-    zero: int = field(default=2, metadata={"help": "ZeRO stage (ds_configs/zeroN.json)"})
-    max_iters: int = field(default=200, metadata={"help": "steps per run"})
-    skip: int = field(default=50, metadata={"help": "steps not counted (start-up, warm-up)"})
-    rounds: int = field(default=2, metadata={"help": "interleaved rounds; the best counts"})
-    json: str = field(default="", metadata={"help": "also write the results here"})
+    config: str = knob("training/configs/shakespeare_mdlm.json", "training config")
+    layouts: list[str] = knob(["2x1", "1x2", "1x2@64"], "RANKSxTHREADS[@BATCH_PER_RANK] to compare")
+    zero: int = knob(2, "ZeRO stage (ds_configs/zeroN.json)")
+    max_iters: int = knob(200, "steps per run")
+    skip: int = knob(50, "steps not counted (start-up, warm-up)")
+    rounds: int = knob(2, "interleaved rounds; the best counts")
+    json: str = knob("", "also write the results here")
 
 
 def run_layout(layout: str, args, tmp: Path) -> float:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import exit_on_config_error, load, usage, wants_help
+from common.config import exit_on_config_error, knob, load, usage, wants_help
 from common.host_memory import keep_freed_memory
 from training.distributed import prepare_environment
 from training.engine import TrainingModule, compile_blocks
@@ -92,21 +92,19 @@ def sync():
 @dataclass
 class BenchConfig:
     """The bench's own keys; every other --key=value is a training-config override (as for pretrain.py)."""
-    config: str = field(default=str(REPO / "training/configs/shakespeare_mdlm.json"),
-                        metadata={"help": "training config whose model, objective, batch and optimizer are timed"})
-    vocab_size: int = field(default=128, metadata={"help": "embedding rows when the config says 0 (from data)"})
-    steps: int = field(default=20, metadata={"help": "timed optimizer steps per round"})
-    warmup: int = field(default=3, metadata={"help": "untimed steps first (and compile, with --compile)"})
-    rounds: int = field(default=3, metadata={"help": "interleaved rounds; the best round counts"})
-    json: str = field(default="", metadata={"help": "also write the results here"})
-    stages: list[int] = field(default_factory=lambda: list(STAGES), metadata={"help": "ZeRO stages to time"})
-    plain: bool = field(default=True, metadata={"help": "time the plain PyTorch loop too (fp32, no autocast)"})
-    attn_impls: list[str] = field(default_factory=list, metadata={
-        "help": "model.attn_impl values to time, each with every variant (empty: the config's)"})
-    from_data: bool = field(default=False, metadata={"help": "batches from the config's data_dir (train split) "
-                                                             "instead of random ids"})
-    vs_nanogpt: str = field(default="", metadata={"help": "a nanoGPT checkout: time training/pretrain.py against its "
-                                                          "train.py instead (bench/vs_nanogpt.py)"})
+    config: str = knob(str(REPO / "training/configs/shakespeare_mdlm.json"),
+                       "training config whose model, objective, batch and optimizer are timed")
+    vocab_size: int = knob(128, "embedding rows when the config says 0 (from data)")
+    steps: int = knob(20, "timed optimizer steps per round")
+    warmup: int = knob(3, "untimed steps first (and compile, with --compile)")
+    rounds: int = knob(3, "interleaved rounds; the best round counts")
+    json: str = knob("", "also write the results here")
+    stages: list[int] = knob(list(STAGES), "ZeRO stages to time")
+    plain: bool = knob(True, "time the plain PyTorch loop too (fp32, no autocast)")
+    attn_impls: list[str] = knob([], "model.attn_impl values to time, each with every variant (empty: the config's)")
+    from_data: bool = knob(False, "batches from the config's data_dir (train split) instead of random ids")
+    vs_nanogpt: str = knob("", "a nanoGPT checkout: time training/pretrain.py against its train.py instead "
+                               "(bench/vs_nanogpt.py)")
 
 
 def main(argv=None):

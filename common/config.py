@@ -453,6 +453,9 @@ def help_text(cls, width: int = 100) -> str:
         if key.type is bool and key.default is True:
             notes.append(f"(--no_{k}: false)")
         head = left[k].ljust(col) if notes else left[k]
+        if notes and len(left[k]) > col - 2:  # a long default: its help starts on the next line
+            lines.append(left[k])
+            head = " " * col
         wrapped = textwrap.wrap(" ".join(notes), max(width - col, 40)) or [""]
         lines.append((head + wrapped[0]).rstrip())
         lines += [" " * col + w for w in wrapped[1:]]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import parse_cli, read_config_file  # noqa: F401 (read_config_file: the eval_gpt2*.json)
+from common.config import parse_cli
 from models.diffusion import NoiseSchedule, diffusion_nelbo
 from inference import loading
 from training.data import load_meta, read_split

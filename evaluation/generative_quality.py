@@ -29,7 +29,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import parse_cli
+from common.config import knob, parse_cli
 from evaluation.evaluate import check_tokenizer_matches, resolve_model_dir, split_windows
 from evaluation.generative_perplexity import generative_perplexity, unigram_entropy
 from inference.loading import load_model
@@ -138,15 +138,13 @@ class GenerativeQualityConfig:
     model: list[str] = field(metadata={"help": "consolidated model dir (repeat --model for several)"})
     judge: str = field(metadata={"help": "AR model dir with the same tokenizer, or gpt2 / a GPT-2 HF dir"})
     data_dir: str = field(metadata={"help": "prepared dataset: its tokenizer, val text for the data row"})
-    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES),
-                                  metadata={"help": "decoding rules to score"})
-    steps: list[int] = field(default_factory=lambda: [16, 32, 64, 128],
-                             metadata={"help": "step counts of the rules that take steps"})
-    length: int = field(default=128, metadata={"help": "generated tokens per sample"})
-    num_samples: int = field(default=16, metadata={"help": "samples per rule and step count"})
-    prompt_tokens: int = field(default=0, metadata={"help": "condition on this many val tokens (0 = none)"})
-    seed: int = field(default=0, metadata={"help": "decoding seed"})
-    out_dir: str = field(default="", metadata={"help": "write generative_quality.{json,md} here ('' = print only)"})
+    strategies: list[str] = knob(list(DEFAULT_STRATEGIES), "decoding rules to score")
+    steps: list[int] = knob([16, 32, 64, 128], "step counts of the rules that take steps")
+    length: int = knob(128, "generated tokens per sample")
+    num_samples: int = knob(16, "samples per rule and step count")
+    prompt_tokens: int = knob(0, "condition on this many val tokens (0 = none)")
+    seed: int = knob(0, "decoding seed")
+    out_dir: str = knob("", "write generative_quality.{json,md} here ('' = print only)")
 
 
 def main(argv=None) -> list[dict]:

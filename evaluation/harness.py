@@ -60,7 +60,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from inference.api import generate_with_stats
 from inference.loading import load_model, resolve_device
 from kernels.attention import AttentionMask
-from models.diffusion import is_diffusion, subs_logits
+from models.diffusion import subs_logits
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def plan_request(context: list[int], continuation: list[int], block_length: int,
     independent of the others', so all blocks share the rows). The masks are drawn from a generator seeded
     by the seed and the context, so the choices of one question share their random times."""
     ids = context + continuation
-    L, c0, n = len(ids), len(context), len(continuation)
+    L, c0 = len(ids), len(context)
     generator = torch.Generator().manual_seed(_request_seed(seed, context))
     if block_length:
         edges = sorted({c0, L} | set(range((c0 // block_length + 1) * block_length, L, block_length)))

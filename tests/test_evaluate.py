@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluation.evaluate import (EvalConfig, diffusion_window_nelbo, evaluate, load_config, read_config_file,
+from common.config import read_config_file
+from evaluation.evaluate import (EvalConfig, diffusion_window_nelbo, evaluate, load_config,
                                 split_windows)
 from evaluation.generative_quality import score_samples, unigram_entropy
 from models.diffusion import NoiseSchedule, masked_diffusion_loss

@@ -19,8 +19,6 @@ Tolerances (nats/token, per-step training loss):
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from cluster import TwoNodeCluster, missing_tools
-from test_training import (DEEPSPEED, PY, REPO, TINY_CONFIG, TORCHRUN, check_finished, ds_configs,  # noqa: F401
+from test_training import (DEEPSPEED, REPO, TINY_CONFIG, TORCHRUN, check_finished, ds_configs,  # noqa: F401
                            env_for_cpu_ranks, records, tiny_data, train_losses)
 from training import checkpoint as ckpt
 from training import hostfile
