@@ -62,6 +62,10 @@ class AttentionMask:
     key_starts:   (B,) int tensor; keys at index < key_starts[b] are padding (left padding).
     q_offset:     absolute position of query 0 among the keys. With a KV cache the queries are the
                   last Tq of Tk keys, so q_offset = Tk - Tq. Only matters for causal / block_causal.
+    future_attention, future_seed: attention annealing (DiffuGPT; training only). Below 1, each pair of a
+                  query and a key at a LATER position that `kind` lets it see stays visible with this
+                  probability (one draw per pair, from future_seed; positions inside each half for
+                  block_diffusion): 0 is causal, 1 is `kind` itself. Reference path only (see `attention`).
     """
 
     kind: str = "causal"
@@ -69,6 +73,8 @@ class AttentionMask:
     key_lengths: Optional[torch.Tensor] = None
     key_starts: Optional[torch.Tensor] = None
     q_offset: int = 0
+    future_attention: float = 1.0
+    future_seed: int = 0
 
     def __post_init__(self):
         if self.kind not in MASK_KINDS:
@@ -79,6 +85,8 @@ class AttentionMask:
                                                or self.q_offset != 0):
             raise ValueError("block_diffusion attention is the training pass over [x_t ; x_0]: it takes no "
                              "key_lengths / key_starts padding and no q_offset (KV cache)")
+        if not 0.0 <= self.future_attention <= 1.0:
+            raise ValueError(f"future_attention is a probability in [0, 1]; got {self.future_attention}")
 
 
 def check_block_diffusion_shape(mask: AttentionMask, tq: int, tk: int) -> None:
@@ -113,6 +121,12 @@ def dense_mask(mask: AttentionMask, batch: int, tq: int, tk: int, device) -> tor
         allowed = torch.where(q_xt, torch.where(k_xt, qb == kb, kb < qb), ~k_xt & (kb <= qb))
     else:
         allowed = torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if mask.future_attention < 1.0:  # annealing: drop each later key with probability 1 - future_attention
+        half = tk // 2 if mask.kind == "block_diffusion" else None
+        later = (k_pos % half > q_pos % half) if half else (k_pos > q_pos)  # (Tq, Tk)
+        gen = torch.Generator(device=device).manual_seed(int(mask.future_seed))
+        drawn = torch.rand(tq, tk, generator=gen, device=device) < mask.future_attention
+        allowed = allowed & (~later | drawn)
     allowed = allowed[None, None].expand(batch, 1, tq, tk)  # (B, 1, Tq, Tk)
     if mask.key_lengths is not None:
         allowed = allowed & (k_pos[None, None] < mask.key_lengths.to(device).view(batch, 1, 1, 1))
@@ -129,11 +143,10 @@ def attention_reference(q, k, v, mask: AttentionMask, scale: Optional[float] = N
     """
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    plain_causal = (mask.kind == "causal" and mask.q_offset == 0 and Tq == Tk
-                    and mask.key_lengths is None and mask.key_starts is None)
-    if plain_causal:
+    unpadded = mask.key_lengths is None and mask.key_starts is None and mask.future_attention == 1.0
+    if mask.kind == "causal" and mask.q_offset == 0 and Tq == Tk and unpadded:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if mask.kind == "bidirectional" and mask.key_lengths is None and mask.key_starts is None:
+    if mask.kind == "bidirectional" and unpadded:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     allowed = dense_mask(mask, B, Tq, Tk, q.device)  # (B, 1, Tq, Tk)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
@@ -201,8 +214,8 @@ def _case_key(q, k, mask: AttentionMask) -> tuple:
 
 
 def _auto_impl(q, k, v, mask: AttentionMask) -> str:
-    if not _kernel_device(q) or triton_unsupported_reason(q, k, v) is not None:
-        return "torch"
+    if not _kernel_device(q) or triton_unsupported_reason(q, k, v) is not None or mask.future_attention < 1.0:
+        return "torch"  # (annealing masks are random per pair: the reference materialises them)
     key = _case_key(q, k, mask)
     verdict = _KERNEL_CHECKS.get(key)
     if verdict is None:
@@ -353,6 +366,9 @@ def _check_inputs(q, k, v, mask: AttentionMask):
                              f"{tuple(t.shape)}, strides {t.stride()}")
     if mask.q_offset < 0:
         raise ValueError(f"q_offset must be >= 0; got {mask.q_offset}")
+    if mask.future_attention < 1.0:
+        raise ValueError("the Triton kernel has no annealing mask (future_attention < 1): use impl='torch' or "
+                         "'auto' (which routes it to the PyTorch reference)")
     check_block_diffusion_shape(mask, Tq, k.shape[2])
     for name, t in (("key_lengths", mask.key_lengths), ("key_starts", mask.key_starts)):
         if t is None:

@@ -9,6 +9,9 @@ The maths follows docs/design.md ("The diffusion maths"; every module agrees wit
 BD3-LM (Arriola et al. 2025) splits the sequence into blocks of b tokens: one t per block, each block
 noised independently and predicted from its noised self and the CLEAN blocks before it; its NELBO is the
 sum of the blocks' MDLM NELBOs (b = L is MDLM, b = 1 is AR).
+Shift (GPTConfig.shift, DiffuGPT): a shifted model predicts token i from the state at position i - 1,
+like an AR model, so an AR checkpoint's head keeps its meaning when it is adapted to diffusion; the first
+token is then given clean and not scored (`align_predictions`, `keep_clean_prefix`).
 All losses are in nats per token; exp(loss) on held-out data is the perplexity (upper bound for the
 diffusion objectives).
 """
@@ -140,10 +143,33 @@ def forward_process(x0: torch.Tensor, schedule: NoiseSchedule, mask_id: int, see
     return apply_diffusion_mask(x0, schedule.mask_prob(t), weight, mask_id, seed=int(seed) + 1, impl=masking_impl)
 
 
+def align_predictions(h: torch.Tensor, shift: bool) -> torch.Tensor:
+    """(B, T, C) final states of T positions -> (B, T, C) the state that predicts each position.
+
+    Unshifted (MDLM as published): position i is predicted from its own state, h itself. Shifted
+    (GPTConfig.shift, DiffuGPT): from the state of position i - 1, as in an AR model, so an AR model's
+    head keeps its meaning. Position 0 then has no prediction: it gets zeros, and no caller may read it
+    (losses keep position 0 clean, decoders need a prompt token)."""
+    if not shift:
+        return h
+    return torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # (B, T, C): row i holds h[i - 1]
+
+
+def keep_clean_prefix(x0: torch.Tensor, xt: torch.Tensor, token_weight: torch.Tensor, n: int):
+    """Leave the first n tokens of every row clean and unscored: the NELBO of the rest given them. A
+    shifted model needs n >= 1 (nothing predicts position 0); for an unshifted one n = 1 scores the same
+    tokens, which is how the two are compared on equal terms."""
+    if n > 0:
+        xt, token_weight = xt.clone(), token_weight.clone()
+        xt[:, :n], token_weight[:, :n] = x0[:, :n], 0.0
+    return xt, token_weight
+
+
 def _subs_nelbo(model, x0: torch.Tensor, xt: torch.Tensor, token_weight: torch.Tensor, mask_id: int,
-                run_model) -> torch.Tensor:
-    """sum over masked tokens of weight * -log p_SUBS(x0 | x_t), divided by the number of tokens.
-    run_model() -> hidden states (B, L, C) aligned with xt; only called when some token is masked."""
+                run_model, clean_prefix: int = 0) -> torch.Tensor:
+    """sum over masked tokens of weight * -log p_SUBS(x0 | x_t), divided by the number of scored tokens
+    (all of them, less the clean prefix). run_model() -> (B, L, C): the state predicting each position
+    of xt (align_predictions); only called when some token is masked."""
     B, L = x0.shape
     masked = xt == mask_id  # (B, L)
     if not bool(masked.any()):
@@ -152,28 +178,48 @@ def _subs_nelbo(model, x0: torch.Tensor, xt: torch.Tensor, token_weight: torch.T
     h = run_model()  # (B, L, C)
     logits = subs_logits(model.lm_head(h[masked]), mask_id)  # (N_masked, V): only masked positions matter
     nll = F.cross_entropy(logits.float(), x0[masked], reduction="none")  # (N_masked,)
-    return (token_weight[masked] * nll).sum() / (B * L)
+    return (token_weight[masked] * nll).sum() / (B * (L - clean_prefix))
+
+
+def _prefix_for(model, clean_prefix: int) -> int:
+    """The clean prefix a loss keeps: at least one token for a shifted model (nothing predicts position 0)."""
+    return max(clean_prefix, 1) if model.config.shift else clean_prefix
+
+
+def anneal_mask(kind: str, block_length: int, future_attention: float, seed: int) -> Optional[AttentionMask]:
+    """The training mask while attention anneals (DiffuGPT): each (query, later key) pair of `kind` stays
+    visible with probability future_attention, drawn with `seed`; 1.0 -> None (the model's own mask)."""
+    if future_attention >= 1.0:
+        return None
+    return AttentionMask(kind, block_length=block_length, future_attention=future_attention, future_seed=seed)
 
 
 def masked_diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, mask_id: int, seed: int,
                           num_steps: Optional[int] = None, t: Optional[torch.Tensor] = None,
                           t_min: float = 1e-3, antithetic: bool = True, masking_impl: str = "auto",
-                          ) -> torch.Tensor:
+                          clean_prefix: int = 0, future_attention: float = 1.0) -> torch.Tensor:
     """MDLM NELBO of clean ids x0 (B, T), nats per token (a one-sample Monte-Carlo estimate).
 
     One t per sequence (B,); num_steps=None is the continuous-time bound, num_steps=T the T-step
-    bound (see `forward_process`). seed fixes t (unless given) and the mask, so a step is reproducible.
+    bound (see `forward_process`). seed fixes t (unless given), the mask and the annealing mask, so a
+    step is reproducible. clean_prefix: score only the tokens after the first n, given them (a shifted
+    model always keeps >= 1). future_attention < 1: attention annealing (`anneal_mask`).
     """
+    n = _prefix_for(model, clean_prefix)
     xt, token_weight = forward_process(x0, schedule, mask_id, seed, num_steps, t, t_min, antithetic, masking_impl)
-    return _subs_nelbo(model, x0, xt, token_weight, mask_id, lambda: model.hidden_states(xt)[0])
+    xt, token_weight = keep_clean_prefix(x0, xt, token_weight, n)
+    mask = anneal_mask(model.config.attention, model.config.block_length, future_attention, int(seed) + 2)
+    return _subs_nelbo(model, x0, xt, token_weight, mask_id,
+                       lambda: align_predictions(model.hidden_states(xt, mask=mask)[0], model.config.shift), n)
 
 
 def block_diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, mask_id: int, seed: int,
                          block_length: int, num_steps: Optional[int] = None, t: Optional[torch.Tensor] = None,
                          t_min: float = 1e-3, antithetic: bool = True, masking_impl: str = "auto",
-                         ) -> torch.Tensor:
+                         clean_prefix: int = 0, future_attention: float = 1.0) -> torch.Tensor:
     """BD3-LM NELBO of clean ids x0 (B, L), nats per token: the sum of the per-block MDLM NELBOs
-    (block i conditioned on the clean blocks before it) divided by B * L.
+    (block i conditioned on the clean blocks before it) divided by the B * L scored tokens (less the
+    clean prefix).
 
     One t per block: B * L / b times, antithetic over all of them; block i of a sequence is masked with
     probability 1 - alpha(t_i) and weighted as in `forward_process` (num_steps as in MDLM). t, if given,
@@ -182,6 +228,9 @@ def block_diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, mask_
     itself and the clean blocks before it, the clean half is block-causal (kernels/attention.py).
     Its context block_size must hold L positions (not 2L). b = L gives masked_diffusion_loss exactly
     (same t, same mask); b = 1 is an AR model scored through MASK inputs.
+    Shifted model: a block's first token is predicted from the last CLEAN token before it (the x_0
+    half, as at decoding time, where the block before is final), the others from the noised token
+    before them; with b = 1 that is exactly the AR loss. clean_prefix and future_attention as in MDLM.
     """
     B, L = x0.shape
     if block_length < 1 or L % block_length:
@@ -197,21 +246,28 @@ def block_diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, mask_
     rows = x0.reshape(B * n_blocks, block_length)
     xt_rows, weight_rows = forward_process(rows, schedule, mask_id, seed, num_steps, t, t_min, antithetic,
                                            masking_impl)
-    xt, token_weight = xt_rows.view(B, L), weight_rows.view(B, L)
+    n = _prefix_for(model, clean_prefix)
+    xt, token_weight = keep_clean_prefix(x0, xt_rows.view(B, L), weight_rows.view(B, L), n)
+    shift = model.config.shift
 
     def run_model():
         positions = torch.arange(L, device=x0.device).repeat(2)  # (2L,): x_t and x_0 share positions
-        mask = AttentionMask("block_diffusion", block_length=block_length)
+        mask = (anneal_mask("block_diffusion", block_length, future_attention, int(seed) + 2)
+                or AttentionMask("block_diffusion", block_length=block_length))
         h, _ = model.hidden_states(torch.cat([xt, x0], dim=1), mask=mask, positions=positions)  # (B, 2L, C)
-        return h[:, :L]  # predictions are read at the noised half only
+        noised = align_predictions(h[:, :L], shift)  # predictions are read at the noised half
+        if not shift:
+            return noised
+        block_start = (torch.arange(L, device=x0.device) % block_length == 0)[None, :, None]  # (1, L, 1)
+        return torch.where(block_start, align_predictions(h[:, L:], shift), noised)  # (B, L, C)
 
-    return _subs_nelbo(model, x0, xt, token_weight, mask_id, run_model)
+    return _subs_nelbo(model, x0, xt, token_weight, mask_id, run_model, n)
 
 
 def diffusion_nelbo(model, x0: torch.Tensor, objective: str, schedule: NoiseSchedule, mask_id: int, seed: int,
                     block_length: int = 0, **kwargs) -> torch.Tensor:
     """The NELBO of a diffusion objective ("mdlm" | "bd3lm"; block_length for bd3lm); kwargs as in
-    masked_diffusion_loss (num_steps, t, t_min, antithetic, masking_impl)."""
+    masked_diffusion_loss (num_steps, t, t_min, antithetic, masking_impl, clean_prefix, future_attention)."""
     if objective == "bd3lm":
         return block_diffusion_loss(model, x0, schedule, mask_id, seed, block_length, **kwargs)
     if objective == "mdlm":
@@ -243,10 +299,12 @@ class ObjectiveConfig:
 
 
 def compute_loss(model, x: torch.Tensor, y: torch.Tensor, objective: ObjectiveConfig, mask_id: int,
-                 seed: int) -> torch.Tensor:
-    """Loss of one batch for any objective, nats per token. x, y: (B, T) with y = x shifted by one."""
+                 seed: int, future_attention: float = 1.0) -> torch.Tensor:
+    """Loss of one batch for any objective, nats per token. x, y: (B, T) with y = x shifted by one.
+    future_attention < 1: attention annealing of a diffusion objective (`anneal_mask`)."""
     if objective.name == "ar":
         return ar_loss(model, x, y, num_tokens=mask_id)  # real ids are 0 .. mask_id-1
     return diffusion_nelbo(model, x, objective.name, NoiseSchedule(objective.schedule), mask_id, seed,
                            block_length=model.config.block_length, t_min=objective.t_min,
-                           antithetic=objective.antithetic, masking_impl=objective.masking_impl)
+                           antithetic=objective.antithetic, masking_impl=objective.masking_impl,
+                           future_attention=future_attention)

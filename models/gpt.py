@@ -40,6 +40,10 @@ class GPTConfig:
     block_length: int = 0  # diffusion block b (tokens) for attention="block_causal" (BD3-LM)
     attn_impl: str = "auto"  # auto (Triton on GPU, PyTorch elsewhere) | triton | torch
     pos_emb: str = "learned"  # learned (GPT-2's wpe table) | rope (rotary q/k, as in LLaMA and MDLM; no wpe)
+    # diffusion models only: the output at position i predicts the token at i + 1, as an AR model's does
+    # (DiffuGPT), so a model adapted from an AR checkpoint keeps the meaning of its head. Position 0 is then
+    # never predicted: a shifted model is always conditioned on at least one clean first token.
+    shift: bool = False
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
@@ -55,6 +59,9 @@ class GPTConfig:
                              f"{self.n_embd // self.n_head} must be even")
         if self.attention == "block_causal" and self.block_length < 1:
             raise ValueError("attention='block_causal' needs block_length >= 1")
+        if self.shift and self.attention == "causal":
+            raise ValueError("shift=True is for diffusion models (bidirectional / block_causal attention): an AR "
+                             "model's output already predicts the next token; drop --model.shift")
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
