@@ -44,6 +44,8 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=_quickstart_model, metadata={"help": "the backbone (models/gpt.py GPTConfig); model.vocab_size=0 takes it from the data"})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "ar | mdlm | bd3lm and its noise schedule (models/diffusion.py)"})
     tokenizer: str = field(default="", metadata={"help": "expected tokenizer of the data ('' = whatever the data was prepared with)"})
+    init_from: str = field(default="", metadata={"help": "start from these weights (training/init_from.py): a run's out_dir, its export/, a ckpt/step_N dir, gpt2 | gpt2-medium | ... or a Hugging Face GPT-2 dir; the shape comes from it, the optimizer starts fresh ('' = random init)"})
+    anneal_attention_iters: int = field(default=0, metadata={"help": "attention annealing (DiffuGPT, diffusion objectives): over the first N steps each query sees each later key with probability step/N, from causal to the model's own mask (0 = off)"})
     verify_data: bool = field(default=False, metadata={"help": "check the data's sha256 and every token id against meta.json before training (a full read)"})
     # batch: stated here or in the DeepSpeed JSON, not both (ds_config.py)
     batch_size: int = field(default=32, metadata={"help": "micro batch per rank (DeepSpeed train_micro_batch_size_per_gpu)"})
@@ -91,6 +93,17 @@ class TrainConfig:
                      "log_interval", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.anneal_attention_iters < 0:
+            raise ValueError(f"anneal_attention_iters must be >= 0 (got {self.anneal_attention_iters})")
+        if self.anneal_attention_iters and self.objective.name == "ar":
+            raise ValueError("anneal_attention_iters anneals a diffusion model's attention from causal to its own "
+                             "mask; an AR model is causal throughout: drop it or pick --objective=mdlm|bd3lm")
+        if self.anneal_attention_iters and self.model.attn_impl == "triton":
+            raise ValueError("the Triton attention kernel has no annealing mask: with anneal_attention_iters use "
+                             "--model.attn_impl=auto (annealing steps run the PyTorch attention)")
+        if self.model.shift and self.objective.name == "ar":
+            raise ValueError("model.shift is for diffusion objectives (an AR model always predicts the next token): "
+                             "drop --model.shift or pick --objective=mdlm|bd3lm")
         allowed = self.objective.required_attention()
         if self.model.attention not in allowed:
             raise ValueError(

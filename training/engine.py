@@ -25,8 +25,9 @@ class Engine(Protocol):
 
     device: torch.device
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
-        """The TrainingModule's loss of one micro batch (nats per token); x, y may be on the CPU."""
+    def loss(self, x: torch.Tensor, y: torch.Tensor, seed: int, future_attention: float = 1.0) -> torch.Tensor:
+        """The TrainingModule's loss of one micro batch (nats per token); x, y may be on the CPU.
+        future_attention < 1 while attention anneals (models.diffusion.anneal_mask)."""
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
@@ -57,7 +58,8 @@ class TrainingModule(nn.Module):
     The engine wraps this module rather than the bare GPT, so the engine's forward *is* the loss: under
     ZeRO-3 its hooks gather each layer's parameters as the loss walks the model (the MDLM loss calls
     hidden_states and lm_head separately, which a logits-returning forward would not cover).
-    `seed` fixes the diffusion time and mask of the batch, so a step is reproducible (and resumable)."""
+    `seed` fixes the diffusion time and mask of the batch, so a step is reproducible (and resumable);
+    `future_attention` < 1 while the attention anneals."""
 
     def __init__(self, gpt: GPT, objective: ObjectiveConfig, mask_id: int):
         super().__init__()
@@ -65,8 +67,8 @@ class TrainingModule(nn.Module):
         self.objective = objective
         self.mask_id = mask_id
 
-    def forward(self, x, y, seed: int):
-        return compute_loss(self.gpt, x, y, self.objective, self.mask_id, seed)
+    def forward(self, x, y, seed: int, future_attention: float = 1.0):
+        return compute_loss(self.gpt, x, y, self.objective, self.mask_id, seed, future_attention)
 
 
 def compile_blocks(gpt: GPT) -> None:

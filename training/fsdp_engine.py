@@ -113,8 +113,8 @@ class FSDPEngine(Engine):
         self._last_grad_norm = None
 
     # --- the training step
-    def loss(self, x, y, seed: int) -> torch.Tensor:
-        return self.module(x.to(self.device), y.to(self.device), seed)
+    def loss(self, x, y, seed: int, future_attention: float = 1.0) -> torch.Tensor:
+        return self.module(x.to(self.device), y.to(self.device), seed, future_attention)
 
     def backward(self, loss: torch.Tensor) -> None:
         # as DeepSpeed: the loss of a micro step counts 1/accumulation of the update

@@ -53,6 +53,7 @@ from training.ds_config import load_ds_json, resolve, zero_stage  # noqa: E402
 from training.engine import TrainingModule, compile_blocks, make_engine  # noqa: E402
 from training.fsdp_engine import CONFIG_FILE as FSDP_CONFIG_FILE, resolve_fsdp  # noqa: E402
 from training.hostfile import launch_info, single_node_warning  # noqa: E402
+from training.init_from import adopt_source_shape, check_same_tokens, load_weights, read_source  # noqa: E402
 from training.run_lock import OutDirInUse, hold_out_dir  # noqa: E402
 from common.disk import DiskFull, disk_full_error, is_disk_full  # noqa: E402
 from training.metrics import Metrics, default_peak_flops, memory_mb, model_flops_utilization, provenance  # noqa: E402
@@ -75,8 +76,8 @@ def parse_args(argv=None):
 
 
 def setup_config(args, overrides, world):
-    """Config, resume point, data meta, tokenizer and the engine's resolved config; every mistake a user
-    can make shows up here."""
+    """Config, resume point, init source, data meta, tokenizer and the engine's resolved config; every
+    mistake a user can make shows up here."""
     cfg, explicit = load_config(args.config, overrides)
     for note in hold_out_dir(cfg.out_dir):  # one run per out_dir: a second one stops here, naming the first
         print(f"WARNING: {note}", file=sys.stderr, flush=True)
@@ -96,17 +97,24 @@ def setup_config(args, overrides, world):
         resume.check_same_data(tokenizer.to_meta(), cfg.data_dir)  # the same token ids
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["padded_vocab_size"]
+    source = None
+    if cfg.init_from and not resume:  # a resumed run has the weights already (and the shape in its config)
+        source = read_source(cfg.init_from)
+        source.notes = adopt_source_shape(cfg.model, explicit, source, cfg.init_from)
+        check_same_tokens(source, tokenizer.to_meta(), cfg.model.vocab_size, cfg.init_from, cfg.data_dir)
+        cfg.__post_init__()  # the adopted shape against the objective (and GPTConfig's own checks)
+        cfg.model.__post_init__()
     check_compatible(meta, cfg.tokenizer or meta["tokenizer"], cfg.model.vocab_size, cfg.model.block_size)
     if cfg.engine == "fsdp":
         if args.deepspeed_config is not None:
             raise ValueError(f"--deepspeed_config={args.deepspeed_config} is for engine=deepspeed; engine=fsdp takes "
                              f"batch, optimizer, schedule, clipping and dtype from the training config: drop it")
-        return cfg, resume, meta, tokenizer, resolve_fsdp(cfg, world)
+        return cfg, resume, source, meta, tokenizer, resolve_fsdp(cfg, world)
     ds_path = args.deepspeed_config or str(DEFAULT_DS_CONFIG)
     resolved = resolve(load_ds_json(ds_path), cfg, explicit, world, source=ds_path)
     if resume:  # another world size or ZeRO stage: through a universal checkpoint (FSDP's DCP reshards itself)
         resume.plan_resharding(resolved.config, world)
-    return cfg, resume, meta, tokenizer, resolved
+    return cfg, resume, source, meta, tokenizer, resolved
 
 
 class Validator:
@@ -165,7 +173,7 @@ def main(argv=None):
     args, overrides = parse_args(argv)
     rank, _, world = rank_and_world()
     try:
-        cfg, resume, meta, tokenizer, resolved = setup_config(args, overrides, world)
+        cfg, resume, source, meta, tokenizer, resolved = setup_config(args, overrides, world)
     except (ValueError, FileNotFoundError, OutDirInUse) as e:  # a config or data mistake: the message, not a traceback
         sys.exit(f"error: {e}")
     B, T, gas = cfg.batch_size, cfg.model.block_size, cfg.gradient_accumulation_steps
@@ -175,6 +183,8 @@ def main(argv=None):
     # ---------------------------------------------------------------- model, engine, checkpoints
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (ZeRO-3 slices them locally)
     gpt = GPT(cfg.model)
+    if source is not None:
+        load_weights(gpt, source)  # before the engine: ZeRO-3 partitions what is loaded here
     num_params, flops_per_token = gpt.num_params(), gpt.flops_per_token(T)  # before ZeRO-3 partitions them
     if cfg.compile:
         compile_blocks(gpt)
@@ -193,11 +203,16 @@ def main(argv=None):
     metrics.log("config", step, train_config=cfg.to_dict(), **{"fsdp_config" if fsdp else "ds_config": resolved.config},
                 engine=cfg.engine, world_size=world, zero_stage=None if fsdp else zero_stage(resolved.config),
                 num_params=num_params, peak_flops=peak_flops, data=meta["data_dir"], tokenizer=meta["tokenizer"],
+                init_from=source.record() if source else None,
                 **(provenance(REPO) if rank == 0 else {}))  # git commit and library versions
     sharding = "FSDP2" if fsdp else f"ZeRO-{zero_stage(resolved.config)}"
     metrics.print(f"{cfg.objective.name} model, {num_params / 1e6:.2f}M params, {sharding}, "
                   f"{world} rank(s) on {engine.device}, {cfg.dtype}, {tokens_per_step:,} tokens/step "
                   f"(batch {B} x block {T} x accum {gas} x {world} ranks)")
+    if source is not None:
+        metrics.print(f"initialised from {source.describe()}; optimizer and schedule start fresh")
+        for note in source.notes:
+            metrics.print(f"init_from: {note}")
     launch = launch_info()  # a hostfile was given, yet only this node joined: say so before any step runs
     if launch.nodes > 1:
         metrics.print(f"{launch.nodes} nodes joined ({world} ranks)")
@@ -227,12 +242,14 @@ def main(argv=None):
             validator.validate(engine, step, tokens_seen)
             window_t0 = time.perf_counter()  # tokens/s counts training time only
         lr = engine.lr
+        # attention annealing (DiffuGPT): from causal (0) to the model's own mask (1) over the first N steps
+        future = min(1.0, step / cfg.anneal_attention_iters) if cfg.anneal_attention_iters else 1.0
         for micro_step in range(gas):
             # a micro batch is named by its place in the global batch, not by (rank, micro step): 2 ranks x
             # accumulation 1 and 1 rank x accumulation 2 train on the same batches and masks (resume elsewhere)
             part = rank * gas + micro_step
             x, y = train_data.get_batch(B, T, seed=cfg.seed, step=step, rank=part, micro_step=0)
-            loss = engine.loss(x, y, seed=mix_seed(cfg.seed, 0, step, part, 0))
+            loss = engine.loss(x, y, seed=mix_seed(cfg.seed, 0, step, part, 0), future_attention=future)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float().cpu() / gas  # no .item(): a GPU keeps running ahead
@@ -246,7 +263,8 @@ def main(argv=None):
             tokens_per_s = window_steps * tokens_per_step / dt
             mfu = model_flops_utilization(flops_per_token, tokens_per_s, peak_flops, ranks=world)
             metrics.log("train", step, loss=mean_loss, lr=lr, grad_norm=engine.grad_norm,
-                        tokens_per_s=tokens_per_s, mfu=mfu, mem_mb=memory_mb(), tokens_seen=tokens_seen)
+                        tokens_per_s=tokens_per_s, mfu=mfu, mem_mb=memory_mb(), tokens_seen=tokens_seen,
+                        **({"future_attention": future} if cfg.anneal_attention_iters else {}))
             metrics.advance(window_steps, loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
             loss_sum, window_steps, window_t0 = torch.zeros(()), 0, time.perf_counter()
 
