@@ -30,6 +30,8 @@ What each request type computes (docs/evaluation.md has the maths):
                          lower bound on log p, estimated with `mc_samples` antithetic masks (exact when
                          the continuation is short enough to enumerate every mask); its Monte-Carlo
                          standard error is in the logged samples ("-12.3456 ± 0.4321 (...)").
+                         A shifted model (GPTConfig.shift) predicts each token from the position before it, so
+                         it needs at least one context token (lm-eval gives EOT to an empty context).
   loglikelihood_rolling  the same over lm-eval's rolling windows of the text (the model's context).
   generate_until         inference.api.generate_with_stats on a padded canvas, cut at the stop sequences.
 Contexts longer than the model's context are truncated from the left, as the harness expects.
@@ -60,7 +62,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from inference.api import generate_with_stats
 from inference.loading import load_model, resolve_device
 from kernels.attention import AttentionMask
-from models.diffusion import subs_logits
+from models.diffusion import align_predictions, block_diffusion_predictions, subs_logits
 
 log = logging.getLogger(__name__)
 
@@ -321,11 +323,17 @@ class DiffusionGPTLM(TemplateLM):
     def _score_pairs(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool):
         """(context ids, continuation ids) -> (LogLikelihood, is_greedy), in order."""
         limit = self.max_length + 1 if self.objective == "ar" else self.max_length
+        # a shifted diffusion model predicts token i from position i - 1: the context keeps >= 1 token
+        first = int(self.objective != "ar" and self.model.config.shift)
         fitted, truncated = [], 0
         for ctx, cont in pairs:
-            if len(cont) > self.max_length:
+            if len(cont) > self.max_length - first:
+                room = f"{self.max_length} tokens" + (", less one context token: the model is shifted" if first else "")
                 raise HarnessInputError(f"a continuation of {len(cont)} tokens is longer than the model's context "
-                                        f"({self.max_length} tokens): it cannot be scored")
+                                        f"({room}): it cannot be scored")
+            if first and cont and not ctx:
+                raise HarnessInputError("this diffusion model is shifted (config.shift): nothing predicts the first "
+                                        "token, so a continuation needs a context of at least one token (e.g. EOT)")
             keep = max(0, limit - len(cont))
             truncated += len(ctx) > keep
             fitted.append((ctx[len(ctx) - keep:] if len(ctx) > keep else ctx, cont))
@@ -402,12 +410,13 @@ class DiffusionGPTLM(TemplateLM):
             positions = torch.arange(width, device=self._device).repeat(2)
             h, _ = self.model.hidden_states(torch.cat([xt, x0], dim=1), positions=positions,
                                             mask=AttentionMask("block_diffusion", block_length=b))
-            h = h[:, :width]  # (R, W, C): predictions are read at the noised half
+            h = block_diffusion_predictions(h, b, self.model.config.shift)  # (R, W, C), read at the noised half
         else:
             mask = None if self.pad_to_context else AttentionMask(
                 self.model.config.attention, block_length=self.model.config.block_length,
                 key_lengths=key_lengths.to(self._device))
             h, _ = self.model.hidden_states(xt, mask=mask)  # (R, W, C)
+            h = align_predictions(h, self.model.config.shift)  # the state predicting each position
         logits = subs_logits(self.model.lm_head(h[masked]).float(), tok.mask_id)  # (N_masked, V): never MASK
         logp = F.log_softmax(logits, dim=-1)
         targets = x0[masked]

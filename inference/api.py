@@ -177,6 +177,12 @@ def model_kind(model) -> str:
     return "ar" if model.config.attention == "causal" else "diffusion"
 
 
+def needs_first_token(model) -> bool:
+    """AR and shifted diffusion models (GPTConfig.shift) predict each token from the position before it,
+    so nothing predicts a request's first token: an empty prompt starts from EOT, like GPT-2's documents."""
+    return model_kind(model) == "ar" or model.config.shift
+
+
 def block_alignment(model) -> int:
     """The diffusion block every decode of this model must respect: block-causal models' block_length, else 0."""
     return model.config.block_length if model.config.attention == "block_causal" else 0
@@ -233,8 +239,8 @@ def encode_requests(model, tokenizer, prompts: Sequence[str], lengths: Sequence[
     requests = []
     for i, (text, n) in enumerate(zip(prompts, lengths)):
         ids = tokenizer.encode(text)
-        if model_kind(model) == "ar" and not ids:
-            ids = [tokenizer.eot_id]  # an AR model needs a first token: start from EOT like GPT-2 does
+        if not ids and needs_first_token(model):
+            ids = [tokenizer.eot_id]
         if len(ids) >= context:
             raise ValueError(f"prompt {i} is {len(ids)} tokens long, longer than the model's context "
                              f"(block_size={context}); shorten it")

@@ -14,6 +14,10 @@ some still-masked positions to tokens drawn by `inference.sampling.predict_token
 
 Only the rows that still have masked positions are run, so a request that finished early (shorter
 generation, easy block) costs nothing more; `ModelRunner.nfe` counts the calls of every row.
+
+A shifted model (GPTConfig.shift) predicts column c from the state of column c - 1
+(`models.diffusion.align_predictions`): the first generated token from the last prompt token, so every
+request needs at least one prompt token, and a call must feed the column before its candidates.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 
 from inference.batching import Layout, ModelRunner, RowKVCache
 from inference.sampling import Sampler, predict_tokens
-from models.diffusion import NoiseSchedule
+from models.diffusion import NoiseSchedule, align_predictions
 
 StepHook = Callable[[torch.Tensor, "DecodeResult"], None]  # (canvas x, partial result) after each step
 
@@ -134,6 +138,17 @@ def steps_per_block(layout: Layout, total_steps: int, block_length: int) -> torc
     return torch.div(total_steps + n_blocks - 1, n_blocks, rounding_mode="floor")
 
 
+def check_first_token(model, layout: Layout) -> None:
+    """A shifted model has no prediction for a row's first column: a row that generates needs a prompt token."""
+    empty = (layout.gen_starts == layout.key_starts) & (layout.key_lengths > layout.gen_starts)  # (B,)
+    if model.config.shift and bool(empty.any()):
+        rows = empty.nonzero().squeeze(1).tolist()
+        raise ValueError(f"this diffusion model is shifted (config.shift): it predicts each token from the position "
+                         f"before it, so nothing predicts the first token of rows {rows}, which have an empty "
+                         f"prompt; give every request at least one prompt token (start from EOT, as "
+                         f"inference.api.encode_requests does)")
+
+
 def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generator, mask_id: int,
                          vocab_limit: int, block_length: Optional[int] = None, kv_cache: bool = False,
                          block_steps: Optional[int] = None, stop_id: Optional[int] = None,
@@ -152,9 +167,13 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
       bidirectional:      approximate (Fast-dLLM prefix cache): the block's first call runs the whole
                           canvas and keeps the prefix's keys/values; the block's later calls feed only
                           the block and the masked suffix, reusing that prefix.
+      A shifted model reads the state of the column before the block, so the cache ends one column
+      earlier and every call feeds from there (the block-causal cache stays exact: that column lies in
+      a finished block, whose keys and values do not change).
     Without the cache a block-causal model is fed the canvas up to the current block's end (later
     blocks cannot influence it), a bidirectional one the whole canvas.
     """
+    check_first_token(model, layout)
     x = layout.x.clone()
     runner = ModelRunner(model, layout, x)
     B, T = x.shape
@@ -164,6 +183,7 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     steps = torch.zeros(B, dtype=torch.long)
     block_causal = runner.kind == "block_causal"
+    shift = int(model.config.shift)  # 1: column c is predicted from the state of column c - 1
     if block_length is None:
         if kv_cache:
             raise ValueError("kv_cache needs semi-autoregressive blocks (block_length)")
@@ -175,6 +195,9 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
     cache = RowKVCache(B) if kv_cache else None
 
     for lo, hi in regions:
+        # first column whose state the region's candidates read (a shifted region that starts at column
+        # 0 holds its rows' prompts, so its candidates all lie after column 0)
+        start = max(lo - shift, 0)
         todo = masked & ((cols >= lo) & (cols < hi))[None, :] & ~done[:, None]  # (B, T)
         rule.begin(todo.sum(1))
         region_step = torch.zeros(B, dtype=torch.long, device=dev)
@@ -185,20 +208,21 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
                 q_lo = 0
                 h, _ = runner.hidden(rows, 0, hi if (block_causal and block_length) else T)
             elif block_causal:
-                q_lo = cache.length  # first call of a block: the previous block's start; then lo
+                q_lo = cache.length  # first call of a block: the previous block's `start`; then this one's
                 h, presents = runner.hidden(rows, q_lo, hi, cache.get(rows))
-                if q_lo < lo:  # the finished blocks just fed are final: keep their keys/values
-                    cache.append(rows, presents, lo - q_lo)
+                if q_lo < start:  # the finished blocks just fed are final: keep their keys/values
+                    cache.append(rows, presents, start - q_lo)
             elif first_call:  # bidirectional: refresh the prefix cache once per block
                 q_lo = 0
                 h, presents = runner.hidden(rows, 0, T)
-                cache.reset(rows, presents, lo)
+                cache.reset(rows, presents, start)
             else:
-                q_lo = lo
-                h, _ = runner.hidden(rows, lo, T, cache.get(rows))
+                q_lo = start
+                h, _ = runner.hidden(rows, start, T, cache.get(rows))
             first_call = False
+            h = align_predictions(h, shift)  # (R, fed, C): row j predicts column q_lo + j
 
-            cand = todo[rows]  # (R, T), all inside [lo, hi) and therefore inside the fed columns
+            cand = todo[rows]  # (R, T), all inside [lo, hi) and so inside the fed columns (shifted: after q_lo)
             tokens, conf = predict_tokens(model, h[cand[:, q_lo:q_lo + h.size(1)]], vocab_limit,
                                           sampler, generator)
             conf_full = torch.full(cand.shape, float("-inf"), dtype=conf.dtype, device=dev)
@@ -250,6 +274,7 @@ def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, 
     conditioned on the finished blocks before it. A block-causal model is then fed the canvas only up
     to the current block's end (later blocks cannot influence it); no KV cache here.
     """
+    check_first_token(model, layout)
     x = layout.x.clone()
     runner = ModelRunner(model, layout, x)
     B, T = x.shape
@@ -257,7 +282,7 @@ def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, 
     cols = torch.arange(T, device=dev)
     masked = (x == mask_id) & layout.gen
     fresh = torch.zeros(B, dtype=torch.bool, device=dev)  # h_cache[row] matches the row's canvas
-    h_cache = None  # (B, T, C) final hidden states of the last call of each row
+    h_cache = None  # (B, T, C) the state predicting each column (align_predictions), from each row's last call
     steps = torch.zeros(B, dtype=torch.long)
     block_causal = runner.kind == "block_causal"
     regions = [(0, T)] if block_length is None else [
@@ -284,7 +309,7 @@ def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, 
                     h, _ = runner.hidden(rows, 0, fed)
                     if h_cache is None:
                         h_cache = h.new_zeros(B, T, h.size(-1))
-                    h_cache[rows, :fed] = h
+                    h_cache[rows, :fed] = align_predictions(h, model.config.shift)
                     fresh[rows] = True
                 if bool(committing.any()):
                     tokens, _ = predict_tokens(model, h_cache[commit], vocab_limit, sampler, generator)

@@ -155,6 +155,19 @@ def align_predictions(h: torch.Tensor, shift: bool) -> torch.Tensor:
     return torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # (B, T, C): row i holds h[i - 1]
 
 
+def block_diffusion_predictions(h: torch.Tensor, block_length: int, shift: bool) -> torch.Tensor:
+    """(B, 2L, C) final states of one pass over [x_t ; x_0] (the "block_diffusion" mask) -> (B, L, C) the
+    state predicting each noised position. Unshifted: its own state in the noised half. Shifted: a block's
+    first token from the last CLEAN token before it (the x_0 half, as at decoding time, where the block
+    before is final), the others from the noised token before them."""
+    L = h.size(1) // 2
+    noised = align_predictions(h[:, :L], shift)
+    if not shift:
+        return noised
+    block_start = (torch.arange(L, device=h.device) % block_length == 0)[None, :, None]  # (1, L, 1)
+    return torch.where(block_start, align_predictions(h[:, L:], shift), noised)  # (B, L, C)
+
+
 def keep_clean_prefix(x0: torch.Tensor, xt: torch.Tensor, token_weight: torch.Tensor, n: int):
     """Leave the first n tokens of every row clean and unscored: the NELBO of the rest given them. A
     shifted model needs n >= 1 (nothing predicts position 0); for an unshifted one n = 1 scores the same
@@ -248,18 +261,13 @@ def block_diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, mask_
                                            masking_impl)
     n = _prefix_for(model, clean_prefix)
     xt, token_weight = keep_clean_prefix(x0, xt_rows.view(B, L), weight_rows.view(B, L), n)
-    shift = model.config.shift
 
     def run_model():
         positions = torch.arange(L, device=x0.device).repeat(2)  # (2L,): x_t and x_0 share positions
         mask = (anneal_mask("block_diffusion", block_length, future_attention, int(seed) + 2)
                 or AttentionMask("block_diffusion", block_length=block_length))
         h, _ = model.hidden_states(torch.cat([xt, x0], dim=1), mask=mask, positions=positions)  # (B, 2L, C)
-        noised = align_predictions(h[:, :L], shift)  # predictions are read at the noised half
-        if not shift:
-            return noised
-        block_start = (torch.arange(L, device=x0.device) % block_length == 0)[None, :, None]  # (1, L, 1)
-        return torch.where(block_start, align_predictions(h[:, L:], shift), noised)  # (B, L, C)
+        return block_diffusion_predictions(h, block_length, model.config.shift)  # (B, L, C)
 
     return _subs_nelbo(model, x0, xt, token_weight, mask_id, run_model, n)
 

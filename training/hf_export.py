@@ -100,8 +100,12 @@ def export_to_hf(model_dir, out_dir, with_tokenizer: bool = True) -> Path:
     model, info = load_consolidated(model_dir)
     objective = (info.get("objective") or {}).get("name", "ar")
     if model.config.attention != "causal" or objective != "ar":
+        shifted = ("It is shifted (config.shift: token i predicted from position i - 1, as in GPT-2), but it is "
+                   "still a diffusion model: its weights under a causal mask are not the model it was trained "
+                   "as, so it is not exported as one. " if model.config.shift else "")
         raise ValueError(f"{model_dir} is a {objective} model with {model.config.attention} attention; only AR "
-                         f"(causal) models are GPT-2 models. A diffusion model has no GPT2LMHeadModel equivalent.")
+                         f"(causal) models are GPT-2 models. {shifted}A diffusion model has no GPT2LMHeadModel "
+                         f"equivalent.")
     if model.config.pos_emb != "learned":
         raise ValueError(f"{model_dir} uses pos_emb={model.config.pos_emb!r} (rotary position embeddings); "
                          f"GPT2LMHeadModel has learned position embeddings (wpe) only, so there is no GPT-2 "
