@@ -47,5 +47,6 @@ def build_optimizer(gpt: GPT, client_optimizer: dict) -> torch.optim.Optimizer:
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, client_scheduler: dict):
     """warmup_cosine_lr (client_scheduler: its kwargs) as a LambdaLR stepped once per optimizer update."""
-    peak = client_scheduler["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine_lr(step, **client_scheduler) / peak)
+    peak = client_scheduler["lr"]  # LambdaLR scales the optimizer's lr (= peak); peak 0 (a frozen run) stays 0
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_lr(step, **client_scheduler) / peak if peak else 0.0)
