@@ -70,15 +70,18 @@ class ConstantSequenceOracle(torch.nn.Module):
     uniform (loss log V). The NELBOs are then known in closed form (linear schedule, L tokens):
         L_inf = log V / L,   L_T = log V * sum_j (j/T)^(L-1) / T   (= log V (1 + 1/T)^2 / 4 for L = 4),
     so the T-step bound is strictly above the continuous one and decreases with T -- a real effect,
-    not an untrained model's flat line. It has the two members masked_diffusion_loss uses."""
+    not an untrained model's flat line. It has the members masked_diffusion_loss uses (an unshifted,
+    bidirectional config; hidden_states and lm_head)."""
 
     def __init__(self, vocab: int, rows: int):
         super().__init__()
         self.vocab, self.rows = vocab, rows
+        self.config = GPTConfig(attention="bidirectional", shift=False)
         self.lm_head = torch.nn.Linear(rows, rows, bias=False)  # identity: hidden states are the logits
         torch.nn.init.eye_(self.lm_head.weight)
 
-    def hidden_states(self, xt):
+    def hidden_states(self, xt, mask=None):  # mask: always the config's own (no annealing here)
+        assert mask is None
         visible = xt < self.vocab  # (B, L)
         c = torch.where(visible, xt, -1).max(dim=1).values  # (B,) the constant, -1 when nothing is visible
         logits = torch.zeros(*xt.shape, self.rows)  # (B, L, rows): uniform when nothing is visible
