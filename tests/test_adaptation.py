@@ -248,3 +248,13 @@ def test_diffusion_into_ar_is_allowed_and_a_shifted_source_stays_shifted():
 def test_shift_is_refused_for_ar_models():
     with pytest.raises(ValueError, match="shift=True is for diffusion models"):
         GPTConfig(attention="causal", shift=True)
+
+
+def test_a_longer_context_than_the_sources_learned_positions_is_refused():
+    src = source(pos_emb="learned", bias=True)  # 64 learned positions
+    with pytest.raises(ValueError, match=r"learned positions for block_size=64 tokens.*block_size=128; use --model.block_size <= 64"):
+        adopt_source_shape(GPTConfig(block_size=128, pos_emb="learned", bias=True, attention="bidirectional"),
+                           {"model.block_size"}, src, "SRC")
+    rope = GPTConfig(block_size=128, attention="bidirectional")
+    adopt_source_shape(rope, {"model.block_size"}, source(), "SRC")  # rope has no position table: any context
+    assert rope.block_size == 128
