@@ -1,18 +1,19 @@
-"""Step-level continuous batching: many decodes, one model call per step.
+"""Step-level continuous batching: many decodes, few model calls per step.
 
 Serving is decoding plus a scheduler. Each admitted row (one choice of one request) runs the ordinary
 batch decoder, `inference.api.generate_with_stats`, on its own one-row canvas in its own thread, so
-every rule (ancestral, topk, random, threshold, blocks, ar), its commit logic, its random generator and
-its stop rule are the decoder's own: the scheduler adds no decoding logic. What it changes is the model
-the decoder sees. A `RowModel` stands in for the real model: when a decoder asks for hidden states it
-hands the call to the scheduler and waits. The scheduler waits until every running row has either
-asked for its next call or finished, then runs ONE forward over all of them and hands each row its
-slice back:
+every rule (ancestral, topk, random, threshold, blocks, ar), its commit logic, its random generator, its
+KV cache and its stop rule are the decoder's own: the scheduler adds no decoding logic. What it changes
+is the model the decoder sees. A `RowModel` stands in for the real model: when a decoder asks for hidden
+states it hands the call to the scheduler and waits. The scheduler waits until every running row has
+either asked for its next call or finished, then runs the calls together and hands each row its slice:
 
-    step k     row A (topk, step 7 of 12)   row B (ar, token 3)   row C (threshold, step 1)
-               canvas [a a a M a M]          [b b b b]             [c c M M M M M M]
-    merged     one (3, W) batch, each row right-padded to the widest call; key_lengths hide the
-               padding, so each row attends to exactly the keys it would see alone
+    step k     row A (topk, step 7 of 12)   row B (ar, token 30, cached)   row C (blocks, block 3, cached)
+               canvas [a a a M a M]          past 29 cols + [b]             past 16 cols + [c c M M M M M M]
+    merged     each call's past keys/values LEFT-padded to the longest past Q (hidden by key_starts),
+               its queries RIGHT-padded to the widest call (hidden by key_lengths): every row's queries
+               start at key Q, so one q_offset serves the batch and each row attends to exactly the keys
+               it would see alone (`StepScheduler._forward_merged`)
     step k+1   A commits and asks again, B appends a token and asks again, C finished -> leaves at once;
                D was queued -> its first call joins this step
 
@@ -20,11 +21,13 @@ A row therefore computes what it computes alone: for a deterministic rule (tempe
 of a request is the same whether it was decoded alone or alongside others, and with a seed a sampled
 output is the same too (each row has its own generator, seeded from its request).
 
-Requests join at step boundaries (a new row's first call joins the next merged call) and leave at once.
-Every call of the server's decoders starts at column 0 without a KV cache (the server decodes with
-kv_cache=False), so any mix of rows merges; a call that does carry a KV cache is run on its own in the
-same step. Limits: `max_rows` decodes run at once, `max_queue` more may wait; beyond that `submit`
-raises `QueueFull` (the server answers 429).
+Which calls share a forward: all of them but calls the mask cannot shift exactly (`merge_key`: a
+block-causal model's calls only by whole blocks), and padding a 1-column AR step to a 64-column canvas
+costs more than a call of its own, so the calls of a step are split by width where that is cheaper
+(`partition_by_width`). Requests join at step boundaries (a new row's first call joins the next step)
+and leave at once; a row whose committed text settles a stop string ends there (`StopWatch`). Limits:
+`max_rows` decodes run at once, `max_queue` more may wait; beyond that `submit` raises `QueueFull` (the
+server answers 429).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
-from inference.api import Completion, DecodeOptions, StepInfo, generate_with_stats
+from inference.api import Completion, DecodeOptions, StepInfo, encode_requests, generate_with_stats
 from kernels.attention import AttentionMask
 
 
@@ -60,6 +63,48 @@ class RowSpec:
     prompt: str
     max_new_tokens: int
     options: DecodeOptions
+    stop: tuple[str, ...] = ()  # stop strings: the decode ends once its committed text settles one (`StopWatch`)
+
+
+class _StopReached(Exception):
+    """Raised from a row's step hook to end its decode: its committed text holds a stop string."""
+
+    def __init__(self, ids: list[int], text: str):
+        super().__init__()
+        self.ids, self.text = ids, text
+
+
+class StopWatch:
+    """Ends a row's decode as soon as the text it has committed holds a stop string for good.
+
+    The committed text is the generated region up to its first still-masked position (AR: every token
+    so far), cut at EOT like the final text. Committed tokens never change, so the text the full decode
+    would return starts with it. The first stop string in it is the one the full text is cut at once
+    no other stop string could still start before it and end in the uncommitted part: when
+    len(committed) >= first + longest stop - 1 (or nothing more will come: EOT). AR rows are checked
+    after every token; block decoding commits left to right, so its committed text grows at the latest
+    when a block is finished (at block boundaries). The cut text is then exactly the full decode's,
+    and the rows stop taking model calls."""
+
+    def __init__(self, stop: tuple[str, ...], tokenizer, stop_at_eot: bool):
+        self.stop, self.tokenizer = stop, tokenizer
+        self.mask_id = getattr(tokenizer, "mask_id", None)
+        self.eot_id = tokenizer.eot_id if stop_at_eot else None
+        self.longest = max((len(s) for s in stop), default=0)
+
+    def check(self, ids: list[int]) -> None:
+        if not self.stop:
+            return
+        if self.mask_id in ids:
+            ids = ids[:ids.index(self.mask_id)]
+        final = self.eot_id is not None and self.eot_id in ids  # nothing after EOT counts
+        if final:
+            ids = ids[:ids.index(self.eot_id)]
+        text = self.tokenizer.decode(ids)
+        complete = text.rstrip("\ufffd")  # a character whose bytes are not all committed yet is not text yet
+        hits = [complete.find(s) for s in self.stop if s in complete]
+        if hits and (final or len(complete) >= min(hits) + self.longest - 1):
+            raise _StopReached(ids, text)
 
 
 @dataclass(eq=False)
@@ -120,7 +165,7 @@ class StepScheduler:
 
     def __init__(self, model, tokenizer, max_rows: int = 64, max_queue: int = 256,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 step_delay_s: float = 0.0):
+                 step_delay_s: float = 0.0, call_overhead_tokens: float = 16.0):
         if max_rows < 1 or max_queue < 0:
             raise ValueError(f"max_rows must be >= 1 and max_queue >= 0, got {max_rows}, {max_queue}")
         self.model, self.tokenizer = model, tokenizer
@@ -138,6 +183,12 @@ class StepScheduler:
         self.row_calls = 0  # sum over calls of the rows in them
         self.rows_per_call = collections.Counter()  # rows in a call -> number of such calls
         self.forward_s = 0.0  # time spent in model calls
+        self.cached_row_calls = 0  # rows that came with a KV cache (queries after column 0)
+        self.mixed_past_calls = 0  # merged calls whose rows had past KV of different lengths
+        # a separate model call costs about what this many extra row-columns do (measured on CPU: 0.45 ms
+        # for a 1-row, 1-column call, +0.03 ms per row-column of the tiny char model); partition_by_width
+        # uses it to decide when padding a short call to a wide one is cheaper than a call of its own
+        self.call_overhead_tokens = call_overhead_tokens
 
     # ------------------------------------------------------------------ the client side
     @property
@@ -210,16 +261,32 @@ class StepScheduler:
 
     def _run_row(self, row: Row) -> None:
         spec = row.spec
+        watch = StopWatch(spec.stop, self.tokenizer, spec.options.stop_at_eot)
+        progress = {"steps": 0, "nfe": 0}
+        t0 = time.perf_counter()
 
         def on_step(info: StepInfo):
             if row.cancelled:
                 raise Cancelled()
+            progress["steps"] += 1
+            progress["nfe"] = info.nfe[0]
             row.on_event("step", info)
+            watch.check(info.token_ids[0])
 
         try:
-            with self.autocast():
-                done: Completion = generate_with_stats(RowModel(self, row), self.tokenizer, [spec.prompt],
-                                                       spec.max_new_tokens, options=spec.options, on_step=on_step)[0]
+            try:
+                with self.autocast():
+                    done: Completion = generate_with_stats(RowModel(self, row), self.tokenizer, [spec.prompt],
+                                                           spec.max_new_tokens, options=spec.options,
+                                                           on_step=on_step)[0]
+            except _StopReached as hit:  # the decode ended early: its Completion is the committed text
+                elapsed = time.perf_counter() - t0
+                prompt_ids = encode_requests(self.model, self.tokenizer, [spec.prompt],
+                                             [spec.max_new_tokens])[0].prompt_ids
+                done = Completion(prompt=spec.prompt, text=hit.text, token_ids=hit.ids, prompt_ids=prompt_ids,
+                                  strategy=spec.options.strategy, nfe=progress["nfe"], steps=progress["steps"],
+                                  elapsed_s=elapsed, tokens_per_s=len(hit.ids) / max(elapsed, 1e-9),
+                                  stopped_at_eot=False)
             row.on_event("done", done)
         except BaseException as e:  # noqa: BLE001 - the row's client gets the error, the server lives on
             row.on_event("error", e)
@@ -272,53 +339,135 @@ class StepScheduler:
                         c.done.set()
 
     def _forward(self, calls: list[_Call]) -> None:
-        """One model call over every call without a KV cache (right-padded to the widest), plus one call
-        each for calls that carry a cache. Each call gets its own rows and columns back."""
-        plain = [c for c in calls if c.past_kv is None and c.mask is not None and c.mask.q_offset == 0]
-        merged = {id(c) for c in plain}
+        """Run this step's calls: calls that can share a forward (`merge_key`) are partitioned by width
+        (`partition_by_width`) and each part is one merged model call; a call the mask cannot merge
+        exactly runs on its own. Each call gets its own rows and columns back."""
+        groups: dict[tuple, list[_Call]] = {}
         for c in calls:
-            if id(c) not in merged:
+            key = merge_key(c)
+            if key is None:
                 c.result = self.model.hidden_states(c.idx, mask=c.mask, past_kv=c.past_kv, positions=c.positions)
-                self._count(c.idx.size(0))
+                self._count([c])
                 c.done.set()
-        if not plain:
-            return
-        dev = plain[0].idx.device
-        width = max(c.idx.size(1) for c in plain)
-        n_rows = sum(c.idx.size(0) for c in plain)
+            else:
+                groups.setdefault(key, []).append(c)
+        for group in groups.values():
+            for part in partition_by_width(group, self.call_overhead_tokens):
+                self._forward_merged(part)
+
+    def _forward_merged(self, calls: list[_Call]) -> None:
+        """One model call over calls whose past KV may have different lengths (see `merge_key`).
+
+        With P_c the past length of call c and Q = max P_c, call c's past keys/values are LEFT-padded
+        by d_c = Q - P_c (zeros at [0, d_c), hidden by key_starts) and its queries are RIGHT-padded to
+        the widest call (hidden by key_lengths). Every call's queries then start at key index Q, the
+        one q_offset of the batch, and row c's key i sits at d_c + i: a causal query at Q + j sees it
+        iff d_c + i <= Q + j iff i <= P_c + j, as alone; block-causal likewise because d_c is a
+        multiple of the block length (merge_key); bidirectional ignores q_offset. Positions are per
+        row, so rotary / learned position vectors are the ones the row gets alone."""
+        dev = calls[0].idx.device
+        width = max(c.idx.size(1) for c in calls)
+        q_off = max(c.mask.q_offset for c in calls)
+        n_rows = sum(c.idx.size(0) for c in calls)
         idx = torch.zeros(n_rows, width, dtype=torch.long, device=dev)  # (N, W); filler id 0 is never attended
         positions = torch.zeros(n_rows, width, dtype=torch.long, device=dev)  # (N, W)
         key_starts = torch.zeros(n_rows, dtype=torch.long, device=dev)
         key_lengths = torch.zeros(n_rows, dtype=torch.long, device=dev)
+        past = None
+        if q_off > 0:
+            layers = next(c for c in calls if c.past_kv is not None).past_kv
+            past = [(k.new_zeros(n_rows, k.size(1), q_off, k.size(3)), v.new_zeros(n_rows, v.size(1), q_off, v.size(3)))
+                    for k, v in layers]
         spans, r = [], 0
-        for c in plain:
+        for c in calls:
             R, w = c.idx.shape
+            P = c.mask.q_offset
+            d = q_off - P  # left padding of this call's past
             idx[r:r + R, :w] = c.idx
             positions[r:r + R, :w] = (c.positions if c.positions is not None
-                                      else torch.arange(w, device=dev)).expand(R, w)
+                                      else torch.arange(P, P + w, device=dev)).expand(R, w)
             if c.mask.key_starts is not None:
                 key_starts[r:r + R] = c.mask.key_starts
-            # alone, the call's keys end at its own width w: hide the columns it was padded with
-            ends = c.mask.key_lengths if c.mask.key_lengths is not None else torch.full((R,), w, device=dev)
-            key_lengths[r:r + R] = ends.clamp(max=w)
+            key_starts[r:r + R] += d
+            # alone, the call's keys end at P + w (its own queries): hide the columns it was padded with
+            ends = c.mask.key_lengths if c.mask.key_lengths is not None else torch.full((R,), P + w, device=dev)
+            key_lengths[r:r + R] = ends.clamp(max=P + w) + d
+            if P > 0:
+                for (pk, pv), (k, v) in zip(past, c.past_kv):
+                    pk[r:r + R, :, d:] = k
+                    pv[r:r + R, :, d:] = v
             spans.append((r, R, w))
             r += R
-        m = plain[0].mask
+        m = calls[0].mask
         mask = AttentionMask(kind=m.kind, block_length=m.block_length, key_lengths=key_lengths,
-                             key_starts=key_starts)
-        h, presents = self.model.hidden_states(idx, mask=mask, positions=positions)  # (N, W, C)
-        self._count(n_rows)
-        for c, (r, R, w) in zip(plain, spans):
+                             key_starts=key_starts, q_offset=q_off)
+        h, presents = self.model.hidden_states(idx, mask=mask, past_kv=past, positions=positions)  # (N, W, C)
+        self._count(calls)
+        for c, (r, R, w) in zip(calls, spans):
             c.result = (h[r:r + R, :w], [(k[r:r + R, :, :w], v[r:r + R, :, :w]) for k, v in presents])
             c.done.set()
 
-    def _count(self, n_rows: int) -> None:
+    def _count(self, calls: list[_Call]) -> None:
+        n_rows = sum(c.idx.size(0) for c in calls)
         self.calls += 1
         self.row_calls += n_rows
         self.rows_per_call[n_rows] += 1
+        offsets = [c.mask.q_offset if c.mask is not None else 0 for c in calls]
+        self.cached_row_calls += sum(c.idx.size(0) for c, q in zip(calls, offsets) if q > 0)
+        if len(set(offsets)) > 1:
+            self.mixed_past_calls += 1
 
 
-def server_options(options: DecodeOptions) -> DecodeOptions:
-    """The options a served row decodes with: no KV cache (every call starts at column 0, so rows at any
-    point of their decodes merge into one call) and one row per decode."""
-    return replace(options, kv_cache=False, batch_size=1)
+def merge_key(call: _Call) -> Optional[tuple]:
+    """Calls with equal keys can share one forward exactly (`StepScheduler._forward_merged`); None: the
+    call runs on its own. The past must be the q_offset columns of the mask (what ModelRunner passes).
+    A block-causal mask sees blocks by key index, so calls are shifted only by multiples of the block:
+    they merge when their past lengths agree modulo the block length."""
+    m = call.mask
+    past = 0 if call.past_kv is None else call.past_kv[0][0].size(2)
+    if m is None or m.kind == "block_diffusion" or m.future_attention < 1.0 or m.q_offset != past:
+        return None
+    residue = past % m.block_length if m.kind == "block_causal" else 0
+    return m.kind, m.block_length, residue
+
+
+def partition_by_width(calls: list[_Call], overhead_tokens: float) -> list[list[_Call]]:
+    """Split calls into parts, each one model call, minimising sum over parts of (rows x widest call +
+    overhead_tokens): merging a 1-column AR step with a 64-column canvas would pay 64 columns for it,
+    while a separate call costs a fixed overhead (kernel dispatch, Python) worth overhead_tokens
+    row-columns. Calls sorted by width, so the best parts are contiguous runs: O(n^2) dynamic
+    programming over at most max_rows calls."""
+    calls = sorted(calls, key=lambda c: c.idx.size(1))
+    n = len(calls)
+    rows = [c.idx.size(0) for c in calls]
+    best = [0.0] + [float("inf")] * n  # best[i]: cost of the first i calls
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        n_rows = 0
+        for j in range(i, 0, -1):  # the last part is calls[j-1:i], its widest call is calls[i-1]
+            n_rows += rows[j - 1]
+            cost = best[j - 1] + n_rows * calls[i - 1].idx.size(1) + overhead_tokens
+            if cost < best[i]:
+                best[i], cut[i] = cost, j - 1
+    parts, i = [], n
+    while i > 0:
+        parts.append(calls[cut[i]:i])
+        i = cut[i]
+    return parts[::-1]
+
+
+def exact_cache(model) -> bool:
+    """Whether a KV cache changes nothing for this model: causal (AR) and block-causal (BD3-LM) models
+    never let a finished token see a later one, so its keys/values are final. A bidirectional model's
+    prefix cache (Fast-dLLM, `blocks` only) is an approximation: the prefix would see the later blocks."""
+    return model.config.attention in ("causal", "block_causal")
+
+
+def server_options(options: DecodeOptions, model=None, kv_cache: Optional[bool] = None) -> DecodeOptions:
+    """The options a served row decodes with: one row per decode, and the KV cache where it is exact
+    (`exact_cache`: AR rows, block-causal blocks) unless kv_cache says otherwise; kv_cache=True on a
+    bidirectional model opts into the approximate prefix cache of `blocks`. Without the model (and
+    without kv_cache) no cache: exact for every model."""
+    if kv_cache is None:
+        kv_cache = model is not None and exact_cache(model)
+    return replace(options, kv_cache=kv_cache, batch_size=1)

@@ -11,7 +11,7 @@
 
 Endpoints: POST /v1/completions (OpenAI fields: prompt, max_tokens, temperature, top_p, n, stop, seed,
 stream; diffusion knobs as extra fields: strategy, steps, tokens_per_step, threshold, block_length,
-block_rule, top_k), GET /v1/models, GET /health, GET /metrics (Prometheus text), GET / (the playground).
+block_rule, top_k, kv_cache), GET /v1/models, GET /health, GET /metrics (Prometheus text), GET / (the playground).
 
 The server validates, enqueues and streams; decoding is `inference.api` and batching is
 `inference.scheduler.StepScheduler` (one model call per step over every active row). Every bad request
@@ -57,7 +57,8 @@ MAX_STOP = 4  # OpenAI: up to 4 stop sequences
 # the value that changes nothing (this server has no logprobs, echo, best_of, suffix or penalties)
 OPENAI_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
                  "stream_options", "user")
-DECODING_FIELDS = ("strategy", "steps", "tokens_per_step", "threshold", "block_length", "block_rule", "top_k")
+DECODING_FIELDS = ("strategy", "steps", "tokens_per_step", "threshold", "block_length", "block_rule", "top_k",
+                   "kv_cache")
 NO_OP_FIELDS = {"logprobs": (None,), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
                 "frequency_penalty": (0, None), "presence_penalty": (0, None), "logit_bias": (None, {})}
 KNOWN_FIELDS = OPENAI_FIELDS + DECODING_FIELDS + tuple(NO_OP_FIELDS)
@@ -97,7 +98,7 @@ class ParsedRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
-    options: DecodeOptions  # resolved for the model, as served (no KV cache); seed = the first row's
+    options: DecodeOptions  # resolved for the model, as served (scheduler.server_options); seed = the first row's
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -188,7 +189,7 @@ def parse_completion_request(body: dict, loaded, cfg: ServerConfig) -> ParsedReq
         raise BadRequest(msg.replace("max_new_tokens", "max_tokens"),
                          param="max_tokens" if "new tokens" in msg else "prompt") from None
     return ParsedRequest(prompts, max_tokens, n, stop, stream, bool(stream_options.get("include_usage")),
-                         server_options(options))
+                         server_options(options, loaded.model, body.get("kv_cache")))
 
 
 def _param_of(message: str, knobs: dict) -> Optional[str]:
@@ -200,13 +201,19 @@ def _param_of(message: str, knobs: dict) -> Optional[str]:
 
 def row_specs(req: ParsedRequest) -> list[RowSpec]:
     """One row per (prompt, sample): choice index = prompt index * n + sample, seeds seed, seed + 1, ..."""
-    return [RowSpec(p, req.max_tokens, replace(req.options, seed=req.options.seed + i * req.n + j))
+    return [RowSpec(p, req.max_tokens, replace(req.options, seed=req.options.seed + i * req.n + j),
+                    stop=tuple(req.stop))
             for i, p in enumerate(req.prompts) for j in range(req.n)]
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     cuts = [text.index(s) for s in stop if s in text]
     return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def held_back(text: str, stop: list[str]) -> int:
+    """Characters at the end of text that are the start of a stop string (not to be streamed yet)."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -241,6 +248,11 @@ class Metrics:
                [f"diffusiongpt_model_calls_total {scheduler.calls}"])
         metric("diffusiongpt_row_calls_total", "counter", "rows run over all model calls",
                [f"diffusiongpt_row_calls_total {scheduler.row_calls}"])
+        metric("diffusiongpt_cached_row_calls_total", "counter", "rows run with their KV cache (past keys/values)",
+               [f"diffusiongpt_cached_row_calls_total {scheduler.cached_row_calls}"])
+        metric("diffusiongpt_mixed_past_calls_total", "counter",
+               "merged model calls whose rows had past keys/values of different lengths",
+               [f"diffusiongpt_mixed_past_calls_total {scheduler.mixed_past_calls}"])
         metric("diffusiongpt_model_seconds_total", "counter", "time spent in model calls",
                [f"diffusiongpt_model_seconds_total {scheduler.forward_s:.6f}"])
         rows = Histogram(ROWS_BUCKETS)
@@ -474,7 +486,9 @@ class CompletionStream:
             return []
         ids = payload.token_ids[0]
         if self.kind == "ar":  # tokens: send what is new (held back while a character is split)
-            text, _ = cut_at_stop(self.tokenizer.decode(ids).split("<|endoftext|>")[0], self.req.stop)
+            text, hit = cut_at_stop(self.tokenizer.decode(ids).split("<|endoftext|>")[0], self.req.stop)
+            if not hit:  # hold back an ending that may grow into a stop string (it would be cut then)
+                text = text[:len(text) - held_back(text, self.req.stop)]
             if text.endswith("\ufffd") or not text.startswith(self.sent[i]) or len(text) == len(self.sent[i]):
                 return []
             delta, self.sent[i] = text[len(self.sent[i]):], text

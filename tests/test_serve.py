@@ -29,16 +29,26 @@ from inference.loading import load_model
 from inference.scheduler import RowSpec, StepScheduler, server_options
 from models.gpt import GPT, GPTConfig
 from models.tokenizer import PLACEHOLDER
-from tests.tiny_models import TOK, export_tiny
+from models.weights import save_consolidated
+from tests.tiny_models import TOK
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
 
 
+def export_sharp(out_dir, attention, objective) -> Path:
+    """`tiny` (a random model whose tokens depend on their context) saved as our consolidated export."""
+    info = {"model": tiny(attention).config.to_dict(), "objective": {"name": objective, "schedule": "loglinear"},
+            "tokenizer": TOK.to_meta(), "mask_id": TOK.mask_id, "eot_id": TOK.eot_id}
+    save_consolidated(tiny(attention).float().state_dict(), info, out_dir)
+    return Path(out_dir)
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
-    return {"mdlm": export_tiny(root / "mdlm"), "ar": export_tiny(root / "ar", "causal", "ar")}
+    return {"mdlm": export_sharp(root / "mdlm", "bidirectional", "mdlm"),
+            "ar": export_sharp(root / "ar", "causal", "ar")}
 
 
 class Server:
@@ -119,29 +129,31 @@ def small_server(model_dirs):
 
 # ----------------------------------------------------------------------------- the scheduler alone
 def tiny(attention, block_length=0):
+    """A random tiny model whose predictions depend on its context: GPT's init (std 0.02) gives nearly
+    flat logits that no small error in the attention would change, so the weights are scaled up (x8)
+    until a key seen or missed changes the tokens (a merged call that got the mask wrong fails)."""
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=64, vocab_size=TOK.padded_vocab_size, n_layer=2, n_head=2, n_embd=32,
-                         attention=attention, block_length=block_length)).double().eval()
+    model = GPT(GPTConfig(block_size=64, vocab_size=TOK.padded_vocab_size, n_layer=2, n_head=2, n_embd=32,
+                          attention=attention, block_length=block_length)).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return model
 
 
 ROW_CASES = [("ancestral", {}), ("topk", dict(tokens_per_step=2)), ("random", dict(tokens_per_step=3)),
              ("threshold", dict(threshold=0.05)), ("blocks", dict(block_length=8)),
              ("blocks", dict(block_length=8, block_rule="threshold", threshold=0.1))]
+# bidirectional blocks with the (approximate, opt-in) prefix cache; AR with and without its cache
+CASES = {"bidirectional": [(s, k, None) for s, k in ROW_CASES] + [("blocks", dict(block_length=8), True)],
+         "block_causal": [(s, k, None) for s, k in ROW_CASES],  # None: the server's default, cache on
+         "causal": [("ar", {}, None), ("ar", {}, False)]}
 
 
-@pytest.mark.parametrize("attention", ["bidirectional", "block_causal", "causal"])
-def test_rows_decoded_together_equal_each_row_decoded_alone(attention):
-    """Every rule, greedy and sampled (own seed per row): one merged call per step changes nothing."""
-    model = tiny(attention, block_length=4 if attention == "block_causal" else 0)
-    cases = [("ar", {})] if attention == "causal" else ROW_CASES
-    specs = []
-    for k, (strategy, knobs) in enumerate(cases):
-        for temperature in (0, 0.9):
-            for prompt, n in [("the cat", 12), ("hello world, how", 20), ("xyz", 9)]:
-                options = DecodeOptions(strategy=strategy, temperature=temperature, seed=7 + k, **knobs)
-                specs.append(RowSpec(prompt, n, server_options(options.for_model(model))))
-    alone = [generate_with_stats(model, TOK, [s.prompt], s.max_new_tokens, options=s.options)[0] for s in specs]
-    scheduler = StepScheduler(model, TOK, max_rows=6, max_queue=len(specs)).start()
+def decode_together(model, specs, max_rows):
+    """Every spec through one StepScheduler (max_rows at a time, the rest join as rows finish)."""
+    scheduler = StepScheduler(model, TOK, max_rows=max_rows, max_queue=len(specs)).start()
     got, finished = {}, threading.Event()
 
     def on_event(i, kind, payload):
@@ -154,11 +166,46 @@ def test_rows_decoded_together_equal_each_row_decoded_alone(attention):
         assert finished.wait(60), "the scheduler did not finish"
     finally:
         scheduler.stop(1.0)
+    return got, scheduler
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal", "causal"])
+def test_rows_decoded_together_equal_each_row_decoded_alone(attention):
+    """Every rule, greedy and sampled (own seed per row), with the KV cache where the server uses it:
+    merged calls (rows at different steps, past KV of different lengths, rows joining mid-decode as
+    others finish) change nothing."""
+    model = tiny(attention, block_length=4 if attention == "block_causal" else 0)
+    specs = []
+    for k, (strategy, knobs, kv_cache) in enumerate(CASES[attention]):
+        for temperature in (0, 0.9):
+            for prompt, n in [("the cat", 12), ("hello world, how", 20), ("xyz", 9)]:
+                options = DecodeOptions(strategy=strategy, temperature=temperature, seed=7 + k, **knobs)
+                specs.append(RowSpec(prompt, n, server_options(options.for_model(model), model, kv_cache)))
+                # the server's default: the cache where it is exact (AR, block-causal), not on bidirectional
+                default = attention != "bidirectional"
+                assert specs[-1].options.kv_cache == (default if kv_cache is None else kv_cache)
+    alone = [generate_with_stats(model, TOK, [s.prompt], s.max_new_tokens, options=s.options)[0] for s in specs]
+    got, scheduler = decode_together(model, specs, max_rows=6)
     for i, want in enumerate(alone):
-        assert getattr(got[i], "token_ids", got[i]) == want.token_ids, f"row {i} ({specs[i].options.strategy})"
+        assert getattr(got[i], "token_ids", got[i]) == want.token_ids, f"row {i} ({specs[i].options})"
         assert got[i].nfe == want.nfe
     assert scheduler.row_calls > scheduler.calls, "rows never shared a model call"
     assert max(scheduler.rows_per_call) <= 6
+    assert scheduler.cached_row_calls > 0, "no row decoded with its KV cache"
+    assert scheduler.mixed_past_calls > 0, "rows with past KV of different lengths never shared a call"
+
+
+def test_partition_by_width_pays_padding_only_where_it_is_cheaper_than_a_call():
+    from inference.scheduler import _Call, partition_by_width
+
+    def call(w):
+        return _Call(torch.zeros(1, w, dtype=torch.long), None, None, None)
+    calls = [call(64), call(1), call(60), call(1), call(2), call(64)]
+    parts = partition_by_width(calls, overhead_tokens=16)
+    assert [[c.idx.size(1) for c in p] for p in parts] == [[1, 1, 2], [60, 64, 64]]
+    assert len(partition_by_width(calls, overhead_tokens=1000)) == 1  # calls dear: always one call
+    free = partition_by_width(calls, overhead_tokens=0)  # calls free: never pad
+    assert all(len({c.idx.size(1) for c in p}) == 1 for p in free)
 
 
 # ----------------------------------------------------------------------------- the OpenAI API
@@ -189,6 +236,7 @@ def test_same_output_alone_or_alongside_others_at_temperature_0(mdlm_server, mod
                    extra_body={"strategy": s, "steps": n // 2} if s != "threshold" else {"strategy": s})
               for p, n, t, s in [("a", 40, 0.8, "topk"), ("the cat sat", 30, 0, "random"), ("xyz", 50, 1.0, "ancestral"),
                                  ("why", 20, 0, "blocks"), ("ok", 44, 0.5, "threshold"), ("q", 33, 0, "topk")]]
+    others[3]["extra_body"]["kv_cache"] = True  # a bidirectional blocks row with its (opt-in) prefix cache
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(client.completions.create, model="mdlm", **o) for o in others[:3]]
         futures.append(pool.submit(client.completions.create, model="mdlm", **target))
@@ -211,12 +259,64 @@ def test_seeded_sampling_is_reproducible(mdlm_server):
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
 
 
-def test_stop_sequences_cut_the_text(ar_server):
+def test_ar_rows_with_their_kv_cache_are_the_same_alone_or_alongside_others(ar_server, model_dirs):
+    """AR rows decode with the KV cache; rows whose caches have different lengths (prompts of 1-20
+    characters, rows joining mid-decode) share calls, and a greedy request's text does not change."""
     client = ar_server.client()
-    full = client.completions.create(model="ar", prompt="the cat", max_tokens=30, temperature=0).choices[0].text
-    stop = full[5:7]
-    cut = client.completions.create(model="ar", prompt="the cat", max_tokens=30, temperature=0, stop=stop).choices[0]
-    assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+    target = dict(prompt="hello world, how", max_tokens=30, temperature=0)
+    alone = client.completions.create(model="ar", **target).choices[0].text
+    mixed_before = ar_server.metric("diffusiongpt_mixed_past_calls_total")
+    cached_before = ar_server.metric("diffusiongpt_cached_row_calls_total")
+    others = [dict(prompt=p, max_tokens=n, temperature=t, seed=5)
+              for p, n, t in [("a", 40, 0.8), ("the cat sat", 25, 0), ("xyz", 44, 1.0), ("why", 12, 0), ("q", 33, 0.5)]]
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client.completions.create, model="ar", **o) for o in others[:2]]
+        futures.append(pool.submit(client.completions.create, model="ar", **target))
+        futures += [pool.submit(client.completions.create, model="ar", **o) for o in others[2:]]
+        results = [f.result() for f in futures]
+    assert results[2].choices[0].text == alone
+    assert ar_server.metric("diffusiongpt_cached_row_calls_total") - cached_before > 100
+    assert ar_server.metric("diffusiongpt_mixed_past_calls_total") > mixed_before, \
+        "rows with KV caches of different lengths never shared a call"
+    loaded = load_model(ckpt=str(model_dirs["ar"]), device="cpu", log=lambda m: None)
+    model = loaded.model.double().eval()
+    for kv_cache in (True, False):  # the cache changes nothing for an AR model
+        options = DecodeOptions(strategy="ar", temperature=0, kv_cache=kv_cache)
+        assert generate_with_stats(model, loaded.tokenizer, [target["prompt"]], 30, options=options)[0].text == alone
+
+
+def test_stop_sequences_end_the_ar_decode_after_the_token(ar_server):
+    client = ar_server.client()
+    full = client.completions.create(model="ar", prompt="the cat", max_tokens=30, temperature=0)
+    text = full.choices[0].text
+    assert len(text) == 30 and full.choices[0].finish_reason == "length"
+    at = next(i for i in range(5, 25) if text.index(text[i:i + 2]) == i)  # a pair first seen after 5 tokens
+    stop = text[at:at + 2]
+    cut = client.completions.create(model="ar", prompt="the cat", max_tokens=30, temperature=0, stop=stop)
+    assert cut.choices[0].text == full.choices[0].text[:at] and cut.choices[0].finish_reason == "stop"
+    # the decode ended with the token that completed the stop string: one call per token up to there
+    assert cut.usage.model_extra["model_calls"] == at + len(stop) < full.usage.model_extra["model_calls"]
+    assert cut.usage.completion_tokens == at + len(stop)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="ar", prompt="the cat", max_tokens=30, temperature=0, stop=stop, stream=True) if c.choices)
+    assert streamed == cut.choices[0].text
+
+
+def test_stop_sequences_end_block_decoding_at_a_block_boundary(mdlm_server):
+    client = mdlm_server.client()
+    kw = dict(model="mdlm", prompt="the cat", max_tokens=40, temperature=0,
+              extra_body={"strategy": "blocks", "block_length": 8, "tokens_per_step": 2})
+    full = client.completions.create(**kw)
+    text = full.choices[0].text
+    assert len(text) == 40 and full.usage.model_extra["model_calls"] == 20, text  # 5 blocks x 4 steps
+    at = next(i for i in range(9, 25) if text.index(text[i:i + 2]) == i)  # a pair first seen after block 1
+    stop = [text[at:at + 2], "never"]
+    cut = client.completions.create(stop=stop, **kw)
+    assert cut.choices[0].text == text[:at] and cut.choices[0].finish_reason == "stop"
+    # the decode ended after the block that settled the stop string: 4 calls per block up to there
+    # (the longest stop string, 5 characters, must fit in the committed text before it is final)
+    blocks = -(-(at + len("never") - 1) // 8)  # bidirectional: the blocks start where the generation does
+    assert cut.usage.model_extra["model_calls"] <= 4 * blocks < 20
 
 
 # ----------------------------------------------------------------------------- streaming
