@@ -373,11 +373,11 @@ class StepScheduler:
         positions = torch.zeros(n_rows, width, dtype=torch.long, device=dev)  # (N, W)
         key_starts = torch.zeros(n_rows, dtype=torch.long, device=dev)
         key_lengths = torch.zeros(n_rows, dtype=torch.long, device=dev)
-        past = None
+        buf = None  # (2 L, N, H, Q, D): every layer's past keys and values, one copy per call (not 2 L)
         if q_off > 0:
-            layers = next(c for c in calls if c.past_kv is not None).past_kv
-            past = [(k.new_zeros(n_rows, k.size(1), q_off, k.size(3)), v.new_zeros(n_rows, v.size(1), q_off, v.size(3)))
-                    for k, v in layers]
+            layers = next(c.past_kv for c in calls if c.past_kv is not None)
+            k = layers[0][0]  # (R, H, P, D)
+            buf = k.new_zeros(2 * len(layers), n_rows, k.size(1), q_off, k.size(3))
         spans, r = [], 0
         for c in calls:
             R, w = c.idx.shape
@@ -393,11 +393,10 @@ class StepScheduler:
             ends = c.mask.key_lengths if c.mask.key_lengths is not None else torch.full((R,), P + w, device=dev)
             key_lengths[r:r + R] = ends.clamp(max=P + w) + d
             if P > 0:
-                for (pk, pv), (k, v) in zip(past, c.past_kv):
-                    pk[r:r + R, :, d:] = k
-                    pv[r:r + R, :, d:] = v
+                buf[:, r:r + R, :, d:] = torch.stack([t for kv in c.past_kv for t in kv])
             spans.append((r, R, w))
             r += R
+        past = None if buf is None else [(buf[2 * i], buf[2 * i + 1]) for i in range(buf.size(0) // 2)]
         m = calls[0].mask
         mask = AttentionMask(kind=m.kind, block_length=m.block_length, key_lengths=key_lengths,
                              key_starts=key_starts, q_offset=q_off)
