@@ -16,8 +16,8 @@ block_rule, top_k, kv_cache), GET /v1/models, GET /health, GET /metrics (Prometh
 The server validates, enqueues and streams; decoding is `inference.api` and batching is
 `inference.scheduler.StepScheduler` (each step runs the calls of every active row together, KV caches
 included). Every bad request gets a 4xx with an OpenAI-style error body {"error": {"message", "type",
-"param", "code"}} that says what to fix, and the server keeps serving. A full queue answers 429. SIGTERM: stop accepting, let in-flight
-requests finish for --grace_s seconds, cancel the rest, exit 0.
+"param", "code"}} that says what to fix, and the server keeps serving. A full queue answers 429.
+SIGTERM: stop accepting, let in-flight requests finish for --grace_s seconds, cancel the rest, exit 0.
 """
 from __future__ import annotations
 
