@@ -151,9 +151,9 @@ CASES = {"bidirectional": [(s, k, None) for s, k in ROW_CASES] + [("blocks", dic
          "causal": [("ar", {}, None), ("ar", {}, False)]}
 
 
-def decode_together(model, specs, max_rows):
+def decode_together(model, specs, max_rows, tokenizer=TOK):
     """Every spec through one StepScheduler (max_rows at a time, the rest join as rows finish)."""
-    scheduler = StepScheduler(model, TOK, max_rows=max_rows, max_queue=len(specs)).start()
+    scheduler = StepScheduler(model, tokenizer, max_rows=max_rows, max_queue=len(specs)).start()
     got, finished = {}, threading.Event()
 
     def on_event(i, kind, payload):

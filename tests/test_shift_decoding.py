@@ -6,7 +6,6 @@ Tiny random models (2 layers, 32 wide, context 64, fixed seeds) in float64, as i
 so that the equalities below are about the algorithms and never about float rounding ties.
 """
 import math
-import threading
 from itertools import combinations
 
 import pytest
@@ -181,7 +180,8 @@ def test_decoding_column_0_of_a_shifted_model_is_refused(model_name, strategy):
 def test_server_rows_of_a_shifted_model_decode_like_the_api(model_name):
     """The server decodes each row through generate_with_stats on a RowModel (the real model's config,
     shift included); its merged calls must give what the API gives alone, an empty prompt included."""
-    from inference.scheduler import RowSpec, StepScheduler, server_options
+    from inference.scheduler import RowSpec, server_options
+    from tests.test_serve import decode_together
 
     model = MODELS[model_name]()
     specs = []
@@ -191,19 +191,7 @@ def test_server_rows_of_a_shifted_model_decode_like_the_api(model_name):
             options = DecodeOptions(strategy=strategy, temperature=0.9, seed=7 + k, **knobs)
             specs.append(RowSpec(prompt, n, server_options(options.for_model(model))))
     alone = [generate_with_stats(model, TOK, [s.prompt], s.max_new_tokens, options=s.options)[0] for s in specs]
-    scheduler = StepScheduler(model, TOK, max_rows=4, max_queue=len(specs)).start()
-    got, finished = {}, threading.Event()
-
-    def on_event(i, kind, payload):
-        if kind in ("done", "error"):
-            got[i] = payload
-            if len(got) == len(specs):
-                finished.set()
-    try:
-        scheduler.submit(specs, on_event)
-        assert finished.wait(60), "the scheduler did not finish"
-    finally:
-        scheduler.stop(1.0)
+    got, _ = decode_together(model, specs, max_rows=4, tokenizer=TOK)
     for i, want in enumerate(alone):
         assert getattr(got[i], "token_ids", got[i]) == want.token_ids, f"row {i} ({specs[i].options.strategy})"
         assert got[i].prompt_ids == (want.prompt_ids or [TOK.eot_id])
