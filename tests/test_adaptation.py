@@ -8,7 +8,6 @@
   - bad input: a missing path, another vocabulary, GPT-2 with rope, a shape that disagrees; diffusion -> AR
     is allowed (only weights are taken) and says so
 """
-import json
 import math
 import subprocess
 import sys
