@@ -12,7 +12,6 @@ when that module is not available the error names the exact command to run.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import torch
 
 from inference.api import check_model_and_tokenizer, model_kind
 from models.diffusion import OBJECTIVES, ObjectiveConfig
-from models.gpt import GPT2_NAMES
+from models.gpt import GPT2_NAMES, is_hf_gpt2_dir
 from models.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
 from models.weights import CONFIG_FILE, WEIGHTS_FILE, load_consolidated
 from training.checkpoint import MANIFEST, checkpoint_kind, latest_tag_dir
@@ -142,11 +141,8 @@ def load_gpt2(name_or_dir: str, device: str, attn_impl: str = "auto") -> LoadedM
     if name_or_dir not in GPT2_NAMES and not p.is_dir():
         raise ValueError(f"--init_from {name_or_dir!r}: expected one of {', '.join(GPT2_NAMES)}, a local "
                          f"Hugging Face GPT-2 directory, or a diffusionGPT checkpoint directory")
-    if p.is_dir():
-        cfg = p / "config.json"
-        model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
-        if model_type != "gpt2":
-            raise ValueError(f"{p} is not a Hugging Face GPT-2 directory (config.json model_type={model_type!r})")
+    if p.is_dir() and not is_hf_gpt2_dir(p):
+        raise ValueError(f"{p} is not a Hugging Face GPT-2 directory (its config.json has no model_type 'gpt2')")
     from models.gpt import GPT
     try:
         model = GPT.from_pretrained(name_or_dir, attn_impl=attn_impl)

@@ -6,8 +6,10 @@ Parameter names and layout follow OpenAI's GPT-2 so its checkpoints load (see `f
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -188,6 +190,15 @@ class TransformerLayer(nn.Module):
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present
+
+
+def is_hf_gpt2_dir(path) -> bool:
+    """Whether `path` is a Hugging Face GPT-2 directory (config.json with model_type "gpt2")."""
+    cfg = Path(path) / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "gpt2"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 # GPT2Config settings this network reproduces: anything else would load silently with other logits

@@ -257,3 +257,14 @@ def test_a_longer_context_than_the_sources_learned_positions_is_refused():
     rope = GPTConfig(block_size=128, attention="bidirectional")
     adopt_source_shape(rope, {"model.block_size"}, source(), "SRC")  # rope has no position table: any context
     assert rope.block_size == 128
+
+
+def test_a_training_run_is_read_like_its_export(ar_run):
+    """--init_from a run dir reads its latest checkpoint (not the export) and gets the same weights and config."""
+    from_run, from_export = read_source(str(ar_run)), read_source(str(ar_run / "export"))
+    assert from_run.kind == "checkpoint" and from_run.path.endswith("ckpt/step_000006")
+    assert (from_run.model, from_run.objective, from_run.step, from_run.tokenizer) == \
+        (from_export.model, from_export.objective, from_export.step, from_export.tokenizer)
+    for key, value in from_export.state.items():
+        if key in from_run.state:  # the export omits nothing but the tied lm_head, the checkpoint may hold it
+            assert torch.equal(from_run.state[key], value), key

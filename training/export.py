@@ -71,12 +71,10 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_checkpoint(ckpt_path, out_dir) -> Path:
-    from models.weights import save_consolidated  # imports GPT; kept here so --help stays fast
-
+def checkpoint_weights(ckpt_path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the GPT's fp32 state dict, the info an export records) of a run dir, its ckpt/ or one tag dir."""
     tag_dir = resolve_tag_dir(ckpt_path)
     train_config, _, data_meta = ckpt.load_side_files(tag_dir)
-    state = consolidated_state_dict(tag_dir)
     info = {
         "model": train_config["model"],
         "objective": train_config["objective"],
@@ -87,6 +85,13 @@ def export_checkpoint(ckpt_path, out_dir) -> Path:
         "train_config": train_config,
         "source_checkpoint": str(tag_dir),
     }
+    return consolidated_state_dict(tag_dir), info
+
+
+def export_checkpoint(ckpt_path, out_dir) -> Path:
+    from models.weights import save_consolidated  # imports GPT; kept here so --help stays fast
+
+    state, info = checkpoint_weights(ckpt_path)
     return save_consolidated(state, info, out_dir)
 
 

@@ -15,14 +15,13 @@ Any direction is allowed, diffusion -> AR included: these are only initial weigh
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from models.gpt import GPT, GPT2_NAMES, GPTConfig
+from models.gpt import GPT, GPT2_NAMES, GPTConfig, is_hf_gpt2_dir
 from training import checkpoint as ckpt
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "pos_emb")  # must match the source's tensors
@@ -40,6 +39,12 @@ class InitSource:
     state: dict = field(repr=False, default_factory=dict)
     step: Optional[int] = None
     notes: list = field(default_factory=list)  # for the run's log (adopt_source_shape)
+
+    @classmethod
+    def ours(cls, path: str, kind: str, state: dict, info: dict) -> "InitSource":
+        """From our weights and the info an export records (models/weights.py, training/export.py)."""
+        return cls(path, kind, GPTConfig.from_dict(info["model"]), (info.get("objective") or {}).get("name", "mdlm"),
+                   info.get("tokenizer"), state, info.get("step"))
 
     def describe(self) -> str:
         m = self.model
@@ -61,17 +66,12 @@ def read_source(spec: str) -> InitSource:
     if kind == "consolidated":
         from models.weights import load_consolidated
         gpt, info = load_consolidated(p, device="cpu")
-        return InitSource(str(p), "export", gpt.config, (info.get("objective") or {}).get("name", "mdlm"),
-                          info.get("tokenizer"), gpt.state_dict(), info.get("step"))
+        return InitSource.ours(str(p), "export", gpt.state_dict(), info)
     if kind in ("deepspeed", "fsdp"):
-        from training.export import consolidated_state_dict, resolve_tag_dir
-        tag_dir = resolve_tag_dir(p)
-        train_config, _, data_meta = ckpt.load_side_files(tag_dir)
-        step = ckpt.TAG_RE.match(tag_dir.name)
-        return InitSource(str(tag_dir), "checkpoint", GPTConfig.from_dict(train_config["model"]),
-                          train_config["objective"]["name"], data_meta.get("tokenizer"),
-                          consolidated_state_dict(tag_dir), int(step.group(1)) if step else None)
-    if spec in GPT2_NAMES or (p.is_dir() and _is_hf_gpt2(p)):
+        from training.export import checkpoint_weights
+        state, info = checkpoint_weights(p)
+        return InitSource.ours(info["source_checkpoint"], "checkpoint", state, info)
+    if spec in GPT2_NAMES or is_hf_gpt2_dir(p):
         try:
             gpt = GPT.from_pretrained(spec)
         except OSError as e:  # transformers: not cached and no network, or a broken dir
@@ -83,14 +83,6 @@ def read_source(spec: str) -> InitSource:
                                 f"one ckpt/step_N folder, a Hugging Face GPT-2 directory or one of {', '.join(GPT2_NAMES)}")
     raise ValueError(f"--init_from {spec}: neither our weights (an export with model.safetensors + config.json, or a "
                      f"training checkpoint) nor a Hugging Face GPT-2 directory (config.json with model_type gpt2)")
-
-
-def _is_hf_gpt2(p: Path) -> bool:
-    cfg = p / "config.json"
-    try:
-        return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "gpt2"
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
 
 
 def adopt_source_shape(model: GPTConfig, explicit: set[str], source: InitSource, spec: str) -> list[str]:
