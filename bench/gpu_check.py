@@ -1,15 +1,18 @@
 """The Python half of bench/gpu_check.sh (run that; these are its steps):
 
-    python -m bench.gpu_check prepare DIR              # here: wheels the GPU image lacks + GPT-2 BPE Shakespeare
+    python -m bench.gpu_check prepare DIR              # here: wheels the GPU image lacks, GPT-2 BPE Shakespeare,
+                                                       #       the quickstart models' exports
     python -m bench.gpu_check env OUT.json [--data DIR] [--dry-run]   # versions, GPU, DeepSpeed, data
     python -m bench.gpu_check guard OUT.json [--dry-run]              # the kernels' first-use checks
     python -m bench.gpu_check report RAW_DIR OUT_DIR [--mode M] [--elapsed S]  # gpu_check.json + .md
 
 The GPU machine has no network and its own Python 3.12 image (torch, triton, transformers, pytest-xdist;
-no DeepSpeed, no pydantic, no bundled corpus), and at most 64 MiB travel with the code. `prepare` fills a
-folder (default .gpu_check/, ignored by git) with what it lacks: pure-Python wheels at the versions of
-this environment (DeepSpeed and its missing requirements; pydantic-core as a cp312 manylinux wheel) and
-the bundled Shakespeare prepared with the GPT-2 tokenizer.
+no DeepSpeed, no pydantic, no FastAPI / uvicorn / openai, no bundled corpus), and at most 64 MiB travel
+with the code. `prepare` fills a folder (default .gpu_check/, ignored by git) with what it lacks: wheels at
+the versions of this environment (DeepSpeed, the server and the `openai` client and their missing
+requirements; pydantic-core and jiter as cp312 manylinux wheels), the bundled Shakespeare prepared with the
+GPT-2 tokenizer, and the exports of the quickstart models (out/shakespeare_mdlm, out/shakespeare_ar, made
+by `bash launch.sh`) for the serving load step.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -30,13 +34,21 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 REPO = Path(__file__).resolve().parents[1]
 # what DeepSpeed needs that the GPU image does not have (the image has torch, numpy, packaging, psutil,
 # py-cpuinfo, tqdm, einops, msgpack, ninja, typing-extensions; typing-extensions travels too, for pydantic)
-PURE_WHEELS = ("deepspeed", "hjson", "pydantic", "annotated-types", "typing-inspection", "typing-extensions")
-BINARY_WHEELS = ("pydantic-core",)  # cp312 manylinux x86_64
+PURE_WHEELS = ("deepspeed", "hjson", "pydantic", "annotated-types", "typing-inspection", "typing-extensions",
+               # the server (inference/serve.py) and the load benchmark's `openai` client; the image's anyio
+               # may be older than openai needs, so it travels too
+               "fastapi", "starlette", "uvicorn", "opentelemetry-api", "openai", "httpx2", "httpcore2", "sniffio",
+               "truststore", "anyio")
+BINARY_WHEELS = ("pydantic-core", "jiter")  # cp312 manylinux x86_64
+# the quickstart models the serving step loads: MDLM (the issue's load goal is on it) and AR
+SERVING_MODELS = {"shakespeare_mdlm": "bash launch.sh",
+                  "shakespeare_ar": "CONFIG=training/configs/shakespeare_ar.json OUT_DIR=out/shakespeare_ar bash launch.sh"}
 CARRY_LIMIT_MB = 64
 STEP_TITLES = {
     "env": "environment", "gpu-tests": "GPU-only tests + first-use check tests", "guard": "first-use kernel checks",
     "attention": "attention benchmark", "masking": "masking benchmark", "training": "GPT-2 124M training",
-    "decoding": "decoding benchmark", "kernel-tests": "whole kernel test files",
+    "decoding": "decoding benchmark", "serving": "server load, MDLM quickstart model",
+    "serving-ar": "server load, AR quickstart model", "kernel-tests": "whole kernel test files",
 }
 
 
@@ -64,6 +76,15 @@ def prepare(out: Path) -> int:
         print("$", " ".join(cmd), flush=True)
         if subprocess.run(cmd, cwd=REPO).returncode != 0:
             return 1
+    for name, how in SERVING_MODELS.items():
+        source, target = REPO / "out" / name / "export", out / "models" / name
+        if (target / "model.safetensors").is_file():
+            continue
+        if not (source / "model.safetensors").is_file():
+            print(f"prepare: no {source} to carry for the serving step (make it with `{how}`); the step "
+                  f"will fail on the GPU machine without it", file=sys.stderr)
+            continue
+        shutil.copytree(source, target)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2 ** 20
     print(f"prepare: {out} holds {size:.1f} MiB (the carry limit is {CARRY_LIMIT_MB} MiB with the code):")
     for f in sorted(out.rglob("*")):
@@ -224,6 +245,7 @@ def report(raw: Path, out_dir: Path, mode: str, elapsed: float) -> int:
               "gpu_tests": _junit(raw / "gpu-tests.xml"), "guard": _load(raw / "guard.json"),
               "attention": _load(raw / "attention.json"), "masking": _load(raw / "masking.json"),
               "training": _load(raw / "training.json"), "decoding": _load(raw / "decoding.json"),
+              "serving": [x for x in (_load(raw / "serving.json"), _load(raw / "serving-ar.json")) if x],
               "kernel_tests": _junit(raw / "kernel-tests.xml")}
     (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1))
     (out_dir / "gpu_check.md").write_text(markdown(result))
@@ -288,6 +310,11 @@ def markdown(r: dict) -> str:
         md += ["", "## Decoding (random-init models: speed only)", "", "| rule | tokens/s | model calls per token |",
                "|---|---|---|"]
         md += [f"| {row['name']} | {row['tokens_per_s']:,.0f} | {row['nfe_per_token']:.3f} |" for row in d["rows"]]
+    for load in r.get("serving") or []:
+        from bench.serve_load import markdown_table  # here: the report must not depend on the client's imports
+        md += ["", f"## Server load ({load['model']}: {load['objective']}, strategy {load['strategy']}, "
+                   f"{load['requests']} requests per level, the official openai client over loopback)", "",
+               *markdown_table(load["levels"])]
     bad = [s for s in r["steps"] if s["log_tail"]]
     if bad:
         md += ["", "## Logs of failed steps (last lines)"]

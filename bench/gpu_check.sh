@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check, ready before a GPU is: everything diffusionGPT must run on a CUDA GPU, in one command, in
-# at most ~6 minutes, recorded to OUT_DIR as gpu_check.json + gpu_check.md (+ raw.tar.gz: every log and raw
+# at most ~7 minutes, recorded to OUT_DIR as gpu_check.json + gpu_check.md (+ raw.tar.gz: every log and raw
 # JSON). Each step runs under `timeout`; a failed or timed-out step is recorded and the next one runs.
 #
 #   bash bench/gpu_check.sh --prepare               # HERE (network / pip cache): wheels + GPT-2 BPE data -> .gpu_check/
@@ -8,7 +8,7 @@
 #   bash bench/gpu_check.sh --dry-run OUT_DIR       # CPU: every step's plumbing, tiny, Triton in the interpreter (CI)
 #   bash bench/gpu_check.sh --only attention,training OUT_DIR   # a second try at some steps
 #
-# Steps, in order (budget in seconds; the whole run stops starting steps after GPU_CHECK_TOTAL_S=345):
+# Steps, in order (budget in seconds; the whole run stops starting steps after GPU_CHECK_TOTAL_S=420):
 #   env          Python, torch, CUDA, Triton, GPU, DeepSpeed (carried wheels installed into a temp path), data
 #   gpu-tests    the GPU-only tests (bf16 kernels, compiled kernels, long sequences) + the first-use check tests
 #   guard        the first-use check (kernels/attention.py) of every mask kind in bf16 (d 64, 128), fp32, fp16
@@ -17,24 +17,28 @@
 #   training     python -m bench.training: GPT-2 124M, bf16, --compile, ZeRO-0/2, Triton vs attn_impl=torch,
 #                on GPT-2 BPE Shakespeare, tokens/s and MFU
 #   decoding     python -m bench.decoding --random_init: tokens/s per rule, KV cache on/off
+#   serving      python -m bench.serve_load on the MDLM quickstart model (carried export): the official openai
+#                client at concurrency 1/4/16/64, tokens/s vs one at a time (the server's >= 4x goal at 16)
+#   serving-ar   the same on the AR quickstart model
 #   kernel-tests the whole kernel test files (tests/test_attention_kernel.py, tests/test_masking_kernel.py)
 #
 # Options / environment:
 #   --wheels DIR       wheels to install first (default .gpu_check/wheels): `pip install --no-index --no-deps
 #                      --target TMP` + PYTHONPATH, nothing is installed into the image
 #   --data DIR         prepared GPT-2 BPE dataset for the training step (default .gpu_check/data/shakespeare)
+#   --models DIR       the quickstart models' exports for the serving steps (default .gpu_check/models)
 #   --only a,b         run only these steps (env always runs)
 #   PYTHON             interpreter (default .venv/bin/python when there is one, else python3)
-#   GPU_CHECK_TOTAL_S  overall budget (default 345); GPU_CHECK_BUDGET_<STEP> one step's (e.g. _TRAINING=120)
+#   GPU_CHECK_TOTAL_S  overall budget (default 420); GPU_CHECK_BUDGET_<STEP> one step's (e.g. _TRAINING=120)
 #   GPU_CHECK_DIR      the carried folder (default .gpu_check)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 DRY=0; PREPARE=0; ONLY=""; OUT_DIR=""
 CARRY_DIR="${GPU_CHECK_DIR:-.gpu_check}"
-WHEELS=""; DATA=""
+WHEELS=""; DATA=""; MODELS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage 0 ;;
@@ -46,6 +50,8 @@ while [ $# -gt 0 ]; do
     --wheels=*) WHEELS="${1#*=}" ;;
     --data) DATA="$2"; shift ;;
     --data=*) DATA="${1#*=}" ;;
+    --models) MODELS="$2"; shift ;;
+    --models=*) MODELS="${1#*=}" ;;
     -*) echo "gpu_check.sh: unknown option $1" >&2; usage 2 ;;
     *) [ -z "$OUT_DIR" ] || { echo "gpu_check.sh: one OUT_DIR only" >&2; exit 2; }; OUT_DIR="$1" ;;
   esac
@@ -55,6 +61,7 @@ WHEELS_GIVEN="$WHEELS"
 WHEELS="${WHEELS:-$CARRY_DIR/wheels}"
 DATA_GIVEN="$DATA"
 DATA="${DATA:-$CARRY_DIR/data/shakespeare}"
+MODELS="${MODELS:-$CARRY_DIR/models}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -71,7 +78,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 RAW="$WORK/raw"; mkdir -p "$RAW"
 STEPS="$RAW/steps.tsv"; : > "$STEPS"
 T0=$(date +%s)
-TOTAL="${GPU_CHECK_TOTAL_S:-345}"
+TOTAL="${GPU_CHECK_TOTAL_S:-420}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}"
 if [ "$DRY" = 1 ]; then
@@ -152,6 +159,9 @@ if [ "$DRY" = 1 ]; then
        --stages 0,2 --attn_impls triton,torch --no_plain --steps 2 --rounds 1 --warmup 1 --json "$RAW/training.json"
   step decoding 60 "$PY" -m bench.decoding --random_init --device cpu --threads 1 --gen_length 8 --num_prompts 2 \
        --samples_per_prompt 1 --batch_size 2 --out "$RAW/decoding.json"
+  # a tiny MDLM export the tests keep (tests/fixtures): a few requests, two concurrencies, the real server
+  step serving 90 "$PY" -m bench.serve_load --ckpt tests/fixtures/pre_restructure/export --requests 6 \
+       --concurrency 1 2 --max_seconds 60 --out "$RAW/serving.json"
   step kernel-tests 60 "${PYTEST[@]}" tests/test_masking_kernel.py --junitxml "$RAW/kernel-tests.xml"
 else
   step env 30 "$PY" -m bench.gpu_check env "$RAW/env.json" --data "$DATA"
@@ -169,6 +179,10 @@ else
        --steps 50 --rounds 3 --warmup 3 --json "$RAW/training.json"
   step decoding 30 "$PY" -m bench.decoding --random_init --device cuda --gen_length 128 --batch_size 16 \
        --samples_per_prompt 2 --out "$RAW/decoding.json"
+  step serving 60 "$PY" -m bench.serve_load --ckpt "$MODELS/shakespeare_mdlm" --requests 200 \
+       --concurrency 1 4 16 64 --max_seconds 20 --out "$RAW/serving.json"
+  step serving-ar 45 "$PY" -m bench.serve_load --ckpt "$MODELS/shakespeare_ar" --requests 200 \
+       --concurrency 1 16 --max_seconds 15 --out "$RAW/serving-ar.json"
   step kernel-tests 120 "${PYTEST[@]}" "${XDIST[@]}" tests/test_attention_kernel.py tests/test_masking_kernel.py \
        --junitxml "$RAW/kernel-tests.xml"
 fi

@@ -40,9 +40,10 @@ PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo!", "First Citizen:\nBefore we proc
 def make_requests(n: int, context: int, seed: int) -> list[dict]:
     """n requests with mixed prompts and lengths (fixed by the seed), each fitting the context."""
     rng = random.Random(seed)
+    fitting = [p for p in PROMPTS if len(p) < context]  # characters >= tokens (char and GPT-2 BPE alike)
     out = []
     for i in range(n):
-        prompt = rng.choice(PROMPTS)
+        prompt = rng.choice(fitting)
         room = context - len(prompt) - 1
         out.append({"prompt": prompt, "max_tokens": max(1, min(room, rng.choice([8, 16, 24, 32, 48]))),
                     "seed": seed + i})
@@ -124,6 +125,20 @@ def run_level(client, model: str, requests: list[dict], concurrency: int, max_se
             "rss_after_mb": after["process_resident_memory_bytes"] / 2**20}
 
 
+def markdown_table(levels: list[dict]) -> list[str]:
+    """The load table (Markdown lines) of `run_level` results; the speedup column is against concurrency 1."""
+    base = levels[0]["tokens_per_s"] if levels and levels[0]["concurrency"] == 1 else None
+    lines = ["| concurrency | requests | tokens/s | vs 1 at a time | p50 latency (s) | p99 latency (s) "
+             "| model calls / token | rows / call | errors | server RSS (MB) before -> after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in levels:
+        speed = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:.0f} | {speed} | {r['p50_s']:.2f} | "
+                     f"{r['p99_s']:.2f} | {r['calls_per_token']:.3f} | {r['rows_per_call']:.1f} | {r['errors']} | "
+                     f"{r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} |")
+    return lines
+
+
 @dataclass
 class LoadConfig:
     """`python -m bench.serve_load` (common/config.py: --key=value, --key value, --config FILE)."""
@@ -178,19 +193,13 @@ def main(argv=None) -> int:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    base = results[0]["tokens_per_s"] if results and results[0]["concurrency"] == 1 else None
     print(f"\nmodel {model} ({card['objective']}, strategy {args.strategy or card['default_strategy']}), "
           f"{args.requests} requests per level (max_tokens 8-48, temperature 0.8), server threads {args.threads}")
-    print("| concurrency | requests | tokens/s | vs 1 at a time | p50 latency (s) | p99 latency (s) | model calls / token "
-          "| rows / call | errors | server RSS (MB) before -> after |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        speed = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-        print(f"| {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:.0f} | {speed} | {r['p50_s']:.2f} | "
-              f"{r['p99_s']:.2f} | {r['calls_per_token']:.3f} | {r['rows_per_call']:.1f} | {r['errors']} | "
-              f"{r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} |")
+    print("\n".join(markdown_table(results)))
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": model, "levels": results}, indent=2))
+        Path(args.out).write_text(json.dumps({"model": model, "objective": card["objective"],
+                                              "strategy": args.strategy or card["default_strategy"],
+                                              "requests": args.requests, "levels": results}, indent=2))
     return 1 if any(r["errors"] for r in results) else 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["env", "gpu-tests", "guard", "attention", "masking", "training", "decoding", "kernel-tests"]
+STEPS = ["env", "gpu-tests", "guard", "attention", "masking", "training", "decoding", "serving", "kernel-tests"]
 pytestmark = pytest.mark.slow
 
 
@@ -63,11 +63,15 @@ def test_dry_run_runs_every_step_and_writes_json_and_markdown(tmp_path):
     losses = {round(v["last_loss"], 4) for v in report["training"]["results"].values()}
     assert len(losses) == 1  # same weights, same data: the Triton and PyTorch attention give the same loss
     assert any("KV cache" in r["name"] or "kv" in r["name"].lower() for r in report["decoding"]["rows"])
+    # the real server under the official openai client, on a tiny export the tests keep
+    (load,) = report["serving"]
+    assert [level["concurrency"] for level in load["levels"]] == [1, 2]
+    assert all(level["errors"] == 0 and level["requests"] == 6 and level["tokens"] > 0 for level in load["levels"])
     assert report["kernel_tests"]["passed"] > 0
 
     md = (out / "gpu_check.md").read_text()
     for heading in ("| step | what | status |", "## First-use kernel checks", "## Attention", "## Masking kernel",
-                    "## Training", "## Decoding"):
+                    "## Training", "## Decoding", "## Server load (pre_restructure: mdlm"):
         assert heading in md
     with tarfile.open(out / "raw.tar.gz") as tar:
         names = tar.getnames()
