@@ -17,6 +17,10 @@ either asked for its next call or finished, then runs the calls together and han
     step k+1   A commits and asks again, B appends a token and asks again, C finished -> leaves at once;
                D was queued -> its first call joins this step
 
+Rows are resumed one at a time (`_resume`): after a merged call, each row runs until it asks for its next
+call or finishes before the next row is let go, so only one row thread is ever runnable and the rows'
+Python work never contends for the GIL.
+
 A row therefore computes what it computes alone: for a deterministic rule (temperature 0) the output
 of a request is the same whether it was decoded alone or alongside others, and with a seed a sampled
 output is the same too (each row has its own generator, seeded from its request).
@@ -305,6 +309,17 @@ class StepScheduler:
                 continue
             self._running.add(row)
             threading.Thread(target=self._run_row, args=(row,), name="row", daemon=True).start()
+            self._resume(row)  # its prompt is encoded and its first call posted before the next row starts
+
+    def _resume(self, row: Row, call: Optional[_Call] = None) -> None:
+        """Hand `call`'s result back to its row (or let a new row start) and wait until the row has posted
+        its next call or finished. Rows thus run one at a time between model calls: a row's Python work
+        (sampling, committing, its step hook) never competes for the GIL with another row's or with the
+        scheduler's, which made 16 rows cost twice their work one by one (measured on CPU)."""
+        with self._cond:
+            if call is not None:
+                call.done.set()
+            self._cond.wait_for(lambda: row.call is not None or row not in self._running)
 
     def _loop(self) -> None:
         while True:
@@ -322,9 +337,10 @@ class StepScheduler:
                     if self._running and len(ready) == len(self._running):
                         break
                     self._cond.wait(timeout=0.5)
-                calls = [r.call for r in ready]
+                batch = [(r, r.call) for r in ready]
                 for r in ready:
                     r.call = None
+                calls = [c for _, c in batch]
             if self.step_delay_s:
                 time.sleep(self.step_delay_s)
             try:
@@ -334,9 +350,10 @@ class StepScheduler:
                 self.forward_s += time.perf_counter() - t0
             except BaseException as e:  # noqa: BLE001 - fail these rows, keep serving
                 for c in calls:
-                    if not c.done.is_set():
+                    if c.result is None:
                         c.error = e
-                        c.done.set()
+            for row, call in batch:
+                self._resume(row, call)
 
     def _forward(self, calls: list[_Call]) -> None:
         """Run this step's calls: calls that can share a forward (`merge_key`) are partitioned by width
@@ -348,7 +365,6 @@ class StepScheduler:
             if key is None:
                 c.result = self.model.hidden_states(c.idx, mask=c.mask, past_kv=c.past_kv, positions=c.positions)
                 self._count([c])
-                c.done.set()
             else:
                 groups.setdefault(key, []).append(c)
         for group in groups.values():
@@ -404,7 +420,6 @@ class StepScheduler:
         self._count(calls)
         for c, (r, R, w) in zip(calls, spans):
             c.result = (h[r:r + R, :w], [(k[r:r + R, :, :w], v[r:r + R, :, :w]) for k, v in presents])
-            c.done.set()
 
     def _count(self, calls: list[_Call]) -> None:
         n_rows = sum(c.idx.size(0) for c in calls)

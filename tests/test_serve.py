@@ -195,6 +195,40 @@ def test_rows_decoded_together_equal_each_row_decoded_alone(attention):
     assert scheduler.mixed_past_calls > 0, "rows with past KV of different lengths never shared a call"
 
 
+def test_rows_run_one_at_a_time_between_model_calls():
+    """Between two merged calls the scheduler resumes rows one by one (each until its next call), so a
+    row's own work (sampling, committing, its step hook) never runs beside another row's: 16 rows
+    contending for the GIL cost twice their work done one by one. Every step hook here lingers 2 ms
+    inside; had two rows been let go together, their hooks would have overlapped."""
+    model = tiny("bidirectional")
+    inside, most, lock, finished = [0], [0], threading.Lock(), threading.Event()
+    specs = [RowSpec("the cat", 6, server_options(DecodeOptions(strategy="topk", temperature=0).for_model(model)))
+             for _ in range(8)]
+    done = []
+
+    def on_event(i, kind, payload):
+        if kind == "step":
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.002)
+            with lock:
+                inside[0] -= 1
+        else:
+            done.append(kind)
+            if len(done) == len(specs):
+                finished.set()
+    scheduler = StepScheduler(model, TOK, max_rows=8, max_queue=8).start()
+    try:
+        scheduler.submit(specs, on_event)
+        assert finished.wait(60), "the scheduler did not finish"
+    finally:
+        scheduler.stop(1.0)
+    assert done == ["done"] * len(specs)
+    assert scheduler.row_calls > scheduler.calls  # the rows did share model calls
+    assert most[0] == 1, f"{most[0]} rows ran their step at the same time"
+
+
 def test_partition_by_width_pays_padding_only_where_it_is_cheaper_than_a_call():
     from inference.scheduler import _Call, partition_by_width
 
