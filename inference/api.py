@@ -21,8 +21,8 @@ Strategies (see inference/diffusion_decoding.py and inference/ar_decoding.py for
              random), `steps` in total over all blocks, KV cache of the finished prefix (`kv_cache`)
 Block-causal (BD3-LM) models are always decoded block by block, left to right (that is the model
 they are: a block is predicted from the clean blocks before it): every diffusion strategy runs inside
-the model's blocks (or `block_length`, a multiple of them), `steps` spread over the blocks, and the
-confidence / random rules keep the exact KV cache of the finished blocks.
+the model's blocks (or `block_length`, a multiple of them), `steps` spread over the blocks, and every
+rule keeps the exact KV cache of the finished blocks (`kv_cache`).
   ar         autoregressive sampling, KV cache (`kv_cache`)
 temperature 0 is greedy; top_k / top_p filter the sampling distribution.
 """
@@ -65,7 +65,7 @@ class DecodeOptions:
     threshold: float = 0.9  # threshold rule: confidence tau in [0, 1]
     block_length: Optional[int] = None  # blocks: diffusion block (default: the model's, else DEFAULT_BLOCK_LENGTH)
     block_rule: str = "topk"  # blocks: the rule inside a block, one of BLOCK_RULES
-    kv_cache: bool = True  # blocks / ar / block-causal models: reuse the keys/values of the finished prefix
+    kv_cache: bool = True  # blocks / ar / block-causal models (every rule): reuse the finished prefix's keys/values
     temperature: float = 0.8  # 0 = greedy
     top_k: Optional[int] = 200  # sample among the k most likely tokens; None = all
     top_p: Optional[float] = None  # nucleus: the smallest set with probability >= top_p; None = all
@@ -361,7 +361,7 @@ def _decode_ancestral(job: DecodeJob) -> DecodeResult:
     if job.align:  # BD3-LM: one ancestral chain per block, the steps spread over a row's blocks
         return decode_ancestral(job.model, job.layout, steps_per_block(job.layout, steps, o.block_length), job.noise,
                                 job.sampler, job.generator, job.mask_id, job.vocab_limit,
-                                block_length=o.block_length, on_step=job.on_step)
+                                block_length=o.block_length, kv_cache=o.kv_cache, on_step=job.on_step)
     return decode_ancestral(job.model, job.layout, steps, job.noise, job.sampler, job.generator, job.mask_id,
                             job.vocab_limit, on_step=job.on_step)
 

@@ -147,39 +147,43 @@ class ModelRunner:
 
 
 class RowKVCache:
-    """KV cache of canvas columns [0, length) for every row of a batch, one (k, v) per layer.
+    """Keys/values of the first columns of each row of a batch's canvas: row r holds columns
+    [0, lengths[r]), one (k, v) per layer, in (B, H, T, D) buffers allocated on the first write.
 
-    Rows are updated in groups (only the rows a call ran); rows left out of an update get zeros,
-    which is harmless because a row is left out only once it is finished."""
+    A model call feeds columns from one q_lo for all its rows, so the rows of a call must hold the same
+    number of columns (`length`). Rows may differ between calls: an ancestral row that has not yet run
+    in the current block still holds the blocks before the previous one's end, while the rows that have
+    run hold one more finished block."""
 
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self.kv: Optional[list] = None
-        self.length = 0
+    def __init__(self, batch_size: int, width: int):
+        self.width = width  # canvas columns T
+        self.kv: Optional[list] = None  # [(k, v)] per layer, each (B, H, T, D)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)  # (B,) on the CPU: columns held per row
+
+    def length(self, rows: torch.Tensor) -> int:
+        held = self.lengths[rows.cpu()].unique()
+        if held.numel() > 1:
+            raise AssertionError(f"rows of one call hold different numbers of cached columns: {held.tolist()}")
+        return int(held[0]) if held.numel() else 0
 
     def get(self, rows: torch.Tensor) -> Optional[list]:
-        if self.kv is None:
-            return None
-        return [(k[rows], v[rows]) for k, v in self.kv]
-
-    def _scatter(self, rows, t):
-        full = t.new_zeros((self.batch_size,) + tuple(t.shape[1:]))
-        full[rows] = t
-        return full
-
-    def append(self, rows: torch.Tensor, presents: list, n: int) -> None:
-        """Append the first n columns of `presents` (this call's KV of `rows`)."""
+        """These rows' cached keys/values (R, H, length, D), or None when they hold nothing. A run of
+        consecutive rows (a one-row batch, or every row) is a view, not a copy."""
+        n = self.length(rows)
         if n == 0:
-            return
-        new = [(self._scatter(rows, k[:, :, :n]), self._scatter(rows, v[:, :, :n])) for k, v in presents]
-        if self.kv is None:
-            self.kv = new
-        else:
-            self.kv = [(torch.cat([k0, k1], dim=2), torch.cat([v0, v1], dim=2))
-                       for (k0, v0), (k1, v1) in zip(self.kv, new)]
-        self.length += n
+            return None
+        first = int(rows[0])
+        if rows.numel() == int(rows[-1]) - first + 1 and bool((rows.diff() == 1).all()):
+            return [(k[first:first + rows.numel(), :, :n], v[first:first + rows.numel(), :, :n]) for k, v in self.kv]
+        return [(k[rows, :, :n], v[rows, :, :n]) for k, v in self.kv]
 
-    def reset(self, rows: torch.Tensor, presents: list, n: int) -> None:
-        """Replace the cache by the first n columns of `presents` (a call that started at column 0)."""
-        self.kv, self.length = None, 0
-        self.append(rows, presents, n)
+    def write(self, rows: torch.Tensor, presents: list, q_lo: int, n: int) -> None:
+        """Store the first n columns of `presents` (a call's keys/values of `rows`, fed from column q_lo)
+        as columns [q_lo, q_lo + n): the rows then hold q_lo + n columns (q_lo = 0 replaces the cache)."""
+        if self.kv is None:
+            B = self.lengths.numel()
+            self.kv = [tuple(t.new_zeros(B, t.size(1), self.width, t.size(3)) for t in kv) for kv in presents]
+        for (k, v), (nk, nv) in zip(self.kv, presents):
+            k[rows, :, q_lo:q_lo + n] = nk[:, :, :n]
+            v[rows, :, q_lo:q_lo + n] = nv[:, :, :n]
+        self.lengths[rows.cpu()] = q_lo + n

@@ -10,7 +10,8 @@ some still-masked positions to tokens drawn by `inference.sampling.predict_token
                          of the finished prefix (exact for block-causal models, refreshed once per
                          block for bidirectional ones)
   decode_ancestral       MDLM ancestral sampling on a T-step time grid, skipping the model call when
-                         the canvas has not changed since the last one
+                         the canvas has not changed since the last one; BD3-LM's sampler block by
+                         block, with the exact KV cache of the finished blocks
 
 Only the rows that still have masked positions are run, so a request that finished early (shorter
 generation, easy block) costs nothing more; `ModelRunner.nfe` counts the calls of every row.
@@ -192,7 +193,7 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
         regions = [(lo, min(lo + block_length, T)) for lo in range(layout.anchor, T, block_length)]
     if block_steps is not None and block_length is not None:
         rule = rule.with_steps(steps_per_block(layout, block_steps, block_length))
-    cache = RowKVCache(B) if kv_cache else None
+    cache = RowKVCache(B, T) if kv_cache else None
 
     for lo, hi in regions:
         # first column whose state the region's candidates read (a shifted region that starts at column
@@ -208,14 +209,14 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
                 q_lo = 0
                 h, _ = runner.hidden(rows, 0, hi if (block_causal and block_length) else T)
             elif block_causal:
-                q_lo = cache.length  # first call of a block: the previous block's `start`; then this one's
+                q_lo = cache.length(rows)  # first call of a block: the previous block's `start`; then this one's
                 h, presents = runner.hidden(rows, q_lo, hi, cache.get(rows))
                 if q_lo < start:  # the finished blocks just fed are final: keep their keys/values
-                    cache.append(rows, presents, start - q_lo)
+                    cache.write(rows, presents, q_lo, start - q_lo)
             elif first_call:  # bidirectional: refresh the prefix cache once per block
                 q_lo = 0
                 h, presents = runner.hidden(rows, 0, T)
-                cache.reset(rows, presents, start)
+                cache.write(rows, presents, 0, start)
             else:
                 q_lo = start
                 h, _ = runner.hidden(rows, start, T, cache.get(rows))
@@ -260,7 +261,7 @@ def ancestral_commit_probability(schedule: NoiseSchedule, t: float, s: float) ->
 
 def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, sampler: Sampler,
                      generator, mask_id: int, vocab_limit: int, block_length: Optional[int] = None,
-                     on_step: Optional[StepHook] = None) -> DecodeResult:
+                     kv_cache: bool = False, on_step: Optional[StepHook] = None) -> DecodeResult:
     """MDLM ancestral sampling from t = 1 to 0 in num_steps equal steps (t_j = j / num_steps).
 
     From t to s each still-masked token is committed with probability (alpha_s - alpha_t)/(1 - alpha_t)
@@ -272,8 +273,15 @@ def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, 
     block_length=b: BD3-LM's sampler: the blocks [anchor + i b, anchor + (i+1) b) are sampled left to
     right, each by its own ancestral chain of num_steps steps (an int, or a (B,) tensor: one per row),
     conditioned on the finished blocks before it. A block-causal model is then fed the canvas only up
-    to the current block's end (later blocks cannot influence it); no KV cache here.
+    to the current block's end (later blocks cannot influence it). kv_cache (block-causal models, with
+    block_length): exact, as in `decode_by_confidence`: a row's first call in a block feeds the block
+    finished before it together with this one and keeps its keys/values, its later calls feed only this
+    block. Rows commit at steps of their own, so in a block some rows may already hold the previous block
+    while others do not yet: the rows of a step are called in (at most two) groups of equal cache length.
     """
+    if kv_cache and not (block_length and model.config.attention == "block_causal"):
+        raise ValueError("the ancestral sampler's KV cache is exact only block by block on a block-causal "
+                         "(BD3-LM) model; decode without it (kv_cache=False)")
     check_first_token(model, layout)
     x = layout.x.clone()
     runner = ModelRunner(model, layout, x)
@@ -285,12 +293,15 @@ def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, 
     h_cache = None  # (B, T, C) the state predicting each column (align_predictions), from each row's last call
     steps = torch.zeros(B, dtype=torch.long)
     block_causal = runner.kind == "block_causal"
+    shift = int(model.config.shift)
+    cache = RowKVCache(B, T) if kv_cache else None
     regions = [(0, T)] if block_length is None else [
         (lo, min(lo + block_length, T)) for lo in range(layout.anchor, T, block_length)]
     row_steps = (num_steps if isinstance(num_steps, torch.Tensor)
                  else torch.full((B,), int(num_steps), dtype=torch.long)).cpu()
     for lo, hi in regions:
         fed = hi if (block_causal and block_length) else T  # columns a model call needs
+        start = max(lo - shift, 0)  # the first column whose state predicts a candidate of this block
         region = masked & ((cols >= lo) & (cols < hi))[None, :]  # (B, T)
         for S in sorted(set(row_steps.tolist())):  # rows with the same step budget share one time grid
             group = (row_steps == S).to(dev)
@@ -306,10 +317,15 @@ def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, 
                 stale = committing & ~fresh
                 if bool(stale.any()):
                     rows = stale.nonzero().squeeze(1)
-                    h, _ = runner.hidden(rows, 0, fed)
-                    if h_cache is None:
-                        h_cache = h.new_zeros(B, T, h.size(-1))
-                    h_cache[rows, :fed] = align_predictions(h, model.config.shift)
+                    held = torch.zeros_like(rows) if cache is None else cache.lengths[rows.cpu()].to(dev)
+                    for q_lo in sorted(set(held.tolist())):  # one call per cache length (one without a cache)
+                        part = rows[held == q_lo]
+                        h, presents = runner.hidden(part, q_lo, fed, None if cache is None else cache.get(part))
+                        if cache is not None and q_lo < start:  # finished blocks, fed once: keep them
+                            cache.write(part, presents, q_lo, start - q_lo)
+                        if h_cache is None:
+                            h_cache = h.new_zeros(B, T, h.size(-1))
+                        h_cache[part, q_lo:fed] = align_predictions(h, shift)  # row j predicts column q_lo + j
                     fresh[rows] = True
                 if bool(committing.any()):
                     tokens, _ = predict_tokens(model, h_cache[commit], vocab_limit, sampler, generator)

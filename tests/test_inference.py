@@ -242,15 +242,47 @@ def test_ancestral_with_few_steps_commits_many_tokens_per_call():
 
 
 # ----------------------------------------------------------------------------- KV caches
-def test_kv_cached_blocks_of_a_block_causal_model_equal_uncached_exactly():
-    model = tiny_model("block_causal", block_length=4)
-    for knobs in (dict(temperature=0), dict(temperature=1.0, top_k=5), dict(block_rule="threshold", threshold=0.05,
-                                                                              temperature=0)):
+CACHED_RULES = {  # every rule of a block-causal model keeps the exact cache of the finished blocks
+    "blocks": (dict(temperature=0), dict(temperature=1.0, top_k=5),
+               dict(block_rule="threshold", threshold=0.05, temperature=0)),
+    "ancestral": (dict(temperature=0), dict(temperature=1.0, top_k=5), dict(temperature=1.0, steps=6)),
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(CACHED_RULES))
+def test_kv_cached_decoding_of_a_block_causal_model_equals_uncached_exactly(strategy):
+    from tests.test_serve import tiny  # sharpened weights: a wrong cached key changes the tokens
+    model = tiny("block_causal", block_length=4)
+    fed_pasts = []  # the cached columns of every call of the cached decodes
+    hidden_states = model.hidden_states
+
+    def watch(idx, mask=None, past_kv=None, positions=None):
+        fed_pasts.append(0 if past_kv is None else past_kv[0][0].size(2))
+        return hidden_states(idx, mask=mask, past_kv=past_kv, positions=positions)
+    for knobs in CACHED_RULES[strategy]:
         kw = dict(block_length=8, stop_at_eot=False, seed=3, **knobs)
-        cached = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "blocks", kv_cache=True, **kw)
-        plain = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "blocks", kv_cache=False, **kw)
+        model.hidden_states = watch
+        cached = generate_with_stats(model, TOK, PROMPTS, LENGTHS, strategy, kv_cache=True, **kw)
+        model.hidden_states = hidden_states
+        plain = generate_with_stats(model, TOK, PROMPTS, LENGTHS, strategy, kv_cache=False, **kw)
         assert [c.token_ids for c in cached] == [c.token_ids for c in plain]
         assert [c.nfe for c in cached] == [c.nfe for c in plain]
+    assert max(fed_pasts) > 0, "no call used the cache"
+    if strategy == "ancestral":  # rows commit at their own steps: in a block, a row that has not run yet
+        # holds one block fewer than one that has, and is called with its shorter cache after it
+        assert any(b < a for a, b in zip(fed_pasts, fed_pasts[1:]))
+
+
+def test_the_ancestral_cache_is_refused_where_it_would_not_be_exact():
+    from inference.batching import build_layout, Request
+    from inference.diffusion_decoding import decode_ancestral
+    from inference.sampling import Sampler
+    from models.diffusion import NoiseSchedule
+    model = tiny_model()  # bidirectional
+    layout = build_layout([Request([1, 2], 8)], TOK.mask_id, 0, 0, "cpu")
+    with pytest.raises(ValueError, match="block-causal"):
+        decode_ancestral(model, layout, 8, NoiseSchedule("loglinear"), Sampler(0.0), None, TOK.mask_id,
+                         TOK.vocab_size, block_length=8, kv_cache=True)
 
 
 def test_blocks_on_a_bidirectional_model_decode_left_to_right():

@@ -122,16 +122,22 @@ def test_shifted_batched_decoding_equals_one_by_one(model_name, rule):
 # ----------------------------------------------------------------------------- (c) KV caches
 @pytest.mark.parametrize("block_length", [BLOCK, 8])
 @pytest.mark.parametrize("prompts", [PROMPTS, ["ab", "c"]], ids=["prompts", "prompts_inside_block_0"])
-def test_kv_cached_blocks_of_a_shifted_block_causal_model_equal_uncached_exactly(block_length, prompts):
+@pytest.mark.parametrize("strategy", ["blocks", "ancestral"])
+def test_kv_cached_decoding_of_a_shifted_block_causal_model_equals_uncached_exactly(block_length, prompts, strategy):
     """The cache ends one column before the block (the state predicting its first token) and each call
     feeds from there. ["ab", "c"]: every prompt lies in block 0, which also holds generated tokens."""
     model = tiny_model("block_causal", block_length=BLOCK)
+    with torch.no_grad():  # sharpened (as tests/test_serve.py's models): a wrong cached key changes the tokens
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
     lengths = LENGTHS[:len(prompts)]
-    for knobs in (dict(temperature=0), dict(temperature=1.0, top_k=5),
-                  dict(block_rule="threshold", threshold=0.05, temperature=0)):
+    rule_knobs = (dict(block_rule="threshold", threshold=0.05, temperature=0) if strategy == "blocks"
+                  else dict(steps=6, temperature=1.0))
+    for knobs in (dict(temperature=0), dict(temperature=1.0, top_k=5), rule_knobs):
         kw = dict(block_length=block_length, stop_at_eot=False, seed=3, **knobs)
-        cached = generate_with_stats(model, TOK, prompts, lengths, "blocks", kv_cache=True, **kw)
-        plain = generate_with_stats(model, TOK, prompts, lengths, "blocks", kv_cache=False, **kw)
+        cached = generate_with_stats(model, TOK, prompts, lengths, strategy, kv_cache=True, **kw)
+        plain = generate_with_stats(model, TOK, prompts, lengths, strategy, kv_cache=False, **kw)
         assert [c.token_ids for c in cached] == [c.token_ids for c in plain]
         assert [c.nfe for c in cached] == [c.nfe for c in plain]
 
