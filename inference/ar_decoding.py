@@ -3,7 +3,7 @@
 Batched prompts of different lengths are left-padded so that they all end in the same canvas column
 (`inference.batching`): every step then appends one column for all rows, each row has its own position
 ids and the left padding is hidden by key_starts. A row stops at its own max_new_tokens or at EOT and
-leaves the batch (its rows are dropped from the cache), so finished rows cost nothing.
+leaves the batch (the cache is read only for the rows still active), so finished rows cost nothing.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from inference.batching import Layout, ModelRunner
+from inference.batching import Layout, ModelRunner, RowKVCache
 from inference.diffusion_decoding import DecodeResult, StepHook
 from inference.sampling import Sampler, predict_tokens
 
@@ -32,16 +32,15 @@ def decode_autoregressive(model, layout: Layout, sampler: Sampler, generator, vo
     produced = torch.zeros(B, dtype=torch.long, device=dev)
     steps = torch.zeros(B, dtype=torch.long)
     active = torch.arange(B, device=dev)  # rows still generating
-    past = None  # KV cache of columns [0, col - 1) for the active rows
+    cache = RowKVCache(B, x.size(1)) if kv_cache else None  # columns [0, col - 1) of every active row
     col = layout.anchor  # the column the next token goes to
     while active.numel() > 0:
-        if not kv_cache:
+        if cache is None:
             h, _ = runner.hidden(active, 0, col)
-        elif past is None:
-            h, past = runner.hidden(active, 0, col)
-        else:
-            h, new = runner.hidden(active, col - 1, col, past)
-            past = [(torch.cat([k, nk], dim=2), torch.cat([v, nv], dim=2)) for (k, v), (nk, nv) in zip(past, new)]
+        else:  # the prefill feeds the prompts, every later call the newest column
+            q_lo = cache.length(active)
+            h, new = runner.hidden(active, q_lo, col, cache.get(active))
+            cache.write(active, new, q_lo, col - q_lo)
         tokens, _ = predict_tokens(model, h[:, -1], vocab_limit, sampler, generator)  # (R,)
         x[active, col] = tokens
         produced[active] += 1
@@ -51,10 +50,7 @@ def decode_autoregressive(model, layout: Layout, sampler: Sampler, generator, vo
             finished |= tokens == stop_id
         if on_step is not None:
             on_step(x, DecodeResult(x, runner.nfe, steps, runner.calls, layout))
-        keep = ~finished
-        active = active[keep]
-        if past is not None:
-            past = [(k[keep], v[keep]) for k, v in past]
+        active = active[~finished]
         col += 1
     # columns a row never reached (it stopped at EOT) hold the layout's filler; mark where it stopped
     gen = layout.gen & (torch.arange(x.size(1), device=dev)[None, :] < (layout.gen_starts + produced)[:, None])
