@@ -158,32 +158,38 @@ class RowKVCache:
     def __init__(self, batch_size: int, width: int):
         self.width = width  # canvas columns T
         self.kv: Optional[list] = None  # [(k, v)] per layer, each (B, H, T, D)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long)  # (B,) on the CPU: columns held per row
+        self.lengths = [0] * batch_size  # columns held by each row
 
     def length(self, rows: torch.Tensor) -> int:
-        held = self.lengths[rows.cpu()].unique()
-        if held.numel() > 1:
-            raise AssertionError(f"rows of one call hold different numbers of cached columns: {held.tolist()}")
-        return int(held[0]) if held.numel() else 0
+        held = {self.lengths[r] for r in rows.tolist()}
+        if len(held) > 1:
+            raise AssertionError(f"rows of one call hold different numbers of cached columns: {sorted(held)}")
+        return held.pop() if held else 0
+
+    @staticmethod
+    def _index(rows: torch.Tensor):
+        """A run of consecutive rows (a one-row batch, or every row) as a slice: views, not copies."""
+        ids = rows.tolist()
+        return slice(ids[0], ids[-1] + 1) if ids and ids == list(range(ids[0], ids[-1] + 1)) else rows
 
     def get(self, rows: torch.Tensor) -> Optional[list]:
-        """These rows' cached keys/values (R, H, length, D), or None when they hold nothing. A run of
-        consecutive rows (a one-row batch, or every row) is a view, not a copy."""
+        """These rows' cached keys/values (R, H, length, D), or None when they hold nothing."""
         n = self.length(rows)
         if n == 0:
             return None
-        first = int(rows[0])
-        if rows.numel() == int(rows[-1]) - first + 1 and bool((rows.diff() == 1).all()):
-            return [(k[first:first + rows.numel(), :, :n], v[first:first + rows.numel(), :, :n]) for k, v in self.kv]
-        return [(k[rows, :, :n], v[rows, :, :n]) for k, v in self.kv]
+        index = self._index(rows)
+        return [(k[index, :, :n], v[index, :, :n]) for k, v in self.kv]
 
     def write(self, rows: torch.Tensor, presents: list, q_lo: int, n: int) -> None:
         """Store the first n columns of `presents` (a call's keys/values of `rows`, fed from column q_lo)
         as columns [q_lo, q_lo + n): the rows then hold q_lo + n columns (q_lo = 0 replaces the cache)."""
         if self.kv is None:
-            B = self.lengths.numel()
+            B = len(self.lengths)
             self.kv = [tuple(t.new_zeros(B, t.size(1), self.width, t.size(3)) for t in kv) for kv in presents]
+        ids = rows.tolist()
+        index = self._index(rows)
         for (k, v), (nk, nv) in zip(self.kv, presents):
-            k[rows, :, q_lo:q_lo + n] = nk[:, :, :n]
-            v[rows, :, q_lo:q_lo + n] = nv[:, :, :n]
-        self.lengths[rows.cpu()] = q_lo + n
+            k[index, :, q_lo:q_lo + n] = nk[:, :, :n]
+            v[index, :, q_lo:q_lo + n] = nv[:, :, :n]
+        for r in ids:
+            self.lengths[r] = q_lo + n

@@ -317,7 +317,8 @@ def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, 
                 stale = committing & ~fresh
                 if bool(stale.any()):
                     rows = stale.nonzero().squeeze(1)
-                    held = torch.zeros_like(rows) if cache is None else cache.lengths[rows.cpu()].to(dev)
+                    held = (torch.zeros_like(rows) if cache is None else
+                            torch.tensor([cache.lengths[r] for r in rows.tolist()], device=dev))  # (R,)
                     for q_lo in sorted(set(held.tolist())):  # one call per cache length (one without a cache)
                         part = rows[held == q_lo]
                         h, presents = runner.hidden(part, q_lo, fed, None if cache is None else cache.get(part))
