@@ -161,7 +161,7 @@ if [ "$DRY" = 1 ]; then
        --samples_per_prompt 1 --batch_size 2 --out "$RAW/decoding.json"
   # a tiny MDLM export the tests keep (tests/fixtures): a few requests, two concurrencies, the real server
   step serving 90 "$PY" -m bench.serve_load --ckpt tests/fixtures/pre_restructure/export --requests 6 \
-       --concurrency 1 2 --max_seconds 60 --out "$RAW/serving.json"
+       --concurrency 1 2 --rounds 2 --max_seconds 60 --out "$RAW/serving.json"
   step kernel-tests 60 "${PYTEST[@]}" tests/test_masking_kernel.py --junitxml "$RAW/kernel-tests.xml"
 else
   step env 30 "$PY" -m bench.gpu_check env "$RAW/env.json" --data "$DATA"

@@ -2,6 +2,7 @@
 
     python -m bench.serve_load --ckpt out/shakespeare_mdlm                       # 1, 4, 16, 64 concurrent
     python -m bench.serve_load --ckpt out/shakespeare_mdlm --requests 64 --concurrency 1 16 --max_seconds 60
+    python -m bench.serve_load --ckpt out/shakespeare_mdlm --concurrency 1 16 --rounds 3    # medians of 3 rounds
     python -m bench.serve_load --url http://127.0.0.1:8000 --model shakespeare_mdlm   # a server already running
 
 Starts `python -m inference.serve` on a free 127.0.0.1 port (unless --url), then sends the SAME list of
@@ -10,7 +11,8 @@ each sending its next request when the previous one is answered. Bounded in coun
 time (--max_seconds per level: no new request starts after it). Per level: generated tokens/s, p50 / p99
 latency, merged model calls per generated token and rows per call (from the server's /metrics), errors,
 and the server's resident memory before and after. Concurrency 1 is "the same requests one at a time",
-the baseline of the speedup column.
+the baseline of the speedup column. On a shared, noisy machine --rounds N runs all levels N times in
+turn and reports, per level, the round with the median tokens/s.
 """
 from __future__ import annotations
 
@@ -125,6 +127,15 @@ def run_level(client, model: str, requests: list[dict], concurrency: int, max_se
             "rss_after_mb": after["process_resident_memory_bytes"] / 2**20}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s of a level's rounds (the lower middle one of an even count),
+    with every round's tokens/s and all rounds' errors beside it."""
+    middle = dict(sorted(runs, key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2])
+    middle["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    middle["errors"] = sum(r["errors"] for r in runs)
+    return middle
+
+
 def markdown_table(levels: list[dict]) -> list[str]:
     """The load table (Markdown lines) of `run_level` results; the speedup column is against concurrency 1."""
     base = levels[0]["tokens_per_s"] if levels and levels[0]["concurrency"] == 1 else None
@@ -149,6 +160,8 @@ class LoadConfig:
     api_key: str = knob("none", "the server's API key")
     concurrency: list[int] = knob([1, 4, 16, 64], "client concurrency levels, one after another")
     requests: int = knob(200, "requests per concurrency level")
+    rounds: int = knob(1, "run the levels this many times in turn; each row is the round with the median tokens/s "
+                          "(a noisy machine)")
     max_seconds: float = knob(120.0, "no new request starts after this, per level")
     strategy: str = knob("", "decoding strategy ('' = the model's default)")
     max_rows: int = knob(64, "the server's rows per model call")
@@ -160,6 +173,8 @@ class LoadConfig:
 
 def main(argv=None) -> int:
     args = parse_cli(LoadConfig, argv, prog="python -m bench.serve_load", description=__doc__)
+    if args.rounds < 1:
+        sys.exit("python -m bench.serve_load: error: --rounds must be >= 1")
     if sum(map(bool, (args.ckpt, args.init_from, args.url))) != 1:
         sys.exit("python -m bench.serve_load: error: give exactly one of --ckpt, --init_from, --url")
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
@@ -180,12 +195,15 @@ def main(argv=None) -> int:
         requests = make_requests(args.requests, card["context_length"], args.seed)
         extra = {"strategy": args.strategy} if args.strategy else {}
         client.completions.create(model=model, prompt="a", max_tokens=4, extra_body=extra or None)  # warm up
-        results = []
-        for c in args.concurrency:
-            r = run_level(client, model, requests, c, args.max_seconds, extra, url, headers)
-            results.append(r)
-            print(f"concurrency {c}: {r['requests']} requests, {r['tokens_per_s']:.0f} tokens/s, "
-                  f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, errors {r['errors']}", file=sys.stderr, flush=True)
+        runs = {c: [] for c in args.concurrency}
+        for round_ in range(args.rounds):  # the levels in turn, round after round: drift hits them alike
+            for c in args.concurrency:
+                r = run_level(client, model, requests, c, args.max_seconds, extra, url, headers)
+                runs[c].append(r)
+                print(f"round {round_ + 1}, concurrency {c}: {r['requests']} requests, {r['tokens_per_s']:.0f} "
+                      f"tokens/s, p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, errors {r['errors']}",
+                      file=sys.stderr, flush=True)
+        results = [median_run(runs[c]) for c in args.concurrency]
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -194,12 +212,14 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
     print(f"\nmodel {model} ({card['objective']}, strategy {args.strategy or card['default_strategy']}), "
-          f"{args.requests} requests per level (max_tokens 8-48, temperature 0.8), server threads {args.threads}")
+          f"{args.requests} requests per level (max_tokens 8-48, temperature 0.8), server threads {args.threads}"
+          + (f", the median of {args.rounds} rounds" if args.rounds > 1 else ""))
     print("\n".join(markdown_table(results)))
     if args.out:
         Path(args.out).write_text(json.dumps({"model": model, "objective": card["objective"],
                                               "strategy": args.strategy or card["default_strategy"],
-                                              "requests": args.requests, "levels": results}, indent=2))
+                                              "requests": args.requests, "rounds": args.rounds,
+                                              "levels": results}, indent=2))
     return 1 if any(r["errors"] for r in results) else 0
 
 

@@ -67,6 +67,7 @@ def test_dry_run_runs_every_step_and_writes_json_and_markdown(tmp_path):
     (load,) = report["serving"]
     assert [level["concurrency"] for level in load["levels"]] == [1, 2]
     assert all(level["errors"] == 0 and level["requests"] == 6 and level["tokens"] > 0 for level in load["levels"])
+    assert load["rounds"] == 2 and all(len(level["rounds_tokens_per_s"]) == 2 for level in load["levels"])
     assert report["kernel_tests"]["passed"] > 0
 
     md = (out / "gpu_check.md").read_text()
