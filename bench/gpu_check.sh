@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check, ready before a GPU is: everything diffusionGPT must run on a CUDA GPU, in one command, in
-# at most ~7 minutes, recorded to OUT_DIR as gpu_check.json + gpu_check.md (+ raw.tar.gz: every log and raw
+# at most ~7.5 minutes, recorded to OUT_DIR as gpu_check.json + gpu_check.md (+ raw.tar.gz: every log and raw
 # JSON). Each step runs under `timeout`; a failed or timed-out step is recorded and the next one runs.
 #
 #   bash bench/gpu_check.sh --prepare               # HERE (network / pip cache): wheels + GPT-2 BPE data -> .gpu_check/
@@ -8,7 +8,7 @@
 #   bash bench/gpu_check.sh --dry-run OUT_DIR       # CPU: every step's plumbing, tiny, Triton in the interpreter (CI)
 #   bash bench/gpu_check.sh --only attention,training OUT_DIR   # a second try at some steps
 #
-# Steps, in order (budget in seconds; the whole run stops starting steps after GPU_CHECK_TOTAL_S=420):
+# Steps, in order (budget in seconds; the whole run stops starting steps after GPU_CHECK_TOTAL_S=450):
 #   env          Python, torch, CUDA, Triton, GPU, DeepSpeed (carried wheels installed into a temp path), data
 #   gpu-tests    the GPU-only tests (bf16 kernels, compiled kernels, long sequences) + the first-use check tests
 #   guard        the first-use check (kernels/attention.py) of every mask kind in bf16 (d 64, 128), fp32, fp16
@@ -29,7 +29,7 @@
 #   --models DIR       the quickstart models' exports for the serving steps (default .gpu_check/models)
 #   --only a,b         run only these steps (env always runs)
 #   PYTHON             interpreter (default .venv/bin/python when there is one, else python3)
-#   GPU_CHECK_TOTAL_S  overall budget (default 420); GPU_CHECK_BUDGET_<STEP> one step's (e.g. _TRAINING=120)
+#   GPU_CHECK_TOTAL_S  overall budget (default 450); GPU_CHECK_BUDGET_<STEP> one step's (e.g. _TRAINING=120)
 #   GPU_CHECK_DIR      the carried folder (default .gpu_check)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,7 +78,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 RAW="$WORK/raw"; mkdir -p "$RAW"
 STEPS="$RAW/steps.tsv"; : > "$STEPS"
 T0=$(date +%s)
-TOTAL="${GPU_CHECK_TOTAL_S:-420}"
+TOTAL="${GPU_CHECK_TOTAL_S:-450}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}"
 if [ "$DRY" = 1 ]; then
@@ -179,9 +179,9 @@ else
        --steps 50 --rounds 3 --warmup 3 --json "$RAW/training.json"
   step decoding 30 "$PY" -m bench.decoding --random_init --device cuda --gen_length 128 --batch_size 16 \
        --samples_per_prompt 2 --out "$RAW/decoding.json"
-  step serving 60 "$PY" -m bench.serve_load --ckpt "$MODELS/shakespeare_mdlm" --requests 200 \
+  step serving 90 "$PY" -m bench.serve_load --ckpt "$MODELS/shakespeare_mdlm" --requests 200 \
        --concurrency 1 4 16 64 --max_seconds 20 --out "$RAW/serving.json"
-  step serving-ar 45 "$PY" -m bench.serve_load --ckpt "$MODELS/shakespeare_ar" --requests 200 \
+  step serving-ar 60 "$PY" -m bench.serve_load --ckpt "$MODELS/shakespeare_ar" --requests 200 \
        --concurrency 1 16 --max_seconds 15 --out "$RAW/serving-ar.json"
   step kernel-tests 120 "${PYTEST[@]}" "${XDIST[@]}" tests/test_attention_kernel.py tests/test_masking_kernel.py \
        --junitxml "$RAW/kernel-tests.xml"

@@ -160,6 +160,7 @@ class LoadConfig:
     api_key: str = knob("none", "the server's API key")
     concurrency: list[int] = knob([1, 4, 16, 64], "client concurrency levels, one after another")
     requests: int = knob(200, "requests per concurrency level")
+    warmup: int = knob(32, "requests sent first, at the highest concurrency, not timed (kernel compilation on a GPU)")
     rounds: int = knob(1, "run the levels this many times in turn; each row is the round with the median tokens/s "
                           "(a noisy machine)")
     max_seconds: float = knob(120.0, "no new request starts after this, per level")
@@ -173,8 +174,8 @@ class LoadConfig:
 
 def main(argv=None) -> int:
     args = parse_cli(LoadConfig, argv, prog="python -m bench.serve_load", description=__doc__)
-    if args.rounds < 1:
-        sys.exit("python -m bench.serve_load: error: --rounds must be >= 1")
+    if args.rounds < 1 or args.warmup < 0:
+        sys.exit("python -m bench.serve_load: error: --rounds must be >= 1 and --warmup >= 0")
     if sum(map(bool, (args.ckpt, args.init_from, args.url))) != 1:
         sys.exit("python -m bench.serve_load: error: give exactly one of --ckpt, --init_from, --url")
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
@@ -195,6 +196,9 @@ def main(argv=None) -> int:
         requests = make_requests(args.requests, card["context_length"], args.seed)
         extra = {"strategy": args.strategy} if args.strategy else {}
         client.completions.create(model=model, prompt="a", max_tokens=4, extra_body=extra or None)  # warm up
+        if args.warmup:  # untimed: on a GPU the first calls of each shape compile and autotune kernels, and
+            # that must not land in the first level measured (the one-at-a-time baseline)
+            run_level(client, model, requests[:args.warmup], max(args.concurrency), args.max_seconds, extra, url, headers)
         runs = {c: [] for c in args.concurrency}
         for round_ in range(args.rounds):  # the levels in turn, round after round: drift hits them alike
             for c in args.concurrency:
