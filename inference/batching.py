@@ -167,9 +167,8 @@ class RowKVCache:
         return held.pop() if held else 0
 
     @staticmethod
-    def _index(rows: torch.Tensor):
+    def _index(rows: torch.Tensor, ids: list[int]):
         """A run of consecutive rows (a one-row batch, or every row) as a slice: views, not copies."""
-        ids = rows.tolist()
         return slice(ids[0], ids[-1] + 1) if ids and ids == list(range(ids[0], ids[-1] + 1)) else rows
 
     def get(self, rows: torch.Tensor) -> Optional[list]:
@@ -177,7 +176,7 @@ class RowKVCache:
         n = self.length(rows)
         if n == 0:
             return None
-        index = self._index(rows)
+        index = self._index(rows, rows.tolist())
         return [(k[index, :, :n], v[index, :, :n]) for k, v in self.kv]
 
     def write(self, rows: torch.Tensor, presents: list, q_lo: int, n: int) -> None:
@@ -187,7 +186,7 @@ class RowKVCache:
             B = len(self.lengths)
             self.kv = [tuple(t.new_zeros(B, t.size(1), self.width, t.size(3)) for t in kv) for kv in presents]
         ids = rows.tolist()
-        index = self._index(rows)
+        index = self._index(rows, ids)
         for (k, v), (nk, nv) in zip(self.kv, presents):
             k[index, :, q_lo:q_lo + n] = nk[:, :, :n]
             v[index, :, q_lo:q_lo + n] = nv[:, :, :n]
