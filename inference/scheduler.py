@@ -189,9 +189,11 @@ class StepScheduler:
         self.forward_s = 0.0  # time spent in model calls
         self.cached_row_calls = 0  # rows that came with a KV cache (queries after column 0)
         self.mixed_past_calls = 0  # merged calls whose rows had past KV of different lengths
-        # a separate model call costs about what this many extra row-columns do (measured on CPU: 0.45 ms
-        # for a 1-row, 1-column call, +0.03 ms per row-column of the tiny char model); partition_by_width
-        # uses it to decide when padding a short call to a wide one is cheaper than a call of its own
+        # a separate model call costs about what this many extra row-columns do; partition_by_width uses it
+        # to decide when padding a short call to a wide one is cheaper than a call of its own. It depends
+        # on the device: `measure_call_overhead` (the server measures it at startup) found ~16 on a CPU
+        # for the quickstart model (0.45 ms for a 1x1 call, +0.03 ms per row-column); on a GPU, where a
+        # call is mostly kernel launches, it is in the thousands: merge everything
         self.call_overhead_tokens = call_overhead_tokens
 
     # ------------------------------------------------------------------ the client side
@@ -468,6 +470,34 @@ def partition_by_width(calls: list[_Call], overhead_tokens: float) -> list[list[
         parts.append(calls[cut[i]:i])
         i = cut[i]
     return parts[::-1]
+
+
+def measure_call_overhead(model, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                          rows: int = 8, width: int = 0, repeats: int = 7) -> float:
+    """What one more model call costs, in row-columns of work: the time of a 1-row, 1-column call divided
+    by the extra time per row-column of a `rows` x `width` call (width: the model's context), each the
+    fastest of `repeats` timings (a shared machine is noisy upwards only). Random ids, the model's own
+    mask; a few calls, well under a second on a CPU for the quickstart model."""
+    device = next(model.parameters()).device
+    width = width or model.config.block_size
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def fastest(n_rows: int, n_cols: int) -> float:
+        idx = torch.randint(0, model.config.vocab_size, (n_rows, n_cols), device=device)
+        best = float("inf")
+        with torch.inference_mode(), autocast():
+            for i in range(repeats + 1):  # the first run warms up (and compiles, on a GPU)
+                sync()
+                t0 = time.perf_counter()
+                model.hidden_states(idx)
+                sync()
+                if i:
+                    best = min(best, time.perf_counter() - t0)
+        return best
+
+    one, many = fastest(1, 1), fastest(rows, width)
+    per_column = max(many - one, 1e-9) / (rows * width - 1)
+    return min(max(one / per_column, 1.0), 1e6)
 
 
 def exact_cache(model) -> bool:

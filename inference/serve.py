@@ -45,7 +45,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.config import knob, parse_cli
 from inference.api import (DIFFUSION_STRATEGIES, Completion, DecodeOptions, encode_requests, model_kind)
-from inference.scheduler import Cancelled, QueueFull, RowSpec, ShuttingDown, StepScheduler, server_options
+from inference.scheduler import (Cancelled, QueueFull, RowSpec, ShuttingDown, StepScheduler, measure_call_overhead,
+                                 server_options)
 from models.tokenizer import PLACEHOLDER
 
 PAGE = Path(__file__).with_name("playground.html")
@@ -262,6 +263,9 @@ class Metrics:
                rows.samples("diffusiongpt_batch_rows"))
         metric("diffusiongpt_queue_depth", "gauge", "rows waiting for a slot", [f"diffusiongpt_queue_depth {scheduler.queued}"])
         metric("diffusiongpt_active_rows", "gauge", "rows being decoded", [f"diffusiongpt_active_rows {scheduler.active}"])
+        metric("diffusiongpt_call_overhead_tokens", "gauge", "what a separate model call costs, in row-columns "
+               "(measured at startup unless given)",
+               [f"diffusiongpt_call_overhead_tokens {scheduler.call_overhead_tokens:.6g}"])
         metric("diffusiongpt_max_rows", "gauge", "rows per model call at most (--max_rows)",
                [f"diffusiongpt_max_rows {scheduler.max_rows}"])
         metric("diffusiongpt_request_latency_seconds", "histogram", "time from arrival to the last byte of a completion",
@@ -592,6 +596,9 @@ class ServeCommand:
     attn_impl: str = knob("auto", "attention kernel: auto = Triton on GPU, PyTorch elsewhere",
                           choices=("auto", "triton", "torch"))
     threads: int = knob(0, "torch CPU threads (0: torch's default)")
+    call_overhead_tokens: float = knob(0.0, "what a separate model call costs, in row-columns of work (the "
+                                            "scheduler pads short calls to wide ones when that is cheaper); "
+                                            "0 = measure it at startup on this device")
 
 
 def parse_args(argv=None) -> ServeCommand:
@@ -621,8 +628,13 @@ def main(argv=None) -> int:
     cfg = ServerConfig(model_id=args.model_name or default_model_id(args.ckpt or None, args.init_from or None),
                        max_rows=args.max_rows, max_queue=args.max_queue, max_n=args.max_n,
                        api_key=args.api_key or None, grace_s=args.grace_s)
+    overhead = args.call_overhead_tokens or measure_call_overhead(loaded.model, autocast)
+    print(f"scheduler: a separate model call costs about {overhead:.0f} row-columns of work on "
+          f"{next(loaded.model.parameters()).device} ({'given' if args.call_overhead_tokens else 'measured'}); "
+          f"calls narrower than the widest are run apart only where padding them would cost more",
+          file=sys.stderr, flush=True)
     scheduler = StepScheduler(loaded.model, loaded.tokenizer, cfg.max_rows, cfg.max_queue, autocast,
-                              step_delay_s=args.step_delay_s).start()
+                              step_delay_s=args.step_delay_s, call_overhead_tokens=overhead).start()
     app = build_app(loaded, scheduler, cfg)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who reaches this port can use the "

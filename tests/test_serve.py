@@ -120,7 +120,7 @@ def ar_server(model_dirs):
 def small_server(model_dirs):
     """Two rows at a time, two waiting, an API key, and slow steps (so that a request can be left mid-way)."""
     server = Server(model_dirs["mdlm"], "--max_rows", "2", "--max_queue", "2", "--api-key", KEY,
-                    "--step_delay_s", "0.05")
+                    "--step_delay_s", "0.05", "--call_overhead_tokens", "1000")
     try:
         yield server
     finally:
@@ -426,6 +426,23 @@ def test_api_key_is_checked_on_every_request(small_server):
     assert httpx.get(small_server.url + "/metrics").status_code == 401
     assert httpx.get(small_server.url + "/health").status_code == 200  # liveness stays open
     assert small_server.client(key=KEY).models.list().data[0].id == "mdlm"
+
+
+def test_the_cost_of_a_call_is_measured_at_startup_unless_given(mdlm_server, small_server):
+    """The scheduler's padding-vs-separate-call trade (partition_by_width) uses what a call costs on the
+    device it runs on: measured when the server starts, or --call_overhead_tokens."""
+    measured = mdlm_server.metric("diffusiongpt_call_overhead_tokens")
+    assert 1.0 <= measured < 1e6
+    assert "row-columns of work on cpu (measured)" in mdlm_server.output()
+    given = small_server.metric("diffusiongpt_call_overhead_tokens", headers={"Authorization": f"Bearer {KEY}"})
+    assert given == 1000.0 and "(given)" in small_server.output()
+
+
+def test_measure_call_overhead_is_a_call_over_the_cost_of_a_row_column():
+    from inference.scheduler import measure_call_overhead
+    model = tiny("bidirectional")
+    overhead = measure_call_overhead(model, rows=4, width=32, repeats=3)
+    assert 1.0 <= overhead < 1e6  # a finite trade (NaN, inf or a negative time fail here)
 
 
 def test_a_full_queue_answers_429(small_server):
