@@ -607,6 +607,10 @@ def parse_args(argv=None) -> ServeCommand:
         print("python -m inference.serve: error: give --ckpt DIR (our model) or --init_from gpt2|... "
               "(OpenAI GPT-2), exactly one", file=sys.stderr)
         raise SystemExit(2)
+    if not args.call_overhead_tokens >= 0:  # (NaN too)
+        print(f"python -m inference.serve: error: --call_overhead_tokens must be >= 0 (0 = measure it), got "
+              f"{args.call_overhead_tokens}", file=sys.stderr)
+        raise SystemExit(2)
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV, "")
     return args
 

@@ -438,6 +438,15 @@ def test_the_cost_of_a_call_is_measured_at_startup_unless_given(mdlm_server, sma
     assert given == 1000.0 and "(given)" in small_server.output()
 
 
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_negative_call_overhead_is_refused_saying_what_to_give(value, capsys):
+    from inference.serve import parse_args
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--ckpt", "out/x", "--call_overhead_tokens", value])
+    assert exit_.value.code == 2
+    assert "--call_overhead_tokens must be >= 0 (0 = measure it)" in capsys.readouterr().err
+
+
 def test_measure_call_overhead_is_a_call_over_the_cost_of_a_row_column():
     from inference.scheduler import measure_call_overhead
     model = tiny("bidirectional")
