@@ -359,19 +359,26 @@ class StepScheduler:
 
     def _forward(self, calls: list[_Call]) -> None:
         """Run this step's calls: calls that can share a forward (`merge_key`) are partitioned by width
-        (`partition_by_width`) and each part is one merged model call; a call the mask cannot merge
-        exactly runs on its own. Each call gets its own rows and columns back."""
+        (`partition_by_width`) and each part of two or more calls is one merged model call; a call alone
+        in its part, or one the mask cannot merge exactly, runs as it is (its own mask, its past as the
+        decoder holds it: nothing to pad or copy). Each call gets its own rows and columns back."""
         groups: dict[tuple, list[_Call]] = {}
         for c in calls:
             key = merge_key(c)
             if key is None:
-                c.result = self.model.hidden_states(c.idx, mask=c.mask, past_kv=c.past_kv, positions=c.positions)
-                self._count([c])
+                self._forward_alone(c)
             else:
                 groups.setdefault(key, []).append(c)
         for group in groups.values():
             for part in partition_by_width(group, self.call_overhead_tokens):
-                self._forward_merged(part)
+                if len(part) == 1:
+                    self._forward_alone(part[0])
+                else:
+                    self._forward_merged(part)
+
+    def _forward_alone(self, c: _Call) -> None:
+        c.result = self.model.hidden_states(c.idx, mask=c.mask, past_kv=c.past_kv, positions=c.positions)
+        self._count([c])
 
     def _forward_merged(self, calls: list[_Call]) -> None:
         """One model call over calls whose past KV may have different lengths (see `merge_key`).
