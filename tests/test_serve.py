@@ -7,6 +7,7 @@ test starts is stopped by its fixture, even when the test fails.
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -259,6 +260,16 @@ def test_openai_client_lists_the_model_and_completes(mdlm_server):
     assert mdlm_server.metric("diffusiongpt_model_calls_total") > 0
 
 
+def completed_alongside(client, model: str, target: dict, others: list[dict], at: int):
+    """Send others[:at], then target, then the rest, all at once (target joins while others decode and
+    others join after it); every request must succeed. Returns target's completion."""
+    with ThreadPoolExecutor(len(others) + 1) as pool:
+        requests = others[:at] + [target] + others[at:]
+        futures = [pool.submit(client.completions.create, model=model, **r) for r in requests]
+        results = [f.result() for f in futures]
+    return results[at]
+
+
 def test_same_output_alone_or_alongside_others_at_temperature_0(mdlm_server, model_dirs):
     client = mdlm_server.client()
     target = dict(prompt="hello world, how", max_tokens=24, temperature=0,
@@ -271,12 +282,7 @@ def test_same_output_alone_or_alongside_others_at_temperature_0(mdlm_server, mod
               for p, n, t, s in [("a", 40, 0.8, "topk"), ("the cat sat", 30, 0, "random"), ("xyz", 50, 1.0, "ancestral"),
                                  ("why", 20, 0, "blocks"), ("ok", 44, 0.5, "threshold"), ("q", 33, 0, "topk")]]
     others[3]["extra_body"]["kv_cache"] = True  # a bidirectional blocks row with its (opt-in) prefix cache
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(client.completions.create, model="mdlm", **o) for o in others[:3]]
-        futures.append(pool.submit(client.completions.create, model="mdlm", **target))
-        futures += [pool.submit(client.completions.create, model="mdlm", **o) for o in others[3:]]
-        results = [f.result() for f in futures]
-    assert results[3].choices[0].text == alone
+    assert completed_alongside(client, "mdlm", target, others, at=3).choices[0].text == alone
     rows = mdlm_server.metric("diffusiongpt_row_calls_total") - rows_before
     calls = mdlm_server.metric("diffusiongpt_model_calls_total") - calls_before
     assert rows > 1.5 * calls, f"requests did not share model calls ({rows} rows in {calls} calls)"
@@ -303,12 +309,7 @@ def test_ar_rows_with_their_kv_cache_are_the_same_alone_or_alongside_others(ar_s
     cached_before = ar_server.metric("diffusiongpt_cached_row_calls_total")
     others = [dict(prompt=p, max_tokens=n, temperature=t, seed=5)
               for p, n, t in [("a", 40, 0.8), ("the cat sat", 25, 0), ("xyz", 44, 1.0), ("why", 12, 0), ("q", 33, 0.5)]]
-    with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(client.completions.create, model="ar", **o) for o in others[:2]]
-        futures.append(pool.submit(client.completions.create, model="ar", **target))
-        futures += [pool.submit(client.completions.create, model="ar", **o) for o in others[2:]]
-        results = [f.result() for f in futures]
-    assert results[2].choices[0].text == alone
+    assert completed_alongside(client, "ar", target, others, at=2).choices[0].text == alone
     assert ar_server.metric("diffusiongpt_cached_row_calls_total") - cached_before > 100
     assert ar_server.metric("diffusiongpt_mixed_past_calls_total") > mixed_before, \
         "rows with KV caches of different lengths never shared a call"
@@ -431,9 +432,9 @@ def test_api_key_is_checked_on_every_request(small_server):
 def test_the_cost_of_a_call_is_measured_at_startup_unless_given(mdlm_server, small_server):
     """The scheduler's padding-vs-separate-call trade (partition_by_width) uses what a call costs on the
     device it runs on: measured when the server starts, or --call_overhead_tokens."""
-    measured = mdlm_server.metric("diffusiongpt_call_overhead_tokens")
-    assert 1.0 <= measured < 1e6
-    assert "row-columns of work on cpu (measured)" in mdlm_server.output()
+    measured = mdlm_server.metric("diffusiongpt_call_overhead_tokens")  # a timing: its value is tested above
+    logged = re.search(r"costs about (\d+) row-columns of work on cpu \(measured\)", mdlm_server.output())
+    assert logged and abs(measured - int(logged.group(1))) <= 0.5  # the scheduler uses what was measured
     given = small_server.metric("diffusiongpt_call_overhead_tokens", headers={"Authorization": f"Bearer {KEY}"})
     assert given == 1000.0 and "(given)" in small_server.output()
 
@@ -447,11 +448,21 @@ def test_a_negative_call_overhead_is_refused_saying_what_to_give(value, capsys):
     assert "--call_overhead_tokens must be >= 0 (0 = measure it)" in capsys.readouterr().err
 
 
-def test_measure_call_overhead_is_a_call_over_the_cost_of_a_row_column():
+@pytest.mark.parametrize("fixed_s, per_column_s, want", [(4e-4, 2e-5, 21.0),  # (0.4 + 0.02) / 0.02
+                                                           (1e-3, 0.0, 1e6)])  # size costs nothing: capped
+def test_measure_call_overhead_is_a_call_over_the_cost_of_a_row_column(fixed_s, per_column_s, want):
+    """The real model runs; only the clock is simulated, so that every call of R rows x W columns takes
+    fixed_s + per_column_s x R x W: the overhead is then (fixed_s + per_column_s) / per_column_s exactly."""
     from inference.scheduler import measure_call_overhead
     model = tiny("bidirectional")
-    overhead = measure_call_overhead(model, rows=4, width=32, repeats=3)
-    assert 1.0 <= overhead < 1e6  # a finite trade (NaN, inf or a negative time fail here)
+    now = [0.0]
+    hidden_states = model.hidden_states
+
+    def timed(idx, **kw):
+        now[0] += fixed_s + per_column_s * idx.numel()
+        return hidden_states(idx, **kw)
+    model.hidden_states = timed
+    assert measure_call_overhead(model, rows=4, width=32, repeats=3, clock=lambda: now[0]) == pytest.approx(want)
 
 
 def test_a_full_queue_answers_429(small_server):
