@@ -167,7 +167,10 @@ class RowKVCache:
         self.lengths = [0] * batch_size  # columns held by each row
 
     def length(self, rows: torch.Tensor) -> int:
-        held = {self.lengths[r] for r in rows.tolist()}
+        return self._held(rows.tolist())
+
+    def _held(self, ids: list[int]) -> int:
+        held = {self.lengths[r] for r in ids}
         if len(held) > 1:
             raise AssertionError(f"rows of one call hold different numbers of cached columns: {sorted(held)}")
         return held.pop() if held else 0
@@ -179,10 +182,11 @@ class RowKVCache:
 
     def get(self, rows: torch.Tensor) -> Optional[list]:
         """These rows' cached keys/values (R, H, length, D), or None when they hold nothing."""
-        n = self.length(rows)
+        ids = rows.tolist()
+        n = self._held(ids)
         if n == 0:
             return None
-        index = self._index(rows, rows.tolist())
+        index = self._index(rows, ids)
         return [(k[index, :, :n], v[index, :, :n]) for k, v in self.kv]
 
     def write(self, rows: torch.Tensor, presents: list, q_lo: int, n: int) -> None:
