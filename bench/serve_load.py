@@ -118,11 +118,13 @@ def run_level(client, model: str, requests: list[dict], concurrency: int, max_se
     after = read_metrics(url, headers)
     calls = after["diffusiongpt_model_calls_total"] - before["diffusiongpt_model_calls_total"]
     rows = after["diffusiongpt_row_calls_total"] - before["diffusiongpt_row_calls_total"]
+    model_s = after["diffusiongpt_model_seconds_total"] - before["diffusiongpt_model_seconds_total"]
     n_tok = sum(tokens)
     return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors), "error_samples": errors[:3],
             "tokens": n_tok, "wall_s": wall, "tokens_per_s": n_tok / wall,
             "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99),
             "calls_per_token": calls / max(n_tok, 1), "rows_per_call": rows / max(calls, 1),
+            "model_share": model_s / wall, "model_bound_tokens_per_s": n_tok / max(model_s, 1e-9),
             "rss_before_mb": before["process_resident_memory_bytes"] / 2**20,
             "rss_after_mb": after["process_resident_memory_bytes"] / 2**20}
 
@@ -137,15 +139,23 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def markdown_table(levels: list[dict]) -> list[str]:
-    """The load table (Markdown lines) of `run_level` results; the speedup column is against concurrency 1."""
+    """The load table (Markdown lines) of `run_level` results; the speedup columns are against concurrency 1.
+
+    "time in model calls" is the share of the level's wall time the server spent in model calls, and
+    "model-bound" the tokens/s of a server that spent no time on anything else: the model calls of that
+    level alone. Where the model-bound speedup is small, the calls themselves do not get cheaper per
+    token when merged (compute-bound: a small CPU), and no scheduler can do much better."""
     base = levels[0]["tokens_per_s"] if levels and levels[0]["concurrency"] == 1 else None
     lines = ["| concurrency | requests | tokens/s | vs 1 at a time | p50 latency (s) | p99 latency (s) "
-             "| model calls / token | rows / call | errors | server RSS (MB) before -> after |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model calls / token | rows / call | time in model calls | model-bound vs 1 at a time | errors "
+             "| server RSS (MB) before -> after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in levels:
         speed = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        bound = f"{r['model_bound_tokens_per_s'] / base:.2f}x" if base else "-"
         lines.append(f"| {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:.0f} | {speed} | {r['p50_s']:.2f} | "
-                     f"{r['p99_s']:.2f} | {r['calls_per_token']:.3f} | {r['rows_per_call']:.1f} | {r['errors']} | "
+                     f"{r['p99_s']:.2f} | {r['calls_per_token']:.3f} | {r['rows_per_call']:.1f} | "
+                     f"{100 * r['model_share']:.0f}% | {bound} | {r['errors']} | "
                      f"{r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} |")
     return lines
 

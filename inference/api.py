@@ -301,7 +301,8 @@ def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens
                 job = DecodeJob(model, layout, options, sampler, generator, noise, tokenizer.mask_id,
                                 vocab_limit=tokenizer.vocab_size, stop_id=stop_id, align=align,
                                 default_steps=max(lengths),
-                                on_step=_make_hook(batch, layout, options.strategy, tokenizer.mask_id, bar, on_step))
+                                on_step=_make_hook(batch, layout, options.strategy, tokenizer.mask_id, bar, on_step),
+                                request_ids=batch)
                 t0 = time.perf_counter()
                 res = decode(job)
                 if device.type == "cuda":
@@ -340,6 +341,7 @@ class DecodeJob:
     align: int  # block-causal models: their block length (they decode block by block); else 0
     default_steps: int  # ancestral: T = L, the longest generation of the call (independent of batching)
     on_step: Optional[StepHook]
+    request_ids: list[int]  # each row's index among the call's prompts
 
 
 def commit_rule(name: str, steps, tokens_per_step, threshold, generator):
@@ -362,7 +364,11 @@ def _decode_ancestral(job: DecodeJob) -> DecodeResult:
         return decode_ancestral(job.model, job.layout, steps_per_block(job.layout, steps, o.block_length), job.noise,
                                 job.sampler, job.generator, job.mask_id, job.vocab_limit,
                                 block_length=o.block_length, kv_cache=o.kv_cache, on_step=job.on_step)
-    return decode_ancestral(job.model, job.layout, steps, job.noise, job.sampler, job.generator, job.mask_id,
+    # over the whole canvas each request draws from its own generator, seeded seed + its index in the call:
+    # its output does not depend on batch_size or on the other requests (decode it alone with seed + index)
+    device = job.layout.x.device
+    generators = [torch.Generator(device=device).manual_seed(o.seed + i) for i in job.request_ids]
+    return decode_ancestral(job.model, job.layout, steps, job.noise, job.sampler, generators, job.mask_id,
                             job.vocab_limit, on_step=job.on_step)
 
 
@@ -403,14 +409,19 @@ def generated_ids(res: DecodeResult, row: int) -> list[int]:
 
 def _completion(prompt, request, res: DecodeResult, row, elapsed, strategy, tokenizer, stop_id,
                 batch_index) -> Completion:
-    ids = generated_ids(res, row)
+    return completion_from_ids(prompt, request.prompt_ids, generated_ids(res, row), strategy, int(res.nfe[row]),
+                               int(res.steps[row]), elapsed, tokenizer, stop_id, batch_index)
+
+
+def completion_from_ids(prompt: str, prompt_ids: list[int], ids: list[int], strategy: str, nfe: int, steps: int,
+                        elapsed: float, tokenizer, stop_id: Optional[int], batch_index: int = 0) -> Completion:
+    """A request's Completion from its generated ids, cut at its first stop_id (EOT) if any."""
     stopped = stop_id is not None and stop_id in ids
     if stopped:
         ids = ids[:ids.index(stop_id)]
-    return Completion(prompt=prompt, text=tokenizer.decode(ids), token_ids=ids, prompt_ids=request.prompt_ids,
-                      strategy=strategy, nfe=int(res.nfe[row]), steps=int(res.steps[row]),
-                      elapsed_s=elapsed, tokens_per_s=len(ids) / max(elapsed, 1e-9), stopped_at_eot=stopped,
-                      batch_index=batch_index)
+    return Completion(prompt=prompt, text=tokenizer.decode(ids), token_ids=ids, prompt_ids=prompt_ids,
+                      strategy=strategy, nfe=nfe, steps=steps, elapsed_s=elapsed,
+                      tokens_per_s=len(ids) / max(elapsed, 1e-9), stopped_at_eot=stopped, batch_index=batch_index)
 
 
 def _make_hook(batch, layout, strategy, mask_id, bar, on_step):

@@ -10,8 +10,9 @@ some still-masked positions to tokens drawn by `inference.sampling.predict_token
                          of the finished prefix (exact for block-causal models, refreshed once per
                          block for bidirectional ones)
   decode_ancestral       MDLM ancestral sampling on a T-step time grid, skipping the model call when
-                         the canvas has not changed since the last one; BD3-LM's sampler block by
-                         block, with the exact KV cache of the finished blocks
+                         the canvas has not changed since the last one (`inference.ancestral_rows`:
+                         rows at steps of their own, as a server runs them); BD3-LM's sampler block
+                         by block, with the exact KV cache of the finished blocks
 
 Only the rows that still have masked positions are run, so a request that finished early (shorter
 generation, easy block) costs nothing more; `ModelRunner.nfe` counts the calls of every row.
@@ -27,8 +28,10 @@ from typing import Callable, Optional
 
 import torch
 
+from inference.ancestral_rows import AncestralRows, ancestral_commit_probability
 from inference.batching import Layout, ModelRunner, RowKVCache
 from inference.sampling import Sampler, predict_tokens
+from kernels.attention import AttentionMask
 from models.diffusion import NoiseSchedule, align_predictions
 
 StepHook = Callable[[torch.Tensor, "DecodeResult"], None]  # (canvas x, partial result) after each step
@@ -249,16 +252,6 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
     return DecodeResult(x, runner.nfe, steps, runner.calls, layout)
 
 
-def ancestral_commit_probability(schedule: NoiseSchedule, t: float, s: float) -> float:
-    """Probability that a token still masked at time t is unmasked by time s < t:
-    (alpha_s - alpha_t) / (1 - alpha_t). At s = 0 it is 1 (alpha(0) = 1 in every schedule)."""
-    if s <= 0.0:
-        return 1.0
-    a_t = float(schedule.alpha(torch.tensor(t, dtype=torch.float64)))
-    a_s = float(schedule.alpha(torch.tensor(s, dtype=torch.float64)))
-    return (a_s - a_t) / (1.0 - a_t)
-
-
 def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, sampler: Sampler,
                      generator, mask_id: int, vocab_limit: int, block_length: Optional[int] = None,
                      kv_cache: bool = False, on_step: Optional[StepHook] = None) -> DecodeResult:
@@ -269,6 +262,10 @@ def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, 
     is drawn first, and the model runs only for rows that commit something AND whose canvas changed
     since their last call (our GPT has no time input: an unchanged canvas gives the same prediction).
     Hence at most min(num_steps, L) calls per row; with num_steps > L most steps are free.
+
+    block_length=None (the whole canvas): the rows are decoded as `inference.ancestral_rows.AncestralRows`,
+    each on its own time grid; `generator` may be a list of one generator per row, and then each row
+    decodes exactly what it decodes alone with its generator (whatever the batch).
 
     block_length=b: BD3-LM's sampler: the blocks [anchor + i b, anchor + (i+1) b) are sampled left to
     right, each by its own ancestral chain of num_steps steps (an int, or a (B,) tensor: one per row),
@@ -283,6 +280,9 @@ def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, 
         raise ValueError("the ancestral sampler's KV cache is exact only block by block on a block-causal "
                          "(BD3-LM) model; decode without it (kv_cache=False)")
     check_first_token(model, layout)
+    if block_length is None:
+        return _decode_ancestral_rows(model, layout, num_steps, schedule, sampler, generator, mask_id, vocab_limit,
+                                      on_step)
     x = layout.x.clone()
     runner = ModelRunner(model, layout, x)
     B, T = x.shape
@@ -337,3 +337,43 @@ def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, 
                     if on_step is not None:
                         on_step(x, DecodeResult(x, runner.nfe, steps, runner.calls, layout))
     return DecodeResult(x, runner.nfe, steps, runner.calls, layout)
+
+
+def _decode_ancestral_rows(model, layout: Layout, num_steps, schedule: NoiseSchedule, sampler: Sampler, generator,
+                           mask_id: int, vocab_limit: int, on_step: Optional[StepHook]) -> DecodeResult:
+    """Ancestral sampling over the whole canvas: every row of the layout as a row of `AncestralRows` (its own
+    real columns, its own time grid, its own generator when `generator` is a list of one per row)."""
+    B, T = layout.x.shape
+    generators = generator if isinstance(generator, (list, tuple)) else [generator] * B
+    row_steps = num_steps.tolist() if isinstance(num_steps, torch.Tensor) else [int(num_steps)] * B
+    rows = AncestralRows(model, mask_id, vocab_limit, capacity=B, width=T)
+    starts, gen_starts = layout.key_starts.tolist(), layout.gen_starts.tolist()
+    slot_of = [rows.add(layout.x[b, starts[b]:gen_starts[b]].tolist(), layout.gen_lens[b], row_steps[b], schedule,
+                        sampler, generators[b]) for b in range(B)]
+    row_of = {s: b for b, s in enumerate(slot_of)}
+    x = layout.x.clone()
+    nfe, steps = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    calls = 0
+
+    def write_back(slots):  # the rows' canvases into the layout's (left-padded) canvas
+        for s, ids in zip(slots, rows.generated(slots)):
+            b = row_of[s]
+            x[b, gen_starts[b]:gen_starts[b] + len(ids)] = torch.tensor(ids, device=x.device)
+            nfe[b], steps[b] = rows.rows[s].nfe, rows.rows[s].steps
+
+    while rows.active:
+        hs = []
+        for call in rows.prepare():  # one call (or none)
+            mask = None if call.key_lengths is None else AttentionMask(
+                kind=model.config.attention, block_length=model.config.block_length, key_lengths=call.key_lengths)
+            hs.append(model.hidden_states(call.idx, mask=mask)[0])
+            calls += 1
+        stepped, finished = rows.commit(hs)
+        if on_step is not None:
+            write_back(stepped)
+            on_step(x, DecodeResult(x, nfe, steps, calls, layout))
+        else:
+            write_back(finished)
+        for s in finished:
+            rows.remove(s)
+    return DecodeResult(x, nfe, steps, calls, layout)

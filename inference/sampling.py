@@ -52,8 +52,11 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[fl
     return logits
 
 
-def sample_from_logits(logits: torch.Tensor, sampler: Sampler, generator: Optional[torch.Generator]):
-    """logits (N, V) -> tokens (N,) long, confidence (N,) float32 (see the module docstring)."""
+def sample_from_logits(logits: torch.Tensor, sampler: Sampler, generator, counts: Optional[list[int]] = None):
+    """logits (N, V) -> tokens (N,) long, confidence (N,) float32 (see the module docstring).
+
+    generator: one torch.Generator for every row, or (with counts) one per run of rows: rows
+    [sum(counts[:i]), sum(counts[:i + 1])) draw from generator[i], as they would in a call of their own."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # softmax, cumsum and sampling in at least fp32
     if sampler.temperature == 0:
@@ -61,20 +64,44 @@ def sample_from_logits(logits: torch.Tensor, sampler: Sampler, generator: Option
         return tokens, conf
     logits = filter_logits(logits / sampler.temperature, sampler.top_k, sampler.top_p)
     probs = F.softmax(logits, dim=-1)  # (N, V)
-    tokens = torch.multinomial(probs, 1, generator=generator)  # (N, 1)
+    if counts is None:
+        tokens = torch.multinomial(probs, 1, generator=generator)  # (N, 1)
+    else:
+        tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs.split(counts), generator)])
     return tokens.squeeze(1), probs.gather(1, tokens).squeeze(1)
 
 
-def predict_tokens(model, h: torch.Tensor, vocab_limit: int, sampler: Sampler,
-                   generator: Optional[torch.Generator]):
+def _chunks(n: int, generator, counts: Optional[list[int]]):
+    """(start, stop, generator, counts) spans of at most PREDICT_CHUNK positions. With counts, a span holds
+    whole runs, and a run longer than PREDICT_CHUNK is cut every PREDICT_CHUNK positions from its own
+    start, as it is in a call of its own: each piece is one draw from its run's generator either way."""
+    if counts is None:
+        return [(s, min(s + PREDICT_CHUNK, n), generator, None) for s in range(0, n, PREDICT_CHUNK)]
+    spans, start, runs, gens = [], 0, [], []
+    for count, g in zip(counts, generator):
+        pieces = [min(PREDICT_CHUNK, count - k) for k in range(0, count, PREDICT_CHUNK)]
+        for piece in pieces:
+            if sum(runs) + piece > PREDICT_CHUNK:
+                spans.append((start, start + sum(runs), gens, runs))
+                start, runs, gens = start + sum(runs), [], []
+            runs, gens = runs + [piece], gens + [g]
+    if runs:
+        spans.append((start, start + sum(runs), gens, runs))
+    return spans
+
+
+def predict_tokens(model, h: torch.Tensor, vocab_limit: int, sampler: Sampler, generator,
+                   counts: Optional[list[int]] = None):
     """Final hidden states h (N, C) -> tokens (N,), confidence (N,), through model.lm_head's first
-    `vocab_limit` rows, in chunks so that N x V logits never sit in memory at once."""
+    `vocab_limit` rows, in chunks so that N x V logits never sit in memory at once. generator / counts:
+    one generator for all positions, or one per run of positions (`sample_from_logits`): the rows of many
+    decodes predicted together, each drawing from its own generator exactly what it would draw alone."""
     weight = model.lm_head.weight[:vocab_limit]  # (V', C)
     bias = None if model.lm_head.bias is None else model.lm_head.bias[:vocab_limit]
     tokens, conf = [], []
-    for start in range(0, h.size(0), PREDICT_CHUNK):
-        logits = F.linear(h[start:start + PREDICT_CHUNK], weight, bias)  # (n, V')
-        t, c = sample_from_logits(logits, sampler, generator)
+    for start, stop, gen, runs in _chunks(h.size(0), generator, counts):
+        logits = F.linear(h[start:stop], weight, bias)  # (n, V')
+        t, c = sample_from_logits(logits, sampler, gen, runs)
         tokens.append(t)
         conf.append(c)
     if not tokens:

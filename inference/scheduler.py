@@ -44,8 +44,11 @@ from typing import Callable, Optional
 
 import torch
 
-from inference.api import Completion, DecodeOptions, StepInfo, encode_requests, generate_with_stats
+from inference.ancestral_rows import AncestralRows
+from inference.api import (Completion, DecodeOptions, StepInfo, block_alignment, completion_from_ids, encode_requests,
+                           generate_with_stats, model_kind)
 from kernels.attention import AttentionMask
+from models.diffusion import NoiseSchedule
 
 
 class QueueFull(Exception):
@@ -68,6 +71,7 @@ class RowSpec:
     max_new_tokens: int
     options: DecodeOptions
     stop: tuple[str, ...] = ()  # stop strings: the decode ends once its committed text settles one (`StopWatch`)
+    report_steps: bool = True  # send a "step" event after every step (streamed requests); False saves that work
 
 
 class _StopReached(Exception):
@@ -134,6 +138,10 @@ class Row:
         self.cancelled = False
         self.call: Optional[_Call] = None
         self.enqueued_at = time.perf_counter()
+        self.slot: Optional[int] = None  # its slot in the scheduler's AncestralRows; None: a row with a thread
+        self.prompt_ids: list[int] = []  # rows of AncestralRows: what the thread's decoder would hold
+        self.started = 0.0
+        self.watch: Optional[StopWatch] = None
 
 
 class RowModel:
@@ -189,6 +197,8 @@ class StepScheduler:
         self.forward_s = 0.0  # time spent in model calls
         self.cached_row_calls = 0  # rows that came with a KV cache (queries after column 0)
         self.mixed_past_calls = 0  # merged calls whose rows had past KV of different lengths
+        self.rows: Optional[AncestralRows] = None  # the rows decoded by ancestral sampling (created on first use)
+        self._by_slot: dict[int, Row] = {}  # their slots
         # a separate model call costs about what this many extra row-columns do; partition_by_width uses it
         # to decide when padding a short call to a wide one is cheaper than a call of its own. It depends
         # on the device: `measure_call_overhead` (the server measures it at startup) found ~16 on a CPU
@@ -276,7 +286,8 @@ class StepScheduler:
                 raise Cancelled()
             progress["steps"] += 1
             progress["nfe"] = info.nfe[0]
-            row.on_event("step", info)
+            if spec.report_steps:
+                row.on_event("step", info)
             watch.check(info.token_ids[0])
 
         try:
@@ -286,13 +297,11 @@ class StepScheduler:
                                                            spec.max_new_tokens, options=spec.options,
                                                            on_step=on_step)[0]
             except _StopReached as hit:  # the decode ended early: its Completion is the committed text
-                elapsed = time.perf_counter() - t0
                 prompt_ids = encode_requests(self.model, self.tokenizer, [spec.prompt],
                                              [spec.max_new_tokens])[0].prompt_ids
-                done = Completion(prompt=spec.prompt, text=hit.text, token_ids=hit.ids, prompt_ids=prompt_ids,
-                                  strategy=spec.options.strategy, nfe=progress["nfe"], steps=progress["steps"],
-                                  elapsed_s=elapsed, tokens_per_s=len(hit.ids) / max(elapsed, 1e-9),
-                                  stopped_at_eot=False)
+                done = completion_from_ids(spec.prompt, prompt_ids, hit.ids, spec.options.strategy,
+                                           progress["nfe"], progress["steps"], time.perf_counter() - t0,
+                                           self.tokenizer, None)
             row.on_event("done", done)
         except BaseException as e:  # noqa: BLE001 - the row's client gets the error, the server lives on
             row.on_event("error", e)
@@ -310,8 +319,103 @@ class StepScheduler:
                 row.on_event("error", Cancelled())
                 continue
             self._running.add(row)
+            if self._decoded_as_rows(row.spec.options):
+                self._add_to_rows(row)
+                continue
             threading.Thread(target=self._run_row, args=(row,), name="row", daemon=True).start()
             self._resume(row)  # its prompt is encoded and its first call posted before the next row starts
+
+    # ------------------------------------------------------------------ rows decoded by AncestralRows
+    def _decoded_as_rows(self, options: DecodeOptions) -> bool:
+        """Ancestral sampling over the whole canvas (the MDLM default) runs in the scheduler's AncestralRows;
+        block-wise rules (and BD3-LM's block-by-block sampler, with its KV cache) run in a thread each."""
+        return (model_kind(self.model) == "diffusion" and block_alignment(self.model) == 0
+                and options.for_model(self.model).strategy == "ancestral")
+
+    def _add_to_rows(self, row: Row) -> None:
+        """Give the row a slot in `rows`, with what generate_with_stats would decode it with alone: its
+        prompt, the default of L time steps, its schedule and sampler, a generator seeded with its seed."""
+        spec = row.spec
+        try:
+            options = spec.options.for_model(self.model)
+            if self.rows is None:
+                self.rows = AncestralRows(self.model, self.tokenizer.mask_id, self.tokenizer.vocab_size,
+                                          capacity=self.max_rows, width=self.model.config.block_size)
+            prompt_ids = encode_requests(self.model, self.tokenizer, [spec.prompt], [spec.max_new_tokens])[0].prompt_ids
+            generator = torch.Generator(device=self.rows.device).manual_seed(options.seed)
+            row.slot = self.rows.add(prompt_ids, spec.max_new_tokens, options.steps or spec.max_new_tokens,
+                                     NoiseSchedule(options.schedule), options.sampler(), generator)
+        except BaseException as e:  # noqa: BLE001 - the row's client gets the error, the server lives on
+            self._running.discard(row)
+            row.on_event("error", e)
+            return
+        row.prompt_ids, row.started = prompt_ids, time.perf_counter()
+        row.watch = StopWatch(spec.stop, self.tokenizer, options.stop_at_eot)
+        self._by_slot[row.slot] = row
+
+    def _leave_rows(self, row: Row, kind: str, payload) -> None:
+        """The row leaves `rows` and the scheduler; its client gets (kind, payload)."""
+        self.rows.remove(row.slot)
+        del self._by_slot[row.slot]
+        with self._cond:
+            self._running.discard(row)
+            self._cond.notify_all()
+        row.on_event(kind, payload)
+
+    def _rows_calls(self) -> list[_Call]:
+        """This step's model calls of `rows` (AncestralRows.prepare, split by width where padding the short
+        rows would cost more than a call: `partition_widths`), as calls the step can merge with others."""
+        cfg = self.model.config
+        split = lambda lengths: partition_widths(lengths, [1] * len(lengths), self.call_overhead_tokens)  # noqa: E731
+        return [_Call(c.idx, AttentionMask(kind=cfg.attention, block_length=cfg.block_length,
+                                           key_lengths=c.key_lengths), None, None)
+                for c in self.rows.prepare(split)]
+
+    def _commit_rows(self, calls: list[_Call]) -> None:
+        """Commit this step's tokens of `rows`; report steps, settle stop strings, finish rows."""
+        failed = next((c.error for c in calls if c.error is not None), None)
+        if failed is not None:  # a model call failed: fail every row of this step
+            for row in list(self._by_slot.values()):
+                self._leave_rows(row, "error", failed)
+            return
+        stepped, finished = self.rows.commit([c.result[0] for c in calls])
+        watched = [s for s in stepped if self._by_slot[s].spec.report_steps or self._by_slot[s].spec.stop]
+        read = sorted(set(watched) | set(finished))
+        ids = dict(zip(read, self.rows.generated(read)))  # one host copy for every row that needs its ids
+        done = set(finished)
+        for slot in stepped:
+            row, state = self._by_slot[slot], self.rows.rows[slot]
+            if row.cancelled:
+                continue  # leaves at the top of the next step
+            try:
+                if slot in ids and row.spec.report_steps:
+                    row.on_event("step", StepInfo([0], [ids[slot]], [state.nfe]))
+                if slot in ids:
+                    row.watch.check(ids[slot])
+            except _StopReached as hit:
+                done.add(slot)
+                ids[slot] = hit.ids
+            if slot in done:
+                completion = completion_from_ids(row.spec.prompt, row.prompt_ids, ids[slot], "ancestral", state.nfe,
+                                                 state.steps, time.perf_counter() - row.started, self.tokenizer,
+                                                 row.watch.eot_id)
+                self._leave_rows(row, "done", completion)
+
+    def _drop_cancelled(self) -> None:
+        """Cancelled rows leave now: a thread row waiting for its call gets Cancelled from it, a row of
+        `rows` leaves its slot."""
+        for row in list(self._running):
+            if not row.cancelled:
+                continue
+            if row.slot is not None:
+                self.rows.remove(row.slot)
+                del self._by_slot[row.slot]
+                self._running.discard(row)
+                row.on_event("error", Cancelled())
+            elif row.call is not None and not row.call.done.is_set():
+                row.call.error = Cancelled()
+                row.call.done.set()
+                row.call = None
 
     def _resume(self, row: Row, call: Optional[_Call] = None) -> None:
         """Hand `call`'s result back to its row (or let a new row start) and wait until the row has posted
@@ -330,30 +434,33 @@ class StepScheduler:
                     if self._stop:
                         return
                     self._admit()
-                    for row in self._running:  # a cancelled row waiting for its call leaves now
-                        if row.cancelled and row.call is not None and not row.call.done.is_set():
-                            row.call.error = Cancelled()
-                            row.call.done.set()
-                            row.call = None
-                    ready = [r for r in self._running if r.call is not None]
-                    if self._running and len(ready) == len(self._running):
+                    self._drop_cancelled()
+                    threads = [r for r in self._running if r.slot is None]
+                    ready = [r for r in threads if r.call is not None]
+                    if self._running and len(ready) == len(threads):
                         break
                     self._cond.wait(timeout=0.5)
                 batch = [(r, r.call) for r in ready]
                 for r in ready:
                     r.call = None
-                calls = [c for _, c in batch]
-            if self.step_delay_s:
-                time.sleep(self.step_delay_s)
-            try:
-                t0 = time.perf_counter()
+            calls = [c for _, c in batch]
+            rows_calls = self._rows_calls() if self._by_slot else []
+            calls += rows_calls
+            if calls:
+                if self.step_delay_s:
+                    time.sleep(self.step_delay_s)
+                try:
+                    t0 = time.perf_counter()
+                    with torch.inference_mode(), self.autocast():
+                        self._forward(calls)
+                    self.forward_s += time.perf_counter() - t0
+                except BaseException as e:  # noqa: BLE001 - fail these rows, keep serving
+                    for c in calls:
+                        if c.result is None:
+                            c.error = e
+            if self._by_slot:
                 with torch.inference_mode(), self.autocast():
-                    self._forward(calls)
-                self.forward_s += time.perf_counter() - t0
-            except BaseException as e:  # noqa: BLE001 - fail these rows, keep serving
-                for c in calls:
-                    if c.result is None:
-                        c.error = e
+                    self._commit_rows(rows_calls)
             for row, call in batch:
                 self._resume(row, call)
 
@@ -455,26 +562,31 @@ def merge_key(call: _Call) -> Optional[tuple]:
 
 
 def partition_by_width(calls: list[_Call], overhead_tokens: float) -> list[list[_Call]]:
-    """Split calls into parts, each one model call, minimising sum over parts of (rows x widest call +
-    overhead_tokens): merging a 1-column AR step with a 64-column canvas would pay 64 columns for it,
-    while a separate call costs a fixed overhead (kernel dispatch, Python) worth overhead_tokens
-    row-columns. Calls sorted by width, so the best parts are contiguous runs: O(n^2) dynamic
-    programming over at most max_rows calls."""
-    calls = sorted(calls, key=lambda c: c.idx.size(1))
-    n = len(calls)
-    rows = [c.idx.size(0) for c in calls]
-    best = [0.0] + [float("inf")] * n  # best[i]: cost of the first i calls
+    """Split calls into parts, each one model call (`partition_widths` of their widths and rows)."""
+    parts = partition_widths([c.idx.size(1) for c in calls], [c.idx.size(0) for c in calls], overhead_tokens)
+    return [[calls[i] for i in part] for part in parts]
+
+
+def partition_widths(widths: list[int], rows: list[int], overhead_tokens: float) -> list[list[int]]:
+    """Split calls (call i: rows[i] rows of widths[i] columns) into parts, each one model call, minimising
+    sum over parts of (rows x widest call + overhead_tokens): merging a 1-column AR step with a 64-column
+    canvas would pay 64 columns for it, while a separate call costs a fixed overhead (kernel dispatch,
+    Python) worth overhead_tokens row-columns. Returns the parts as lists of indices. Sorted by width, the
+    best parts are contiguous runs: O(n^2) dynamic programming over at most max_rows calls."""
+    order = sorted(range(len(widths)), key=lambda i: widths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[i]: cost of the first i calls (in width order)
     cut = [0] * (n + 1)
     for i in range(1, n + 1):
         n_rows = 0
-        for j in range(i, 0, -1):  # the last part is calls[j-1:i], its widest call is calls[i-1]
-            n_rows += rows[j - 1]
-            cost = best[j - 1] + n_rows * calls[i - 1].idx.size(1) + overhead_tokens
+        for j in range(i, 0, -1):  # the last part is order[j-1:i], its widest call is order[i-1]
+            n_rows += rows[order[j - 1]]
+            cost = best[j - 1] + n_rows * widths[order[i - 1]] + overhead_tokens
             if cost < best[i]:
                 best[i], cut[i] = cost, j - 1
     parts, i = [], n
     while i > 0:
-        parts.append(calls[cut[i]:i])
+        parts.append(order[cut[i]:i])
         i = cut[i]
     return parts[::-1]
 

@@ -203,7 +203,7 @@ def _param_of(message: str, knobs: dict) -> Optional[str]:
 def row_specs(req: ParsedRequest) -> list[RowSpec]:
     """One row per (prompt, sample): choice index = prompt index * n + sample, seeds seed, seed + 1, ..."""
     return [RowSpec(p, req.max_tokens, replace(req.options, seed=req.options.seed + i * req.n + j),
-                    stop=tuple(req.stop))
+                    stop=tuple(req.stop), report_steps=req.stream)
             for i, p in enumerate(req.prompts) for j in range(req.n)]
 
 

@@ -12,7 +12,10 @@ from inference.batching import Request, build_layout, plan_batches
 from inference.diffusion_decoding import (CommitRandom, CommitThreshold, CommitTopK,
                                           ancestral_commit_probability, decode_ancestral, decode_by_confidence)
 from inference.api import DECODERS, STRATEGIES, DecodeOptions, generate, generate_with_stats
-from inference.sampling import Sampler, filter_logits, sample_from_logits
+from inference import sampling
+from inference.ancestral_rows import AncestralRows
+from inference.sampling import Sampler, filter_logits, predict_tokens, sample_from_logits
+from kernels.attention import AttentionMask
 from models.diffusion import NoiseSchedule
 from models.gpt import GPT, GPTConfig
 from models.tokenizer import get_tokenizer
@@ -110,6 +113,70 @@ def test_prompt_tokens_are_never_changed_and_no_mask_survives(model_name, rule):
                                    kv_cache=strategy == "blocks")
     assert torch.equal(res.x[~lay.gen], lay.x[~lay.gen])
     assert not (res.x == TOK.mask_id).any()
+
+
+# ----------------------------------------------------------------------------- rows at steps of their own
+def test_ancestral_requests_decode_the_same_in_any_batch():
+    """Over the whole canvas, request i of a call draws from its own generator, seeded seed + i: sampled,
+    it decodes the same in a batch of five as alone with seed + i (one generator shared by the batch would
+    hand it other draws)."""
+    model = tiny_model()
+    kw = dict(temperature=0.9, top_k=20, steps=10, stop_at_eot=False)
+    batched = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "ancestral", batch_size=5, seed=3, **kw)
+    for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS)):
+        alone = generate_with_stats(model, TOK, [p], n, "ancestral", seed=3 + i, **kw)[0]
+        assert (batched[i].token_ids, batched[i].nfe, batched[i].steps) == (alone.token_ids, alone.nfe, alone.steps)
+
+
+def test_ancestral_rows_at_different_steps_each_decode_what_they_decode_alone():
+    """AncestralRows as a server drives it: rows join while others are mid-way (and when a slot frees up),
+    some steps split their call by width, samplers, schedules and step counts differ between rows, and
+    each row decodes exactly what generate() decodes for it alone with the same seed."""
+    model = tiny_model()
+    cases = [("the cat", 12, 12, dict(temperature=0.9, top_k=10), "loglinear"),
+             ("a", 20, 40, dict(temperature=0), "cosine"),
+             ("hello world, how", 7, 3, dict(temperature=1.0, top_p=0.8), "linear"),
+             ("xyz", 30, 30, dict(temperature=0.9, top_k=10), "loglinear")]
+    rows = AncestralRows(model, TOK.mask_id, TOK.vocab_size, capacity=3, width=64)
+    waiting, slot_case, got, most_calls, step = list(enumerate(cases)), {}, {}, 0, 0
+    while waiting or rows.active:
+        while waiting and rows.has_room and step >= 3 * waiting[0][0]:  # case k joins at step 3k (or later)
+            k, (prompt, n, steps, knobs, schedule) = waiting.pop(0)
+            slot = rows.add(TOK.encode(prompt), n, steps, NoiseSchedule(schedule), Sampler(**knobs),
+                            torch.Generator().manual_seed(k))
+            slot_case[slot] = k
+        one_call_each = (lambda lengths: [[i] for i in range(len(lengths))]) if step % 2 else None
+        calls = rows.prepare(one_call_each)
+        most_calls = max(most_calls, len(calls))
+        hs = [model.hidden_states(c.idx, mask=None if c.key_lengths is None else
+                                  AttentionMask("bidirectional", key_lengths=c.key_lengths))[0] for c in calls]
+        stepped, finished = rows.commit(hs)
+        for slot, ids in zip(finished, rows.generated(finished)):
+            got[slot_case.pop(slot)] = (ids, rows.rows[slot].nfe, rows.rows[slot].steps)
+            rows.remove(slot)
+        step += 1
+    assert most_calls > 1  # some steps did split their rows' call
+    for k, (prompt, n, steps, knobs, schedule) in enumerate(cases):
+        alone = generate_with_stats(model, TOK, [prompt], n, "ancestral", steps=steps, schedule=schedule, seed=k,
+                                    stop_at_eot=False, **knobs)[0]
+        assert got[k] == (alone.token_ids, alone.nfe, alone.steps), f"case {k}"
+
+
+def test_runs_of_positions_sampled_together_draw_what_each_draws_alone(monkeypatch):
+    """predict_tokens with one generator per run of positions (the rows of many decodes in one output
+    layer call): each run draws what a call of its own draws, also where runs cross the chunk of
+    positions predicted at once (shrunk from 4096 to 4 here), while one shared generator would not."""
+    monkeypatch.setattr(sampling, "PREDICT_CHUNK", 4)
+    model = tiny_model()
+    h = torch.randn(17, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    counts, sampler = [3, 9, 1, 4], Sampler(1.0)
+    together, _ = predict_tokens(model, h, TOK.vocab_size, sampler,
+                                 [torch.Generator().manual_seed(k) for k in range(4)], counts)
+    alone = [predict_tokens(model, part, TOK.vocab_size, sampler, torch.Generator().manual_seed(k))[0]
+             for k, part in enumerate(h.split(counts))]
+    assert torch.equal(together, torch.cat(alone))
+    shared, _ = predict_tokens(model, h, TOK.vocab_size, sampler, torch.Generator().manual_seed(0))
+    assert not torch.equal(shared, together)
 
 
 # ----------------------------------------------------------------------------- call counts

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -228,6 +229,77 @@ def test_rows_run_one_at_a_time_between_model_calls():
     assert done == ["done"] * len(specs)
     assert scheduler.row_calls > scheduler.calls  # the rows did share model calls
     assert most[0] == 1, f"{most[0]} rows ran their step at the same time"
+
+
+def test_ancestral_rows_share_one_output_layer_and_sampling_per_step(monkeypatch):
+    """Rows decoded by ancestral sampling (the MDLM default) run in the scheduler's AncestralRows, not in a
+    thread each: a step predicts the tokens of all its rows at once (one output layer and sampling per
+    sampler, not one per row), and they still equal each row decoded alone (the test above)."""
+    import inference.ancestral_rows as ancestral_rows
+    model = tiny("bidirectional")
+    per_step, predicted = [], [0]
+    predict, commit = ancestral_rows.predict_tokens, ancestral_rows.AncestralRows.commit
+
+    def counting_predict(*args, **kwargs):
+        predicted[0] += 1
+        return predict(*args, **kwargs)
+
+    def counting_commit(self, hs):
+        before = predicted[0]
+        stepped, finished = commit(self, hs)
+        per_step.append((len(stepped), predicted[0] - before))
+        return stepped, finished
+    monkeypatch.setattr(ancestral_rows, "predict_tokens", counting_predict)
+    monkeypatch.setattr(ancestral_rows.AncestralRows, "commit", counting_commit)
+    options = server_options(DecodeOptions(temperature=0.9, top_k=20).for_model(model))  # ancestral: the default
+    specs = [RowSpec(p, n, replace(options, seed=i)) for i, (p, n) in enumerate([("the cat", 12), ("a", 20)] * 4)]
+    alone = [generate_with_stats(model, TOK, [s.prompt], s.max_new_tokens, options=s.options)[0] for s in specs]
+    got, scheduler = decode_together(model, specs, max_rows=8)
+    assert [got[i].token_ids for i in range(len(specs))] == [a.token_ids for a in alone]
+    steps_of_many = [calls for rows, calls in per_step if rows >= 4]
+    assert steps_of_many and all(calls == 1 for calls in steps_of_many), per_step
+    assert not any(t.name == "row" for t in threading.enumerate())
+
+
+def test_ancestral_rows_stream_their_canvas_stop_at_a_stop_string_and_leave_when_cancelled():
+    model = tiny("bidirectional")
+    options = server_options(DecodeOptions(strategy="ancestral", temperature=0, stop_at_eot=False,
+                                           seed=1).for_model(model))
+    full = generate_with_stats(model, TOK, ["the cat"], 30, options=options)[0]
+    at = next(i for i in range(5, 25) if full.text.index(full.text[i:i + 2]) == i)  # a pair first seen at 5+
+    stop = full.text[at:at + 2]
+    specs = [RowSpec("the cat", 30, options), RowSpec("the cat", 30, options, stop=(stop,), report_steps=False),
+             RowSpec("the cat", 30, options)]
+    scheduler = StepScheduler(model, TOK, max_rows=3, max_queue=0).start()
+    canvases, ends, finished, submitted, rows = {0: [], 1: [], 2: []}, {}, threading.Event(), threading.Event(), []
+
+    def on_event(i, kind, payload):
+        if kind == "step":
+            canvases[i].append(payload.token_ids[0])
+            if i == 2:
+                submitted.wait(10)
+                scheduler.cancel([rows[2]])  # its client left after one step
+            return
+        ends[i] = (kind, payload)
+        if len(ends) == 3:
+            finished.set()
+    try:
+        rows += scheduler.submit(specs, on_event)
+        submitted.set()
+        assert finished.wait(60), "the scheduler did not finish"
+    finally:
+        scheduler.stop(1.0)
+    # streamed: the canvas fills in (MASK where nothing is committed yet) and ends as the completion
+    masked = [ids.count(TOK.mask_id) for ids in canvases[0]]
+    assert len(masked) > 1 and masked == sorted(masked, reverse=True) and masked[-1] == 0, masked
+    assert ends[0][0] == "done" and canvases[0][-1] == ends[0][1].token_ids == full.token_ids
+    # a stop string: the decode ended once its committed text held it for good, with fewer calls
+    kind, cut = ends[1]
+    assert kind == "done" and stop in cut.text and full.token_ids[:len(cut.token_ids)] == cut.token_ids
+    assert cut.nfe <= full.nfe and not canvases[1]  # report_steps=False: no step events
+    # cancelled after its first step: it leaves at once and its client hears so
+    assert ends[2][0] == "error" and type(ends[2][1]).__name__ == "Cancelled" and len(canvases[2]) == 1
+    assert scheduler.active == 0
 
 
 def test_partition_by_width_pays_padding_only_where_it_is_cheaper_than_a_call():
