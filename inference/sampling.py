@@ -64,11 +64,24 @@ def sample_from_logits(logits: torch.Tensor, sampler: Sampler, generator, counts
         return tokens, conf
     logits = filter_logits(logits / sampler.temperature, sampler.top_k, sampler.top_p)
     probs = F.softmax(logits, dim=-1)  # (N, V)
+    kw = dict(dtype=probs.dtype, device=probs.device)
     if counts is None:
-        tokens = torch.multinomial(probs, 1, generator=generator)  # (N, 1)
-    else:
-        tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs.split(counts), generator)])
-    return tokens.squeeze(1), probs.gather(1, tokens).squeeze(1)
+        u = torch.rand(probs.size(0), generator=generator, **kw)  # (N,)
+    else:  # one small draw per run, the rest of the sampling vectorised over every run
+        u = torch.cat([torch.rand(n, generator=g, **kw) for n, g in zip(counts, generator)])
+    tokens = inverse_cdf(probs, u)
+    return tokens, probs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of probs (N, V), from uniform draws u (N,) in [0, 1): the first token whose
+    cumulative probability exceeds u x the row's total. A token of probability 0 is never drawn (the
+    cumulative sum does not rise there), and one uniform number per row is all the randomness it takes,
+    so rows of many decodes are sampled in one operation, each from draws of its own generator."""
+    cdf = probs.cumsum(dim=-1)  # (N, V)
+    total = cdf[:, -1]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total despite rounding
+    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # (N,)
 
 
 def _chunks(n: int, generator, counts: Optional[list[int]]):

@@ -14,7 +14,7 @@ from inference.diffusion_decoding import (CommitRandom, CommitThreshold, CommitT
 from inference.api import DECODERS, STRATEGIES, DecodeOptions, generate, generate_with_stats
 from inference import sampling
 from inference.ancestral_rows import AncestralRows
-from inference.sampling import Sampler, filter_logits, predict_tokens, sample_from_logits
+from inference.sampling import Sampler, filter_logits, inverse_cdf, predict_tokens, sample_from_logits
 from kernels.attention import AttentionMask
 from models.diffusion import NoiseSchedule
 from models.gpt import GPT, GPTConfig
@@ -428,6 +428,16 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
         assert torch.equal(tokens, greedy) and torch.allclose(conf, torch.ones(6))
     kept = torch.isfinite(filter_logits(logits, top_k=3, top_p=None)).sum(-1)
     assert kept.tolist() == [3] * 6
+
+
+def test_inverse_cdf_draws_each_token_with_its_probability_and_never_a_zero_one():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25, 0.0]])
+    # the edges: u = 0 and u just below 1 land on the first and the last token of positive probability
+    u = torch.tensor([0.0, 0.4999, 0.5, 0.75, 1 - 2 ** -24])
+    assert inverse_cdf(probs.expand(5, -1), u).tolist() == [1, 1, 3, 4, 4]
+    # frequencies of 200k draws within 0.01 of the probabilities (a binomial's std here is ~0.001)
+    draws = inverse_cdf(probs.expand(200_000, -1), torch.rand(200_000, generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(torch.bincount(draws, minlength=6) / 200_000, probs[0], atol=0.01)
 
 
 def test_generate_returns_text_and_stats_and_is_reproducible():
