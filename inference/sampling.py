@@ -3,8 +3,9 @@
 Every decoding rule (diffusion and AR) picks its tokens through `predict_tokens`, so they all agree on
 what "temperature 0" and "confidence" mean:
   temperature == 0   greedy: the argmax token; confidence = its softmax probability
-  temperature > 0    logits / temperature, then top-k and top-p (nucleus) filtering, then one draw;
-                     confidence = the probability of the drawn token under that filtered distribution
+  temperature > 0    logits / temperature, then top-k and top-p (nucleus) filtering, then one draw
+                     (`inverse_cdf` of one uniform number); confidence = the probability of the drawn
+                     token under that filtered distribution
 Only the first `vocab_limit` rows of the output layer are used. For a diffusion model that limit is
 the mask id, which is exactly SUBS (models.diffusion.subs_logits: MASK and the padding ids above it
 get -inf), done by slicing so the padded rows cost nothing; for an AR model it keeps padding ids out.

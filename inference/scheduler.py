@@ -1,12 +1,16 @@
 """Step-level continuous batching: many decodes, few model calls per step.
 
-Serving is decoding plus a scheduler. Each admitted row (one choice of one request) runs the ordinary
-batch decoder, `inference.api.generate_with_stats`, on its own one-row canvas in its own thread, so
-every rule (ancestral, topk, random, threshold, blocks, ar), its commit logic, its random generator, its
-KV cache and its stop rule are the decoder's own: the scheduler adds no decoding logic. What it changes
-is the model the decoder sees. A `RowModel` stands in for the real model: when a decoder asks for hidden
-states it hands the call to the scheduler and waits. The scheduler waits until every running row has
-either asked for its next call or finished, then runs the calls together and hands each row its slice:
+Serving is decoding plus a scheduler, in two ways. Ancestral rows over the whole canvas (the MDLM default)
+are rows of the scheduler's `AncestralRows` (inference/ancestral_rows.py, the class `generate` decodes
+ancestral batches with): each step the scheduler thread takes their calls from it and lets it commit every
+row at once, one output layer and sampling for all of them. Every other row (one choice of one request)
+runs the ordinary batch decoder, `inference.api.generate_with_stats`, on its own one-row canvas in its own
+thread, so every rule (topk, random, threshold, blocks, ar, BD3-LM's blocks), its commit logic, its random
+generator, its KV cache and its stop rule are the decoder's own: the scheduler adds no decoding logic. What
+it changes is the model the decoder sees. A `RowModel` stands in for the real model: when a decoder asks
+for hidden states it hands the call to the scheduler and waits. The scheduler waits until every thread
+row has either asked for its next call or finished, adds the ancestral rows' calls, runs the calls
+together, commits the ancestral rows and hands each thread row its slice:
 
     step k     row A (topk, step 7 of 12)   row B (ar, token 30, cached)   row C (blocks, block 3, cached)
                canvas [a a a M a M]          past 29 cols + [b]             past 16 cols + [c c M M M M M M]
@@ -23,7 +27,8 @@ Python work never contends for the GIL.
 
 A row therefore computes what it computes alone: for a deterministic rule (temperature 0) the output
 of a request is the same whether it was decoded alone or alongside others, and with a seed a sampled
-output is the same too (each row has its own generator, seeded from its request).
+output is the same too (each row has its own generator, seeded from its request; an ancestral row draws
+from it exactly what it draws alone).
 
 Which calls share a forward: all of them but calls the mask cannot shift exactly (`merge_key`: a
 block-causal model's calls only by whole blocks), and padding a 1-column AR step to a 64-column canvas
@@ -375,8 +380,7 @@ class StepScheduler:
         """Commit this step's tokens of `rows`; report steps, settle stop strings, finish rows."""
         failed = next((c.error for c in calls if c.error is not None), None)
         if failed is not None:  # a model call failed: fail every row of this step
-            for row in list(self._by_slot.values()):
-                self._leave_rows(row, "error", failed)
+            self._fail_rows(failed)
             return
         stepped, finished = self.rows.commit([c.result[0] for c in calls])
         watched = [s for s in stepped if self._by_slot[s].spec.report_steps or self._by_slot[s].spec.stop]
@@ -400,6 +404,11 @@ class StepScheduler:
                                                  state.steps, time.perf_counter() - row.started, self.tokenizer,
                                                  row.watch.eot_id)
                 self._leave_rows(row, "done", completion)
+
+    def _fail_rows(self, error: BaseException) -> None:
+        """Every row of `rows` leaves with this error (its client gets it; the server goes on)."""
+        for row in list(self._by_slot.values()):
+            self._leave_rows(row, "error", error)
 
     def _drop_cancelled(self) -> None:
         """Cancelled rows leave now: a thread row waiting for its call gets Cancelled from it, a row of
@@ -443,8 +452,13 @@ class StepScheduler:
                 batch = [(r, r.call) for r in ready]
                 for r in ready:
                     r.call = None
-            calls = [c for _, c in batch]
-            rows_calls = self._rows_calls() if self._by_slot else []
+            calls, rows_calls = [c for _, c in batch], []
+            if self._by_slot:
+                try:
+                    with torch.inference_mode():
+                        rows_calls = self._rows_calls()
+                except BaseException as e:  # noqa: BLE001 - fail these rows, keep serving
+                    self._fail_rows(e)
             calls += rows_calls
             if calls:
                 if self.step_delay_s:
@@ -459,8 +473,11 @@ class StepScheduler:
                         if c.result is None:
                             c.error = e
             if self._by_slot:
-                with torch.inference_mode(), self.autocast():
-                    self._commit_rows(rows_calls)
+                try:
+                    with torch.inference_mode(), self.autocast():
+                        self._commit_rows(rows_calls)
+                except BaseException as e:  # noqa: BLE001 - fail these rows, keep serving
+                    self._fail_rows(e)
             for row, call in batch:
                 self._resume(row, call)
 

@@ -302,6 +302,39 @@ def test_ancestral_rows_stream_their_canvas_stop_at_a_stop_string_and_leave_when
     assert scheduler.active == 0
 
 
+def test_a_failing_model_call_fails_its_rows_and_the_scheduler_goes_on():
+    model = tiny("bidirectional")
+    real, calls = model.hidden_states, [0]
+
+    def fails_the_third_call(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+    model.hidden_states = fails_the_third_call
+    options = {s: server_options(DecodeOptions(strategy=s, temperature=0).for_model(model)) for s in ("ancestral", "topk")}
+    scheduler = StepScheduler(model, TOK, max_rows=4, max_queue=4, call_overhead_tokens=1000).start()
+    try:
+        for specs in ([RowSpec("the cat", 12, options["ancestral"]), RowSpec("the cat", 12, options["topk"])],
+                      [RowSpec("a", 9, options["ancestral"])]):
+            ends, finished = {}, threading.Event()
+
+            def on_event(i, kind, payload):
+                if kind != "step":
+                    ends[i] = (kind, payload)
+                    if len(ends) == len(specs):
+                        finished.set()
+            scheduler.submit(specs, on_event)
+            assert finished.wait(60), "the scheduler did not finish"
+            if len(specs) == 2:  # both rows were in the third (merged) call: both hear why they failed
+                assert all(k == "error" and "device lost" in str(e) for k, e in ends.values()), ends
+    finally:
+        scheduler.stop(1.0)
+    alone = generate_with_stats(model, TOK, ["a"], 9, options=options["ancestral"])[0]
+    assert ends[0][0] == "done" and ends[0][1].token_ids == alone.token_ids  # and the next request is served
+    assert scheduler.active == 0
+
+
 def test_partition_by_width_pays_padding_only_where_it_is_cheaper_than_a_call():
     from inference.scheduler import _Call, partition_by_width
 
