@@ -25,7 +25,9 @@ from typing import Callable, Optional
 
 import torch
 
-from inference.sampling import Sampler, predict_tokens
+from inference.batching import RowsCall, RowSlots
+from inference.sampling import Sampler
+from kernels.attention import AttentionMask
 from models.diffusion import NoiseSchedule, align_predictions
 
 
@@ -37,15 +39,6 @@ def ancestral_commit_probability(schedule: NoiseSchedule, t: float, s: float) ->
     a_t = float(schedule.alpha(torch.tensor(t, dtype=torch.float64)))
     a_s = float(schedule.alpha(torch.tensor(s, dtype=torch.float64)))
     return (a_s - a_t) / (1.0 - a_t)
-
-
-@dataclass
-class RowsCall:
-    """The model call of a step: these rows' canvases, columns [0, W)."""
-
-    slots: list[int]
-    idx: torch.Tensor  # (R, W) ids
-    key_lengths: Optional[torch.Tensor]  # (R,) each row's length; None when every row is W long (no padding)
 
 
 @dataclass
@@ -63,63 +56,37 @@ class _Row:
     committing: bool = False  # prepare found a step that commits something, commit has not run yet
 
 
-class AncestralRows:
-    """Up to `capacity` rows of at most `width` columns, decoded step by step (see the module docstring).
-
-    add() a row at any time (it takes part from the next prepare), remove() it between commit and the next
-    prepare (finished or cancelled); `calls` counts the model calls prepare asked for."""
+class AncestralRows(RowSlots):
+    """Ancestral rows (see the module docstring): add() a row at any time, it takes part from the next
+    prepare; remove() it between a commit and the next prepare (finished or cancelled)."""
 
     def __init__(self, model, mask_id: int, vocab_limit: int, capacity: int, width: int):
-        self.model = model
-        self.mask_id, self.vocab_limit = mask_id, vocab_limit
+        super().__init__(model, vocab_limit, capacity, width)
+        self.mask_id = mask_id
         self.shift = int(model.config.shift)  # 1: column c is predicted from the state of column c - 1
-        dev = next(model.parameters()).device
-        self.device = dev
-        self.x = torch.zeros(capacity, width, dtype=torch.long, device=dev)  # (N, W) every row's canvas
+        dev = self.device
         self.todo = torch.zeros(capacity, width, dtype=torch.bool, device=dev)  # still masked
         self.chosen = torch.zeros(capacity, width, dtype=torch.bool, device=dev)  # committed by this step
         self.u = torch.ones(capacity, width, device=dev)  # this step's draws (1: never below a probability)
         self.h: Optional[torch.Tensor] = None  # (N, W, C) the state predicting each column, from the last call
-        self.rows: dict[int, _Row] = {}  # slot -> row
-        self._free = list(range(capacity - 1, -1, -1))
         self._grids: dict[tuple, list[float]] = {}
-        self._calls: list[RowsCall] = []  # prepare's calls, until commit
-        self.calls = 0
-
-    @property
-    def active(self) -> int:
-        return len(self.rows)
-
-    @property
-    def has_room(self) -> bool:
-        return bool(self._free)
 
     def add(self, prompt_ids: list[int], gen_len: int, num_steps: int, schedule: NoiseSchedule, sampler: Sampler,
             generator: Optional[torch.Generator]) -> int:
         """A new row: prompt_ids then gen_len MASKs, sampled on a grid of num_steps time steps of `schedule`,
         its tokens drawn by `sampler` from `generator`. Returns its slot."""
-        length = len(prompt_ids) + gen_len
-        if not self._free:
-            raise RuntimeError(f"all {self.x.size(0)} rows are taken")
-        if length > self.x.size(1) or gen_len < 1 or num_steps < 1:
-            raise ValueError(f"a row of {len(prompt_ids)} + {gen_len} columns in {num_steps} steps does not fit "
-                             f"{self.x.size(1)} columns")
+        if num_steps < 1:
+            raise ValueError(f"an ancestral row needs at least 1 time step, got {num_steps}")
         if self.shift and not prompt_ids:
             raise ValueError("a shifted model predicts each token from the column before it: give the row at "
                              "least one prompt token")
-        slot = self._free.pop()
-        row = torch.full((length,), self.mask_id, dtype=torch.long)
-        row[:len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
-        self.x[slot, :length] = row.to(self.device)
+        length = len(prompt_ids) + gen_len
+        slot = self._take_slot(list(prompt_ids) + [self.mask_id] * gen_len, len(prompt_ids), gen_len)
         self.todo[slot] = False
         self.todo[slot, len(prompt_ids):length] = True
         self.rows[slot] = _Row(generator, sampler, length, len(prompt_ids), gen_len, self._grid(schedule, num_steps),
                                num_steps)
         return slot
-
-    def remove(self, slot: int) -> None:
-        del self.rows[slot]
-        self._free.append(slot)
 
     def _grid(self, schedule: NoiseSchedule, num_steps: int) -> list[float]:
         key = (schedule.name, schedule.eps, num_steps)
@@ -153,23 +120,25 @@ class AncestralRows:
         stale = sorted(s for s, r in self.rows.items() if not r.fresh)  # every row commits now: stale ones call
         lengths = [self.rows[s].length for s in stale]
         groups = split(lengths) if (split is not None and len(stale) > 1) else [list(range(len(stale)))]
+        cfg = self.model.config
         self._calls = []
         for group in groups:
             if not group:
                 continue
             slots, widths = [stale[i] for i in group], [lengths[i] for i in group]
             width = max(widths)
-            padded = min(widths) < width
-            self._calls.append(RowsCall(slots, self.x[torch.tensor(slots, device=self.device), :width],
-                                        torch.tensor(widths, device=self.device) if padded else None))
+            mask = None if min(widths) == width else AttentionMask(  # right padding hidden
+                kind=cfg.attention, block_length=cfg.block_length, key_lengths=torch.tensor(widths, device=self.device))
+            self._calls.append(RowsCall(slots, self.x[torch.tensor(slots, device=self.device), :width], mask))
         self.calls += len(self._calls)
         return self._calls
 
-    def commit(self, hs: list[torch.Tensor]) -> tuple[list[int], list[int]]:
-        """hs: the final hidden states (R, W, C) of each of prepare's calls. Commits the drawn tokens;
-        returns (the rows that committed, the rows now finished), slots in order."""
+    def commit(self, results: list[tuple]) -> tuple[list[int], list[int]]:
+        """results: what each of prepare's calls returned (RowsCall.run: final hidden states (R, W, C) and
+        keys/values, unused). Commits the drawn tokens; returns (the rows that committed, the rows now
+        finished), slots in order."""
         calls, self._calls = self._calls, []
-        for call, h in zip(calls, hs):
+        for call, (h, _) in zip(calls, results):
             if self.h is None:
                 self.h = h.new_zeros(self.x.size(0), self.x.size(1), h.size(-1))
             self.h[torch.tensor(call.slots, device=self.device), :h.size(1)] = align_predictions(h, self.shift)
@@ -179,27 +148,13 @@ class AncestralRows:
         slots = sorted(self.rows)  # after prepare, every row commits this step
         if not slots:
             return [], []
-        by_sampler: dict[Sampler, list[int]] = {}  # rows with the same sampling knobs draw in one go
-        for s in slots:
-            by_sampler.setdefault(self.rows[s].sampler, []).append(s)
-        for sampler, group in by_sampler.items():
-            index = torch.tensor(group, device=self.device)
-            chosen = self.chosen[index]  # (R, W)
-            counts = chosen.sum(1).tolist()
-            rows, cols = chosen.nonzero(as_tuple=True)  # row-major: each row's positions together, rows in order
-            tokens, _ = predict_tokens(self.model, self.h[index[rows], cols], self.vocab_limit, sampler,
-                                       [self.rows[s].generator for s in group], counts)
-            self.x[index[rows], cols] = tokens
-            self.todo[index[rows], cols] = False
+        index = torch.tensor(slots, device=self.device)
+        chosen = self.chosen[index]  # (R, W)
+        rows, cols = chosen.nonzero(as_tuple=True)  # row-major: each row's positions together, rows in order
+        tokens = self._sample(slots, chosen.sum(1).tolist(), self.h[index[rows], cols])
+        self.x[index[rows], cols] = tokens
+        self.todo[index[rows], cols] = False
         for s in slots:
             self.rows[s].fresh = self.rows[s].committing = False
-        left = self.todo[torch.tensor(slots, device=self.device)].any(1).tolist()
-        finished = [s for s, more in zip(slots, left) if not more]
-        return slots, finished
-
-    def generated(self, slots: list[int]) -> list[list[int]]:
-        """Each row's generated ids so far (MASK where nothing is committed yet), one host copy for all."""
-        if not slots:
-            return []
-        canvases = self.x[torch.tensor(slots, device=self.device)].tolist()
-        return [c[self.rows[s].gen_start:self.rows[s].length] for s, c in zip(slots, canvases)]
+        left = self.todo[index].any(1).tolist()
+        return slots, [s for s, more in zip(slots, left) if not more]

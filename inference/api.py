@@ -352,8 +352,16 @@ def commit_rule(name: str, steps, tokens_per_step, threshold, generator):
     return CommitRandom(generator, **budget) if name == "random" else CommitTopK(**budget)
 
 
+def request_generators(job: DecodeJob) -> list[torch.Generator]:
+    """One generator per request, seeded seed + its index in the call: rules that decode rows at steps of
+    their own (AR, ancestral over the whole canvas) draw each request's numbers from its own, so its output
+    does not depend on batch_size or on the other requests (decode it alone with seed + index)."""
+    device = job.layout.x.device
+    return [torch.Generator(device=device).manual_seed(job.options.seed + i) for i in job.request_ids]
+
+
 def _decode_ar(job: DecodeJob) -> DecodeResult:
-    return decode_autoregressive(job.model, job.layout, job.sampler, job.generator, job.vocab_limit,
+    return decode_autoregressive(job.model, job.layout, job.sampler, request_generators(job), job.vocab_limit,
                                  job.options.kv_cache, job.stop_id, job.on_step)
 
 
@@ -364,12 +372,8 @@ def _decode_ancestral(job: DecodeJob) -> DecodeResult:
         return decode_ancestral(job.model, job.layout, steps_per_block(job.layout, steps, o.block_length), job.noise,
                                 job.sampler, job.generator, job.mask_id, job.vocab_limit,
                                 block_length=o.block_length, kv_cache=o.kv_cache, on_step=job.on_step)
-    # over the whole canvas each request draws from its own generator, seeded seed + its index in the call:
-    # its output does not depend on batch_size or on the other requests (decode it alone with seed + index)
-    device = job.layout.x.device
-    generators = [torch.Generator(device=device).manual_seed(o.seed + i) for i in job.request_ids]
-    return decode_ancestral(job.model, job.layout, steps, job.noise, job.sampler, generators, job.mask_id,
-                            job.vocab_limit, on_step=job.on_step)
+    return decode_ancestral(job.model, job.layout, steps, job.noise, job.sampler, request_generators(job),
+                            job.mask_id, job.vocab_limit, on_step=job.on_step)
 
 
 def _decode_by_confidence(job: DecodeJob) -> DecodeResult:

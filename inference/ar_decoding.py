@@ -1,57 +1,185 @@
 """Autoregressive sampling with a KV cache (nanoGPT recomputes the whole context for every token).
 
-Batched prompts of different lengths are left-padded so that they all end in the same canvas column
-(`inference.batching`): every step then appends one column for all rows, each row has its own position
-ids and the left padding is hidden by key_starts. A row stops at its own max_new_tokens or at EOT and
-leaves the batch (the cache is read only for the rows still active), so finished rows cost nothing.
+`ARRows` decodes many rows, each at its own length, every step one token for every row: what the CLI
+decodes a batch with and what the server's scheduler runs, rows joining and leaving at any step. Each row
+is a canvas of its own (its prompt from column 0, then its tokens) with its own random generator, and
+everything a step does is one tensor operation over the rows (the model call, reading and writing the
+cache, the output layer, sampling, writing tokens) except each row's one random draw.
+
+The KV cache of all rows is one buffer, (rows x context) columns of every layer's keys and values; row
+r holds its first P_r columns. A step feeds each row its newest column. Rows of different lengths share
+the call: each row's past is read RIGHT-aligned into a window of the longest past Q (one gather for every
+row and layer), so every row's new column sits at key Q, the one q_offset of the call, and the columns
+before row r's past are hidden by key_starts = Q - P_r; a causal query at Q then sees exactly the row's
+own P_r keys and itself, as alone. A row's first call (the prefill) feeds its whole prompt; rows in
+their prefill are called apart from one-column steps (or split further by width, as the caller likes).
+A row stops at its own max_new_tokens or at EOT and leaves; finished rows cost nothing.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-from inference.batching import Layout, ModelRunner, RowKVCache
+from inference.batching import Layout, RowsCall, RowSlots
 from inference.diffusion_decoding import DecodeResult, StepHook
-from inference.sampling import Sampler, predict_tokens
+from inference.sampling import Sampler
+from kernels.attention import AttentionMask
+
+
+@dataclass
+class _Row:
+    generator: Optional[torch.Generator]
+    sampler: Sampler
+    length: int  # tokens on the canvas: prompt + generated so far
+    gen_start: int  # the prompt's length
+    gen_len: int  # tokens to generate at most
+    stop_id: Optional[int]  # EOT: the row stops once it draws it
+    cached: int = 0  # columns whose keys/values are in the cache (with the cache: length - 1 after the prefill)
+    nfe: int = 0
+    steps: int = 0
+
+
+class ARRows(RowSlots):
+    """AR rows (see the module docstring). kv_cache=False feeds every row its whole canvas at every step
+    (the reference the cache must reproduce)."""
+
+    def __init__(self, model, vocab_limit: int, capacity: int, width: int, kv_cache: bool = True):
+        super().__init__(model, vocab_limit, capacity, width)
+        self.kv_cache = kv_cache
+        self.kv: Optional[torch.Tensor] = None  # (N * W, 2 L, H, D): column c of slot s at s * W + c
+
+    def add(self, prompt_ids: list[int], gen_len: int, sampler: Sampler, generator: Optional[torch.Generator],
+            stop_id: Optional[int] = None) -> int:
+        """A new row: its prompt (at least one token: it predicts the first one), gen_len tokens at most."""
+        if not prompt_ids:
+            raise ValueError("autoregressive decoding needs at least one prompt token per request")
+        slot = self._take_slot(list(prompt_ids), len(prompt_ids), gen_len)
+        self.rows[slot] = _Row(generator, sampler, len(prompt_ids), len(prompt_ids), gen_len, stop_id)
+        return slot
+
+    def prepare(self, split: Optional[Callable[[list[int]], list[list[int]]]] = None) -> list[RowsCall]:
+        """This step's calls: the rows with their cache feed their newest column (one call), the others
+        (first step, or no cache) their whole canvas (one call, or as split(widths) groups them)."""
+        slots = sorted(self.rows)
+        stepping = [s for s in slots if self.kv_cache and self.rows[s].cached]
+        whole = [s for s in slots if not (self.kv_cache and self.rows[s].cached)]
+        self._calls = []
+        if whole:
+            widths = [self.rows[s].length for s in whole]
+            groups = split(widths) if (split is not None and len(whole) > 1) else [list(range(len(whole)))]
+            for group in groups:
+                if group:
+                    self._calls.append(self._whole_call([whole[i] for i in group]))
+        if stepping:
+            self._calls.append(self._step_call(stepping))
+        self.calls += len(self._calls)
+        return self._calls
+
+    def _whole_call(self, slots: list[int]) -> RowsCall:
+        widths = [self.rows[s].length for s in slots]
+        width = max(widths)
+        cfg = self.model.config
+        mask = None if min(widths) == width else AttentionMask(  # right padding hidden
+            kind=cfg.attention, block_length=cfg.block_length, key_lengths=torch.tensor(widths, device=self.device))
+        return RowsCall(slots, self.x[torch.tensor(slots, device=self.device), :width], mask)
+
+    def _step_call(self, slots: list[int]) -> RowsCall:
+        """Each row's newest column after its cached past, the pasts right-aligned to the longest (Q)."""
+        dev, W = self.device, self.x.size(1)
+        past = torch.tensor([self.rows[s].cached for s in slots], device=dev)  # (R,) P_r
+        index = torch.tensor(slots, device=dev)
+        Q = max(self.rows[s].cached for s in slots)
+        lead = Q - past  # (R,) hidden columns before each row's past
+        cols = (torch.arange(Q, device=dev)[None, :] - lead[:, None]).clamp(min=0)  # (R, Q)
+        window = self.kv[index[:, None] * W + cols]  # (R, Q, 2L, H, D): one gather for every row and layer
+        past_kv = [(window[:, :, 2 * i].transpose(1, 2), window[:, :, 2 * i + 1].transpose(1, 2))
+                   for i in range(window.size(2) // 2)]  # per layer (R, H, Q, D)
+        cfg = self.model.config
+        mask = AttentionMask(kind=cfg.attention, block_length=cfg.block_length, q_offset=Q,
+                             key_starts=lead if bool((lead > 0).any()) else None)
+        return RowsCall(slots, self.x[index, past][:, None], mask, past_kv, past[:, None])
+
+    def commit(self, results: list[tuple]) -> tuple[list[int], list[int]]:
+        """results: (h, presents) of each of prepare's calls. Keeps the new keys/values, draws every row's
+        next token; returns (the rows that stepped, the rows now finished), slots in order."""
+        calls, self._calls = self._calls, []
+        dev, W = self.device, self.x.size(1)
+        fed_slots, states = [], []
+        for call, (h, presents) in zip(calls, results):
+            index = torch.tensor(call.slots, device=dev)
+            fed = torch.tensor([self.rows[s].cached if call.past_kv is not None else 0 for s in call.slots],
+                               device=dev)  # (R,) the column each row's first fed column is
+            last = torch.tensor([self.rows[s].length - 1 for s in call.slots], device=dev) - fed  # (R,)
+            fed_slots += call.slots
+            states.append(h[torch.arange(len(call.slots), device=dev), last])  # (R, C) each row's newest state
+            if self.kv_cache:
+                new = torch.stack([t for kv in presents for t in kv], dim=2)  # (R, H, 2L, w, D)
+                new = new.permute(0, 3, 2, 1, 4)  # (R, w, 2L, H, D)
+                if self.kv is None:
+                    self.kv = new.new_zeros(self.x.size(0) * W, *new.shape[2:])
+                cols = fed[:, None] + torch.arange(new.size(1), device=dev)[None, :]  # (R, w)
+                keep = cols < W  # right padding of a wide call may run past the canvas: never read anyway
+                self.kv[(index[:, None] * W + cols)[keep]] = new[keep]
+            for s in call.slots:
+                r = self.rows[s]
+                r.nfe += 1
+                r.cached = r.length  # every fed column is in the cache now (padding past it is overwritten later)
+        slots = sorted(self.rows)
+        if not slots:
+            return [], []
+        order = sorted(range(len(fed_slots)), key=fed_slots.__getitem__)  # the calls' rows in slot order
+        states = torch.cat(states)[torch.tensor(order, device=dev)]  # (R, C)
+        tokens = self._sample(slots, [1] * len(slots), states)  # (R,)
+        index = torch.tensor(slots, device=dev)
+        ends = torch.tensor([self.rows[s].length for s in slots], device=dev)
+        self.x[index, ends] = tokens
+        finished = []
+        for s, token in zip(slots, tokens.tolist()):
+            r = self.rows[s]
+            r.length += 1
+            r.steps += 1
+            if r.length - r.gen_start >= r.gen_len or token == r.stop_id:
+                finished.append(s)
+        return slots, finished
 
 
 def decode_autoregressive(model, layout: Layout, sampler: Sampler, generator, vocab_limit: int,
                           kv_cache: bool = True, stop_id: Optional[int] = None,
                           on_step: Optional[StepHook] = None) -> DecodeResult:
-    """Sample each row's generation token by token. The first call (prefill) runs the prompts and
-    gives the first token; with kv_cache every later call feeds only the newest column.
-    Without it, every call feeds the whole canvas so far (the reference the cache must reproduce)."""
+    """Sample each row's generation token by token, every row of the layout a row of `ARRows` (its own
+    real columns; its own generator when `generator` is a list of one per row). The first call (prefill)
+    runs the prompts and gives the first token; with kv_cache every later call feeds only the newest
+    column. Without it, every call feeds the whole canvas so far (the reference the cache must reproduce)."""
     if layout.anchor < 1:
         raise ValueError("autoregressive decoding needs at least one prompt token per request")
+    B, T = layout.x.shape
+    generators = generator if isinstance(generator, (list, tuple)) else [generator] * B
+    rows = ARRows(model, vocab_limit, capacity=B, width=T, kv_cache=kv_cache)
+    starts, gen_starts = layout.key_starts.tolist(), layout.gen_starts.tolist()
+    slot_of = [rows.add(layout.x[b, starts[b]:gen_starts[b]].tolist(), layout.gen_lens[b], sampler, generators[b],
+                        stop_id) for b in range(B)]
+    row_of = {s: b for b, s in enumerate(slot_of)}
     x = layout.x.clone()
-    runner = ModelRunner(model, layout, x)
-    B = x.size(0)
-    dev = x.device
-    gen_lens = torch.tensor(layout.gen_lens, device=dev)
-    produced = torch.zeros(B, dtype=torch.long, device=dev)
-    steps = torch.zeros(B, dtype=torch.long)
-    active = torch.arange(B, device=dev)  # rows still generating
-    cache = RowKVCache(B, x.size(1)) if kv_cache else None  # columns [0, col - 1) of every active row
-    col = layout.anchor  # the column the next token goes to
-    while active.numel() > 0:
-        if cache is None:
-            h, _ = runner.hidden(active, 0, col)
-        else:  # the prefill feeds the prompts, every later call the newest column
-            q_lo = cache.length(active)
-            h, new = runner.hidden(active, q_lo, col, cache.get(active))
-            cache.write(active, new, q_lo, col - q_lo)
-        tokens, _ = predict_tokens(model, h[:, -1], vocab_limit, sampler, generator)  # (R,)
-        x[active, col] = tokens
-        produced[active] += 1
-        steps[active.cpu()] += 1
-        finished = produced[active] >= gen_lens[active]
-        if stop_id is not None:
-            finished |= tokens == stop_id
+    nfe, steps = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    calls = 0
+
+    def write_back(slots):  # the rows' tokens into the layout's (left-padded) canvas
+        for s, ids in zip(slots, rows.generated(slots)):
+            b = row_of[s]
+            x[b, gen_starts[b]:gen_starts[b] + len(ids)] = torch.tensor(ids, dtype=torch.long, device=x.device)
+            nfe[b], steps[b] = rows.rows[s].nfe, rows.rows[s].steps
+
+    while rows.active:
+        results = [call.run(model) for call in rows.prepare()]
+        calls += len(results)
+        stepped, finished = rows.commit(results)
+        write_back(stepped if on_step is not None else finished)
         if on_step is not None:
-            on_step(x, DecodeResult(x, runner.nfe, steps, runner.calls, layout))
-        active = active[~finished]
-        col += 1
+            on_step(x, DecodeResult(x, nfe, steps, calls, layout))
+        for s in finished:
+            rows.remove(s)
     # columns a row never reached (it stopped at EOT) hold the layout's filler; mark where it stopped
-    gen = layout.gen & (torch.arange(x.size(1), device=dev)[None, :] < (layout.gen_starts + produced)[:, None])
-    return DecodeResult(x, runner.nfe, steps, runner.calls, Layout(**{**layout.__dict__, "gen": gen}))
+    gen = layout.gen & (torch.arange(T, device=x.device)[None, :] < (layout.gen_starts + steps.to(x.device))[:, None])
+    return DecodeResult(x, nfe, steps, calls, Layout(**{**layout.__dict__, "gen": gen}))

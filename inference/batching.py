@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from inference.sampling import predict_tokens
 from kernels.attention import AttentionMask
 
 
@@ -202,3 +203,89 @@ class RowKVCache:
             v[index, :, q_lo:q_lo + n] = nv[:, :, :n]
         for r in ids:
             self.lengths[r] = q_lo + n
+
+
+# ----------------------------------------------------------------------------- rows at steps of their own
+@dataclass
+class RowsCall:
+    """One model call of a step of `RowSlots`: `run(model)` is model.hidden_states on these fields."""
+
+    slots: list[int]  # the rows fed, in the order of idx's rows
+    idx: torch.Tensor  # (R, W) ids
+    mask: Optional[AttentionMask] = None  # None: the model's own (no padding, no past)
+    past_kv: Optional[list] = None  # one (k, v) per layer, (R, H, P, D)
+    positions: Optional[torch.Tensor] = None  # (R, W); None: P, P + 1, ...
+
+    def run(self, model):
+        return model.hidden_states(self.idx, mask=self.mask, past_kv=self.past_kv, positions=self.positions)
+
+
+class RowSlots:
+    """Up to `capacity` independent rows, each a canvas of its own of at most `width` columns (from column
+    0), decoded step by step, every row at its own point of its own decode: what a server runs, rows
+    joining and leaving at any step. A subclass (`AncestralRows`, `ARRows`) holds a rule: `prepare` returns
+    a step's model calls (`RowsCall`, run by the caller, merged with others if it likes) and `commit` takes
+    their results, commits every row's tokens and says which rows finished.
+
+    Each row has its own sampler and random generator: `_sample` samples the positions of many rows in one
+    output layer and sampling call per sampler, each row drawing from its generator exactly what it would
+    draw alone (`inference.sampling.predict_tokens`)."""
+
+    def __init__(self, model, vocab_limit: int, capacity: int, width: int):
+        self.model, self.vocab_limit = model, vocab_limit
+        self.device = next(model.parameters()).device
+        self.x = torch.zeros(capacity, width, dtype=torch.long, device=self.device)  # (N, W) every row's canvas
+        self.rows: dict = {}  # slot -> the row's state (a subclass's dataclass with gen_start, length, sampler, generator)
+        self._free = list(range(capacity - 1, -1, -1))
+        self._calls: list[RowsCall] = []  # prepare's calls, until commit
+        self.calls = 0  # model calls asked for
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    @property
+    def has_room(self) -> bool:
+        return bool(self._free)
+
+    def _take_slot(self, canvas: list[int], prompt_len: int, gen_len: int) -> int:
+        """A free slot holding `canvas` from column 0 (checked: it fits, it generates something)."""
+        if not self._free:
+            raise RuntimeError(f"all {self.x.size(0)} rows are taken")
+        if len(canvas) > self.x.size(1) or gen_len < 1 or prompt_len + gen_len > self.x.size(1):
+            raise ValueError(f"a row of {prompt_len} + {gen_len} columns does not fit {self.x.size(1)} columns")
+        slot = self._free.pop()
+        self.x[slot, :len(canvas)] = torch.tensor(canvas, dtype=torch.long).to(self.device)
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """The row leaves (finished or cancelled), between a commit and the next prepare."""
+        del self.rows[slot]
+        self._free.append(slot)
+
+    def generated(self, slots: list[int]) -> list[list[int]]:
+        """Each row's generated ids so far (columns gen_start to its length), one host copy for all."""
+        if not slots:
+            return []
+        canvases = self.x[torch.tensor(slots, device=self.device)].tolist()
+        return [c[self.rows[s].gen_start:self.rows[s].length] for s, c in zip(slots, canvases)]
+
+    def _sample(self, slots: list[int], counts: list[int], states: torch.Tensor) -> torch.Tensor:
+        """states (N, C): counts[i] positions of slots[i], row after row -> their tokens (N,)."""
+        groups: dict = {}
+        for i, s in enumerate(slots):
+            groups.setdefault(self.rows[s].sampler, []).append(i)
+        if len(groups) == 1:
+            sampler = next(iter(groups))
+            return predict_tokens(self.model, states, self.vocab_limit, sampler,
+                                  [self.rows[s].generator for s in slots], counts)[0]
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        tokens = torch.empty(states.size(0), dtype=torch.long, device=states.device)
+        for sampler, members in groups.items():  # rows with the same sampling knobs draw in one go
+            index = torch.tensor([j for i in members for j in range(starts[i], starts[i + 1])], device=states.device)
+            tokens[index] = predict_tokens(self.model, states[index], self.vocab_limit, sampler,
+                                           [self.rows[slots[i]].generator for i in members],
+                                           [counts[i] for i in members])[0]
+        return tokens

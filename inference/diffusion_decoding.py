@@ -31,7 +31,6 @@ import torch
 from inference.ancestral_rows import AncestralRows, ancestral_commit_probability
 from inference.batching import Layout, ModelRunner, RowKVCache
 from inference.sampling import Sampler, predict_tokens
-from kernels.attention import AttentionMask
 from models.diffusion import NoiseSchedule, align_predictions
 
 StepHook = Callable[[torch.Tensor, "DecodeResult"], None]  # (canvas x, partial result) after each step
@@ -362,13 +361,9 @@ def _decode_ancestral_rows(model, layout: Layout, num_steps, schedule: NoiseSche
             nfe[b], steps[b] = rows.rows[s].nfe, rows.rows[s].steps
 
     while rows.active:
-        hs = []
-        for call in rows.prepare():  # one call (or none)
-            mask = None if call.key_lengths is None else AttentionMask(
-                kind=model.config.attention, block_length=model.config.block_length, key_lengths=call.key_lengths)
-            hs.append(model.hidden_states(call.idx, mask=mask)[0])
-            calls += 1
-        stepped, finished = rows.commit(hs)
+        results = [call.run(model) for call in rows.prepare()]  # one call (or none)
+        calls += len(results)
+        stepped, finished = rows.commit(results)
         if on_step is not None:
             write_back(stepped)
             on_step(x, DecodeResult(x, nfe, steps, calls, layout))

@@ -1,16 +1,17 @@
 """Step-level continuous batching: many decodes, few model calls per step.
 
 Serving is decoding plus a scheduler, in two ways. Ancestral rows over the whole canvas (the MDLM default)
-are rows of the scheduler's `AncestralRows` (inference/ancestral_rows.py, the class `generate` decodes
-ancestral batches with): each step the scheduler thread takes their calls from it and lets it commit every
-row at once, one output layer and sampling for all of them. Every other row (one choice of one request)
-runs the ordinary batch decoder, `inference.api.generate_with_stats`, on its own one-row canvas in its own
-thread, so every rule (topk, random, threshold, blocks, ar, BD3-LM's blocks), its commit logic, its random
+and AR rows with their KV cache (the AR default) are rows of the scheduler's `AncestralRows` / `ARRows`
+(inference/ancestral_rows.py, inference/ar_decoding.py: the classes `generate` decodes such batches with):
+each step the scheduler thread takes their calls from it and lets it commit every row at once, one output
+layer and sampling for all of them. Every other row (one choice of one request) runs the ordinary batch
+decoder, `inference.api.generate_with_stats`, on its own one-row canvas in its own thread, so every rule
+(topk, random, threshold, blocks, BD3-LM's blocks, uncached ar), its commit logic, its random
 generator, its KV cache and its stop rule are the decoder's own: the scheduler adds no decoding logic. What
 it changes is the model the decoder sees. A `RowModel` stands in for the real model: when a decoder asks
 for hidden states it hands the call to the scheduler and waits. The scheduler waits until every thread
-row has either asked for its next call or finished, adds the ancestral rows' calls, runs the calls
-together, commits the ancestral rows and hands each thread row its slice:
+row has either asked for its next call or finished, adds the ancestral / AR rows' calls, runs the calls
+together, commits those rows and hands each thread row its slice:
 
     step k     row A (topk, step 7 of 12)   row B (ar, token 30, cached)   row C (blocks, block 3, cached)
                canvas [a a a M a M]          past 29 cols + [b]             past 16 cols + [c c M M M M M M]
@@ -27,7 +28,7 @@ Python work never contends for the GIL.
 
 A row therefore computes what it computes alone: for a deterministic rule (temperature 0) the output
 of a request is the same whether it was decoded alone or alongside others, and with a seed a sampled
-output is the same too (each row has its own generator, seeded from its request; an ancestral row draws
+output is the same too (each row has its own generator, seeded from its request; an ancestral or AR row draws
 from it exactly what it draws alone).
 
 Which calls share a forward: all of them but calls the mask cannot shift exactly (`merge_key`: a
@@ -50,6 +51,7 @@ from typing import Callable, Optional
 import torch
 
 from inference.ancestral_rows import AncestralRows
+from inference.ar_decoding import ARRows
 from inference.api import (Completion, DecodeOptions, StepInfo, block_alignment, completion_from_ids, encode_requests,
                            generate_with_stats, model_kind)
 from kernels.attention import AttentionMask
@@ -143,10 +145,11 @@ class Row:
         self.cancelled = False
         self.call: Optional[_Call] = None
         self.enqueued_at = time.perf_counter()
-        self.slot: Optional[int] = None  # its slot in the scheduler's AncestralRows; None: a row with a thread
-        self.prompt_ids: list[int] = []  # rows of AncestralRows: what the thread's decoder would hold
+        self.slot: Optional[int] = None  # its slot in the scheduler's rows (RowSlots); None: a row with a thread
+        self.prompt_ids: list[int] = []  # rows of RowSlots: what the thread's decoder would hold
         self.started = 0.0
         self.watch: Optional[StopWatch] = None
+        self.strategy = ""
 
 
 class RowModel:
@@ -202,7 +205,7 @@ class StepScheduler:
         self.forward_s = 0.0  # time spent in model calls
         self.cached_row_calls = 0  # rows that came with a KV cache (queries after column 0)
         self.mixed_past_calls = 0  # merged calls whose rows had past KV of different lengths
-        self.rows: Optional[AncestralRows] = None  # the rows decoded by ancestral sampling (created on first use)
+        self.rows = None  # AncestralRows or ARRows: the rows decoded as one batch (created on first use)
         self._by_slot: dict[int, Row] = {}  # their slots
         # a separate model call costs about what this many extra row-columns do; partition_by_width uses it
         # to decide when padding a short call to a wide one is cheaper than a call of its own. It depends
@@ -330,32 +333,44 @@ class StepScheduler:
             threading.Thread(target=self._run_row, args=(row,), name="row", daemon=True).start()
             self._resume(row)  # its prompt is encoded and its first call posted before the next row starts
 
-    # ------------------------------------------------------------------ rows decoded by AncestralRows
+    # ------------------------------------------------------------------ rows decoded as RowSlots
     def _decoded_as_rows(self, options: DecodeOptions) -> bool:
-        """Ancestral sampling over the whole canvas (the MDLM default) runs in the scheduler's AncestralRows;
-        block-wise rules (and BD3-LM's block-by-block sampler, with its KV cache) run in a thread each."""
-        return (model_kind(self.model) == "diffusion" and block_alignment(self.model) == 0
-                and options.for_model(self.model).strategy == "ancestral")
+        """Ancestral sampling over the whole canvas (the MDLM default) runs in the scheduler's AncestralRows,
+        AR decoding with its KV cache (the default) in its ARRows; block-wise rules (and BD3-LM's block by
+        block sampler, with its KV cache) and uncached AR run in a thread each."""
+        options = options.for_model(self.model)
+        if model_kind(self.model) == "ar":
+            return options.kv_cache
+        return block_alignment(self.model) == 0 and options.strategy == "ancestral"
 
     def _add_to_rows(self, row: Row) -> None:
         """Give the row a slot in `rows`, with what generate_with_stats would decode it with alone: its
-        prompt, the default of L time steps, its schedule and sampler, a generator seeded with its seed."""
+        prompt, its sampler, a generator seeded with its seed; ancestral: the default of L time steps and
+        its schedule; AR: EOT as its stop token when stop_at_eot."""
         spec = row.spec
         try:
             options = spec.options.for_model(self.model)
+            ar = model_kind(self.model) == "ar"
             if self.rows is None:
-                self.rows = AncestralRows(self.model, self.tokenizer.mask_id, self.tokenizer.vocab_size,
-                                          capacity=self.max_rows, width=self.model.config.block_size)
+                cfg = self.model.config
+                self.rows = (ARRows(self.model, self.tokenizer.vocab_size, self.max_rows, cfg.block_size) if ar else
+                             AncestralRows(self.model, self.tokenizer.mask_id, self.tokenizer.vocab_size,
+                                           self.max_rows, cfg.block_size))
             prompt_ids = encode_requests(self.model, self.tokenizer, [spec.prompt], [spec.max_new_tokens])[0].prompt_ids
             generator = torch.Generator(device=self.rows.device).manual_seed(options.seed)
-            row.slot = self.rows.add(prompt_ids, spec.max_new_tokens, options.steps or spec.max_new_tokens,
-                                     NoiseSchedule(options.schedule), options.sampler(), generator)
+            stop_id = self.tokenizer.eot_id if options.stop_at_eot else None
+            if ar:
+                row.slot = self.rows.add(prompt_ids, spec.max_new_tokens, options.sampler(), generator, stop_id)
+            else:
+                row.slot = self.rows.add(prompt_ids, spec.max_new_tokens, options.steps or spec.max_new_tokens,
+                                         NoiseSchedule(options.schedule), options.sampler(), generator)
         except BaseException as e:  # noqa: BLE001 - the row's client gets the error, the server lives on
             self._running.discard(row)
             row.on_event("error", e)
             return
         row.prompt_ids, row.started = prompt_ids, time.perf_counter()
         row.watch = StopWatch(spec.stop, self.tokenizer, options.stop_at_eot)
+        row.strategy = options.strategy
         self._by_slot[row.slot] = row
 
     def _leave_rows(self, row: Row, kind: str, payload) -> None:
@@ -368,12 +383,12 @@ class StepScheduler:
         row.on_event(kind, payload)
 
     def _rows_calls(self) -> list[_Call]:
-        """This step's model calls of `rows` (AncestralRows.prepare, split by width where padding the short
+        """This step's model calls of `rows` (prepare, its wide calls split by width where padding the short
         rows would cost more than a call: `partition_widths`), as calls the step can merge with others."""
         cfg = self.model.config
-        split = lambda lengths: partition_widths(lengths, [1] * len(lengths), self.call_overhead_tokens)  # noqa: E731
-        return [_Call(c.idx, AttentionMask(kind=cfg.attention, block_length=cfg.block_length,
-                                           key_lengths=c.key_lengths), None, None)
+        split = lambda widths: partition_widths(widths, [1] * len(widths), self.call_overhead_tokens)  # noqa: E731
+        return [_Call(c.idx, c.mask or AttentionMask(kind=cfg.attention, block_length=cfg.block_length),
+                      c.past_kv, c.positions)
                 for c in self.rows.prepare(split)]
 
     def _commit_rows(self, calls: list[_Call]) -> None:
@@ -382,7 +397,7 @@ class StepScheduler:
         if failed is not None:  # a model call failed: fail every row of this step
             self._fail_rows(failed)
             return
-        stepped, finished = self.rows.commit([c.result[0] for c in calls])
+        stepped, finished = self.rows.commit([c.result for c in calls])
         watched = [s for s in stepped if self._by_slot[s].spec.report_steps or self._by_slot[s].spec.stop]
         read = sorted(set(watched) | set(finished))
         ids = dict(zip(read, self.rows.generated(read)))  # one host copy for every row that needs its ids
@@ -400,7 +415,7 @@ class StepScheduler:
                 done.add(slot)
                 ids[slot] = hit.ids
             if slot in done:
-                completion = completion_from_ids(row.spec.prompt, row.prompt_ids, ids[slot], "ancestral", state.nfe,
+                completion = completion_from_ids(row.spec.prompt, row.prompt_ids, ids[slot], row.strategy, state.nfe,
                                                  state.steps, time.perf_counter() - row.started, self.tokenizer,
                                                  row.watch.eot_id)
                 self._leave_rows(row, "done", completion)
@@ -561,7 +576,9 @@ class StepScheduler:
         self.rows_per_call[n_rows] += 1
         offsets = [c.mask.q_offset if c.mask is not None else 0 for c in calls]
         self.cached_row_calls += sum(c.idx.size(0) for c, q in zip(calls, offsets) if q > 0)
-        if len(set(offsets)) > 1:
+        # pasts of different lengths: calls with different offsets, or one call of ARRows whose rows' pasts
+        # were right-aligned to the longest (the columns before a shorter one hidden by key_starts)
+        if len(set(offsets)) > 1 or any(c.past_kv is not None and c.mask.key_starts is not None for c in calls):
             self.mixed_past_calls += 1
 
 

@@ -14,8 +14,8 @@ from inference.diffusion_decoding import (CommitRandom, CommitThreshold, CommitT
 from inference.api import DECODERS, STRATEGIES, DecodeOptions, generate, generate_with_stats
 from inference import sampling
 from inference.ancestral_rows import AncestralRows
+from inference.ar_decoding import ARRows
 from inference.sampling import Sampler, filter_logits, inverse_cdf, predict_tokens, sample_from_logits
-from kernels.attention import AttentionMask
 from models.diffusion import NoiseSchedule
 from models.gpt import GPT, GPTConfig
 from models.tokenizer import get_tokenizer
@@ -116,15 +116,18 @@ def test_prompt_tokens_are_never_changed_and_no_mask_survives(model_name, rule):
 
 
 # ----------------------------------------------------------------------------- rows at steps of their own
-def test_ancestral_requests_decode_the_same_in_any_batch():
-    """Over the whole canvas, request i of a call draws from its own generator, seeded seed + i: sampled,
-    it decodes the same in a batch of five as alone with seed + i (one generator shared by the batch would
-    hand it other draws)."""
-    model = tiny_model()
-    kw = dict(temperature=0.9, top_k=20, steps=10, stop_at_eot=False)
-    batched = generate_with_stats(model, TOK, PROMPTS, LENGTHS, "ancestral", batch_size=5, seed=3, **kw)
+@pytest.mark.parametrize("strategy,attention,knobs", [("ancestral", "bidirectional", dict(steps=10)),
+                                                      ("ar", "causal", dict(kv_cache=True)),
+                                                      ("ar", "causal", dict(kv_cache=False))])
+def test_sampled_requests_decode_the_same_in_any_batch(strategy, attention, knobs):
+    """AR and ancestral sampling over the whole canvas decode rows at steps of their own, and request i of
+    a call draws from its own generator, seeded seed + i: sampled, it decodes the same in a batch of five
+    as alone with seed + i (one generator shared by the batch would hand it other draws)."""
+    model = tiny_model(attention)
+    kw = dict(temperature=0.9, top_k=20, stop_at_eot=False, **knobs)
+    batched = generate_with_stats(model, TOK, PROMPTS, LENGTHS, strategy, batch_size=5, seed=3, **kw)
     for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS)):
-        alone = generate_with_stats(model, TOK, [p], n, "ancestral", seed=3 + i, **kw)[0]
+        alone = generate_with_stats(model, TOK, [p], n, strategy, seed=3 + i, **kw)[0]
         assert (batched[i].token_ids, batched[i].nfe, batched[i].steps) == (alone.token_ids, alone.nfe, alone.steps)
 
 
@@ -148,9 +151,7 @@ def test_ancestral_rows_at_different_steps_each_decode_what_they_decode_alone():
         one_call_each = (lambda lengths: [[i] for i in range(len(lengths))]) if step % 2 else None
         calls = rows.prepare(one_call_each)
         most_calls = max(most_calls, len(calls))
-        hs = [model.hidden_states(c.idx, mask=None if c.key_lengths is None else
-                                  AttentionMask("bidirectional", key_lengths=c.key_lengths))[0] for c in calls]
-        stepped, finished = rows.commit(hs)
+        stepped, finished = rows.commit([c.run(model) for c in calls])
         for slot, ids in zip(finished, rows.generated(finished)):
             got[slot_case.pop(slot)] = (ids, rows.rows[slot].nfe, rows.rows[slot].steps)
             rows.remove(slot)
@@ -160,6 +161,35 @@ def test_ancestral_rows_at_different_steps_each_decode_what_they_decode_alone():
         alone = generate_with_stats(model, TOK, [prompt], n, "ancestral", steps=steps, schedule=schedule, seed=k,
                                     stop_at_eot=False, **knobs)[0]
         assert got[k] == (alone.token_ids, alone.nfe, alone.steps), f"case {k}"
+
+
+def test_ar_rows_of_different_lengths_each_decode_what_they_decode_alone():
+    """ARRows as a server drives it: rows join while others are mid-way (and when a slot frees up), their
+    cached pasts differ in length in every step call, prefills are split by width on some steps, samplers
+    differ between rows, EOT ends a row, and each row decodes what generate() decodes for it alone."""
+    model = tiny_model("causal")
+    cases = [("the cat", 12, dict(temperature=0.9, top_k=10)), ("a", 20, dict(temperature=0)),
+             ("hello world, how", 7, dict(temperature=1.0, top_p=0.8)), ("xyz", 30, dict(temperature=0.9, top_k=10))]
+    rows = ARRows(model, TOK.vocab_size, capacity=3, width=64)
+    waiting, slot_case, got, step, mixed = list(enumerate(cases)), {}, {}, 0, False
+    while waiting or rows.active:
+        while waiting and rows.has_room and step >= 3 * waiting[0][0]:  # case k joins at step 3k (or later)
+            k, (prompt, n, knobs) = waiting.pop(0)
+            slot_case[rows.add(TOK.encode(prompt), n, Sampler(**knobs), torch.Generator().manual_seed(k),
+                               stop_id=TOK.eot_id)] = k
+        calls = rows.prepare((lambda widths: [[i] for i in range(len(widths))]) if step % 2 else None)
+        mixed |= any(c.past_kv is not None and c.mask.key_starts is not None for c in calls)
+        stepped, finished = rows.commit([c.run(model) for c in calls])
+        for slot, ids in zip(finished, rows.generated(finished)):
+            got[slot_case.pop(slot)] = (ids, rows.rows[slot].nfe)
+            rows.remove(slot)
+        step += 1
+    assert mixed  # a step call held rows whose cached pasts differ in length
+    for k, (prompt, n, knobs) in enumerate(cases):
+        alone = generate_with_stats(model, TOK, [prompt], n, "ar", seed=k, stop_at_eot=False, **knobs)[0]
+        ids, nfe = got[k]
+        cut = ids.index(TOK.eot_id) + 1 if TOK.eot_id in ids else len(ids)  # this row stopped at EOT
+        assert ids == alone.token_ids[:cut] and nfe == cut
 
 
 def test_runs_of_positions_sampled_together_draw_what_each_draws_alone(monkeypatch):

@@ -26,7 +26,9 @@ import pytest
 import torch
 
 from common.ports import free_port
+from inference.ancestral_rows import AncestralRows
 from inference.api import DecodeOptions, generate_with_stats
+from inference.ar_decoding import ARRows
 from inference.loading import load_model
 from inference.scheduler import RowSpec, StepScheduler, server_options
 from models.gpt import GPT, GPTConfig
@@ -231,27 +233,29 @@ def test_rows_run_one_at_a_time_between_model_calls():
     assert most[0] == 1, f"{most[0]} rows ran their step at the same time"
 
 
-def test_ancestral_rows_share_one_output_layer_and_sampling_per_step(monkeypatch):
-    """Rows decoded by ancestral sampling (the MDLM default) run in the scheduler's AncestralRows, not in a
-    thread each: a step predicts the tokens of all its rows at once (one output layer and sampling per
-    sampler, not one per row), and they still equal each row decoded alone (the test above)."""
-    import inference.ancestral_rows as ancestral_rows
-    model = tiny("bidirectional")
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_rows_of_the_default_rule_share_one_output_layer_and_sampling_per_step(monkeypatch, attention):
+    """Rows decoded by ancestral sampling (the MDLM default) or AR with its cache (the AR default) run in the
+    scheduler's AncestralRows / ARRows, not in a thread each: a step predicts the tokens of all its rows at
+    once (one output layer and sampling per sampler, not one per row), and each equals its row alone."""
+    import inference.batching as batching
+    model = tiny(attention)
     per_step, predicted = [], [0]
-    predict, commit = ancestral_rows.predict_tokens, ancestral_rows.AncestralRows.commit
+    kind = ARRows if attention == "causal" else AncestralRows
+    predict, commit = batching.predict_tokens, kind.commit
 
     def counting_predict(*args, **kwargs):
         predicted[0] += 1
         return predict(*args, **kwargs)
 
-    def counting_commit(self, hs):
+    def counting_commit(self, results):
         before = predicted[0]
-        stepped, finished = commit(self, hs)
+        stepped, finished = commit(self, results)
         per_step.append((len(stepped), predicted[0] - before))
         return stepped, finished
-    monkeypatch.setattr(ancestral_rows, "predict_tokens", counting_predict)
-    monkeypatch.setattr(ancestral_rows.AncestralRows, "commit", counting_commit)
-    options = server_options(DecodeOptions(temperature=0.9, top_k=20).for_model(model))  # ancestral: the default
+    monkeypatch.setattr(batching, "predict_tokens", counting_predict)
+    monkeypatch.setattr(kind, "commit", counting_commit)
+    options = server_options(DecodeOptions(temperature=0.9, top_k=20).for_model(model), model)  # its default rule
     specs = [RowSpec(p, n, replace(options, seed=i)) for i, (p, n) in enumerate([("the cat", 12), ("a", 20)] * 4)]
     alone = [generate_with_stats(model, TOK, [s.prompt], s.max_new_tokens, options=s.options)[0] for s in specs]
     got, scheduler = decode_together(model, specs, max_rows=8)
