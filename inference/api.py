@@ -36,9 +36,9 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 
 from inference.ar_decoding import decode_autoregressive
-from inference.batching import Layout, Request, build_layout, plan_batches
-from inference.diffusion_decoding import (CommitRandom, CommitThreshold, CommitTopK, DecodeResult, StepHook,
-                                          decode_ancestral, decode_by_confidence, steps_per_block)
+from inference.batching import DecodeResult, Layout, Request, StepHook, build_layout, plan_batches
+from inference.diffusion_decoding import (CommitRandom, CommitThreshold, CommitTopK, decode_ancestral,
+                                          decode_by_confidence, steps_per_block)
 from inference.sampling import Sampler
 from models.diffusion import NoiseSchedule
 

@@ -22,8 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from inference.batching import Layout, RowsCall, RowSlots
-from inference.diffusion_decoding import DecodeResult, StepHook
+from inference.batching import DecodeResult, Layout, RowsCall, RowSlots, StepHook, decode_rows
 from inference.sampling import Sampler
 from kernels.attention import AttentionMask
 
@@ -157,29 +156,9 @@ def decode_autoregressive(model, layout: Layout, sampler: Sampler, generator, vo
     B, T = layout.x.shape
     generators = generator if isinstance(generator, (list, tuple)) else [generator] * B
     rows = ARRows(model, vocab_limit, capacity=B, width=T, kv_cache=kv_cache)
-    starts, gen_starts = layout.key_starts.tolist(), layout.gen_starts.tolist()
-    slot_of = [rows.add(layout.x[b, starts[b]:gen_starts[b]].tolist(), layout.gen_lens[b], sampler, generators[b],
-                        stop_id) for b in range(B)]
-    row_of = {s: b for b, s in enumerate(slot_of)}
-    x = layout.x.clone()
-    nfe, steps = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    calls = 0
-
-    def write_back(slots):  # the rows' tokens into the layout's (left-padded) canvas
-        for s, ids in zip(slots, rows.generated(slots)):
-            b = row_of[s]
-            x[b, gen_starts[b]:gen_starts[b] + len(ids)] = torch.tensor(ids, dtype=torch.long, device=x.device)
-            nfe[b], steps[b] = rows.rows[s].nfe, rows.rows[s].steps
-
-    while rows.active:
-        results = [call.run(model) for call in rows.prepare()]
-        calls += len(results)
-        stepped, finished = rows.commit(results)
-        write_back(stepped if on_step is not None else finished)
-        if on_step is not None:
-            on_step(x, DecodeResult(x, nfe, steps, calls, layout))
-        for s in finished:
-            rows.remove(s)
+    res = decode_rows(model, rows, layout, lambda b, prompt_ids: rows.add(
+        prompt_ids, layout.gen_lens[b], sampler, generators[b], stop_id), on_step)
     # columns a row never reached (it stopped at EOT) hold the layout's filler; mark where it stopped
-    gen = layout.gen & (torch.arange(T, device=x.device)[None, :] < (layout.gen_starts + steps.to(x.device))[:, None])
-    return DecodeResult(x, nfe, steps, calls, Layout(**{**layout.__dict__, "gen": gen}))
+    gen = layout.gen & (torch.arange(T, device=res.x.device)[None, :]
+                        < (layout.gen_starts + res.steps.to(res.x.device))[:, None])
+    return DecodeResult(res.x, res.nfe, res.steps, res.calls, Layout(**{**layout.__dict__, "gen": gen}))

@@ -20,7 +20,7 @@ own blocks, and the first generated position of every row falls in the same canv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -51,6 +51,18 @@ class Layout:
     @property
     def batch_size(self) -> int:
         return self.x.size(0)
+
+
+@dataclass
+class DecodeResult:
+    x: torch.Tensor  # (B, T) final canvas
+    nfe: torch.Tensor  # (B,) model calls each row took part in
+    steps: torch.Tensor  # (B,) decoding steps each row took (ancestral: time steps, cached ones too)
+    calls: int  # model calls for the whole batch
+    layout: Layout
+
+
+StepHook = Callable[[torch.Tensor, DecodeResult], None]  # (canvas x, partial result) after each step
 
 
 def left_pads(prompt_lens: list[int], align: int) -> tuple[list[int], int]:
@@ -289,3 +301,32 @@ class RowSlots:
                                            [self.rows[slots[i]].generator for i in members],
                                            [counts[i] for i in members])[0]
         return tokens
+
+
+def decode_rows(model, rows: RowSlots, layout: Layout, add_row: Callable[[int, list[int]], int],
+                on_step: Optional[StepHook] = None) -> DecodeResult:
+    """Decode every row of a layout as a row of `rows` (add_row(b, prompt ids) adds row b and returns its
+    slot) to the end; the result on the layout's (left-padded) canvas, as the batch decoders return it."""
+    B = layout.batch_size
+    starts, gen_starts = layout.key_starts.tolist(), layout.gen_starts.tolist()
+    row_of = {add_row(b, layout.x[b, starts[b]:gen_starts[b]].tolist()): b for b in range(B)}
+    x = layout.x.clone()
+    nfe, steps = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    calls = 0
+
+    def write_back(slots):  # the rows' tokens into the layout's canvas
+        for s, ids in zip(slots, rows.generated(slots)):
+            b = row_of[s]
+            x[b, gen_starts[b]:gen_starts[b] + len(ids)] = torch.tensor(ids, dtype=torch.long, device=x.device)
+            nfe[b], steps[b] = rows.rows[s].nfe, rows.rows[s].steps
+
+    while rows.active:
+        results = [call.run(model) for call in rows.prepare()]
+        calls += len(results)
+        stepped, finished = rows.commit(results)
+        write_back(stepped if on_step is not None else finished)
+        if on_step is not None:
+            on_step(x, DecodeResult(x, nfe, steps, calls, layout))
+        for s in finished:
+            rows.remove(s)
+    return DecodeResult(x, nfe, steps, calls, layout)

@@ -23,27 +23,14 @@ request needs at least one prompt token, and a call must feed the column before 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from inference.ancestral_rows import AncestralRows, ancestral_commit_probability
-from inference.batching import Layout, ModelRunner, RowKVCache
+from inference.batching import DecodeResult, Layout, ModelRunner, RowKVCache, StepHook, decode_rows
 from inference.sampling import Sampler, predict_tokens
 from models.diffusion import NoiseSchedule, align_predictions
-
-StepHook = Callable[[torch.Tensor, "DecodeResult"], None]  # (canvas x, partial result) after each step
-
-
-@dataclass
-class DecodeResult:
-    x: torch.Tensor  # (B, T) final canvas
-    nfe: torch.Tensor  # (B,) model calls each row took part in
-    steps: torch.Tensor  # (B,) decoding steps each row took (ancestral: time steps, cached ones too)
-    calls: int  # model calls for the whole batch
-    layout: Layout
-
 
 def select_most_confident(conf: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """conf (R, T) with -inf where no token may be committed, n (R,) -> (R, T) bool: the n[r] most
@@ -346,29 +333,5 @@ def _decode_ancestral_rows(model, layout: Layout, num_steps, schedule: NoiseSche
     generators = generator if isinstance(generator, (list, tuple)) else [generator] * B
     row_steps = num_steps.tolist() if isinstance(num_steps, torch.Tensor) else [int(num_steps)] * B
     rows = AncestralRows(model, mask_id, vocab_limit, capacity=B, width=T)
-    starts, gen_starts = layout.key_starts.tolist(), layout.gen_starts.tolist()
-    slot_of = [rows.add(layout.x[b, starts[b]:gen_starts[b]].tolist(), layout.gen_lens[b], row_steps[b], schedule,
-                        sampler, generators[b]) for b in range(B)]
-    row_of = {s: b for b, s in enumerate(slot_of)}
-    x = layout.x.clone()
-    nfe, steps = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    calls = 0
-
-    def write_back(slots):  # the rows' canvases into the layout's (left-padded) canvas
-        for s, ids in zip(slots, rows.generated(slots)):
-            b = row_of[s]
-            x[b, gen_starts[b]:gen_starts[b] + len(ids)] = torch.tensor(ids, device=x.device)
-            nfe[b], steps[b] = rows.rows[s].nfe, rows.rows[s].steps
-
-    while rows.active:
-        results = [call.run(model) for call in rows.prepare()]  # one call (or none)
-        calls += len(results)
-        stepped, finished = rows.commit(results)
-        if on_step is not None:
-            write_back(stepped)
-            on_step(x, DecodeResult(x, nfe, steps, calls, layout))
-        else:
-            write_back(finished)
-        for s in finished:
-            rows.remove(s)
-    return DecodeResult(x, nfe, steps, calls, layout)
+    return decode_rows(model, rows, layout, lambda b, prompt_ids: rows.add(
+        prompt_ids, layout.gen_lens[b], row_steps[b], schedule, sampler, generators[b]), on_step)
