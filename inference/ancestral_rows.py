@@ -151,7 +151,7 @@ class AncestralRows(RowSlots):
         index = torch.tensor(slots, device=self.device)
         chosen = self.chosen[index]  # (R, W)
         rows, cols = chosen.nonzero(as_tuple=True)  # row-major: each row's positions together, rows in order
-        tokens = self._sample(slots, chosen.sum(1).tolist(), self.h[index[rows], cols])
+        tokens, _ = self._sample(slots, chosen.sum(1).tolist(), self.h[index[rows], cols])
         self.x[index[rows], cols] = tokens
         self.todo[index[rows], cols] = False
         for s in slots:

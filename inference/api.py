@@ -37,8 +37,8 @@ import torch
 
 from inference.ar_decoding import decode_autoregressive
 from inference.batching import DecodeResult, Layout, Request, StepHook, build_layout, plan_batches
-from inference.diffusion_decoding import (CommitRandom, CommitThreshold, CommitTopK, decode_ancestral,
-                                          decode_by_confidence, steps_per_block)
+from inference.commit_rules import CommitRandom, CommitThreshold, CommitTopK
+from inference.diffusion_decoding import decode_ancestral, decode_by_confidence, steps_per_block
 from inference.sampling import Sampler
 from models.diffusion import NoiseSchedule
 
@@ -354,8 +354,9 @@ def commit_rule(name: str, steps, tokens_per_step, threshold, generator):
 
 def request_generators(job: DecodeJob) -> list[torch.Generator]:
     """One generator per request, seeded seed + its index in the call: rules that decode rows at steps of
-    their own (AR, ancestral over the whole canvas) draw each request's numbers from its own, so its output
-    does not depend on batch_size or on the other requests (decode it alone with seed + index)."""
+    their own (AR, and ancestral / topk / random / threshold over the whole canvas) draw each request's
+    numbers from its own, so its output does not depend on batch_size or on the other requests (decode it
+    alone with seed + index)."""
     device = job.layout.x.device
     return [torch.Generator(device=device).manual_seed(job.options.seed + i) for i in job.request_ids]
 
@@ -383,7 +384,8 @@ def _decode_by_confidence(job: DecodeJob) -> DecodeResult:
         return _decode_blocks(job, rule=o.strategy)
     return decode_by_confidence(job.model, job.layout, commit_rule(o.strategy, o.steps, o.tokens_per_step,
                                                                    o.threshold, job.generator),
-                                job.sampler, job.generator, job.mask_id, job.vocab_limit, on_step=job.on_step)
+                                job.sampler, request_generators(job), job.mask_id, job.vocab_limit,
+                                on_step=job.on_step)
 
 
 def _decode_blocks(job: DecodeJob, rule: Optional[str] = None) -> DecodeResult:

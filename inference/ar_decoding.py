@@ -130,7 +130,7 @@ class ARRows(RowSlots):
             return [], []
         order = sorted(range(len(fed_slots)), key=fed_slots.__getitem__)  # the calls' rows in slot order
         states = torch.cat(states)[torch.tensor(order, device=dev)]  # (R, C)
-        tokens = self._sample(slots, [1] * len(slots), states)  # (R,)
+        tokens, _ = self._sample(slots, [1] * len(slots), states)  # (R,)
         index = torch.tensor(slots, device=dev)
         ends = torch.tensor([self.rows[s].length for s in slots], device=dev)
         self.x[index, ends] = tokens

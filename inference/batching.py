@@ -282,25 +282,28 @@ class RowSlots:
         canvases = self.x[torch.tensor(slots, device=self.device)].tolist()
         return [c[self.rows[s].gen_start:self.rows[s].length] for s, c in zip(slots, canvases)]
 
-    def _sample(self, slots: list[int], counts: list[int], states: torch.Tensor) -> torch.Tensor:
-        """states (N, C): counts[i] positions of slots[i], row after row -> their tokens (N,)."""
+    def _sample(self, slots: list[int], counts: list[int], states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states (N, C): counts[i] positions of slots[i], row after row -> their tokens (N,) and confidences (N,)."""
         groups: dict = {}
         for i, s in enumerate(slots):
             groups.setdefault(self.rows[s].sampler, []).append(i)
         if len(groups) == 1:
             sampler = next(iter(groups))
             return predict_tokens(self.model, states, self.vocab_limit, sampler,
-                                  [self.rows[s].generator for s in slots], counts)[0]
+                                  [self.rows[s].generator for s in slots], counts)
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
         tokens = torch.empty(states.size(0), dtype=torch.long, device=states.device)
+        conf = None
         for sampler, members in groups.items():  # rows with the same sampling knobs draw in one go
             index = torch.tensor([j for i in members for j in range(starts[i], starts[i + 1])], device=states.device)
-            tokens[index] = predict_tokens(self.model, states[index], self.vocab_limit, sampler,
-                                           [self.rows[slots[i]].generator for i in members],
-                                           [counts[i] for i in members])[0]
-        return tokens
+            t, c = predict_tokens(self.model, states[index], self.vocab_limit, sampler,
+                                  [self.rows[slots[i]].generator for i in members], [counts[i] for i in members])
+            if conf is None:
+                conf = c.new_empty(states.size(0))  # the dtype a call of its own returns
+            tokens[index], conf[index] = t, c
+        return tokens, conf
 
 
 def decode_rows(model, rows: RowSlots, layout: Layout, add_row: Callable[[int, list[int]], int],

@@ -29,96 +29,9 @@ import torch
 
 from inference.ancestral_rows import AncestralRows, ancestral_commit_probability
 from inference.batching import DecodeResult, Layout, ModelRunner, RowKVCache, StepHook, decode_rows
+from inference.confidence_rows import ConfidenceRows
 from inference.sampling import Sampler, predict_tokens
 from models.diffusion import NoiseSchedule, align_predictions
-
-def select_most_confident(conf: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """conf (R, T) with -inf where no token may be committed, n (R,) -> (R, T) bool: the n[r] most
-    confident candidates of each row (ties: the leftmost first)."""
-    order = torch.argsort(conf, dim=1, descending=True, stable=True)  # (R, T)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(conf.size(1), device=conf.device).expand_as(order))
-    return (ranks < n[:, None]) & torch.isfinite(conf)
-
-
-class CommitTopK:
-    """LLaDA low-confidence remasking: commit the k most confident masked tokens per step.
-
-    tokens_per_step=k: k per step, so a region of L masked tokens takes exactly ceil(L / k) calls.
-    steps=S:           the region's L tokens are spread evenly over min(S, L) steps (LLaDA's schedule:
-                       L // S per step, one more in the first L % S steps).
-    """
-
-    def __init__(self, steps=None, tokens_per_step: Optional[int] = None):
-        if (steps is None) == (tokens_per_step is None):
-            raise ValueError("CommitTopK needs exactly one of steps / tokens_per_step")
-        self.steps, self.k = steps, tokens_per_step  # steps: an int, or a (B,) tensor (one per row)
-        self.total = None
-
-    def begin(self, remaining: torch.Tensor) -> None:
-        self.total = remaining.clone()  # (B,) masked tokens of each row in this region
-
-    def choose(self, conf, rows, step):
-        if self.k is not None:
-            n = torch.full_like(step, self.k)
-        else:
-            total, steps = self.total[rows], _per_row(self.steps, rows)
-            n = total // steps + (step < total % steps).long()
-        return select_most_confident(conf, n.clamp(min=1))
-
-    def with_steps(self, steps) -> "CommitTopK":
-        return CommitTopK(steps=steps)
-
-
-class CommitRandom(CommitTopK):
-    """LLaDA's random remasking: commit k still-masked positions chosen uniformly at random per step
-    (same k / steps budget as CommitTopK). With k = 1 this is exact sampling from the model: a masked
-    diffusion model is an any-order autoregressive model, and drawing one token at a time in a random
-    order samples its joint without the independence error of committing several tokens at once. That
-    makes k = 1 the honest one-token-per-step baseline for every parallel rule."""
-
-    def __init__(self, generator: torch.Generator, steps=None, tokens_per_step: Optional[int] = None):
-        super().__init__(steps=steps, tokens_per_step=tokens_per_step)
-        self.generator = generator
-
-    def choose(self, conf, rows, step):
-        scores = torch.rand(conf.shape, generator=self.generator, device=conf.device)
-        return super().choose(scores.masked_fill(~torch.isfinite(conf), float("-inf")), rows, step)
-
-    def with_steps(self, steps) -> "CommitRandom":
-        return CommitRandom(self.generator, steps=steps)
-
-
-class CommitThreshold:
-    """Fast-dLLM: commit every masked token whose confidence exceeds tau, and at least one per step
-    (the most confident), so decoding always terminates. steps=S additionally caps the calls: a row
-    with m masked tokens and r steps left commits at least ceil(m / r)."""
-
-    def __init__(self, tau: float, steps=None):
-        if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {tau}")
-        self.tau, self.steps = tau, steps
-
-    def begin(self, remaining: torch.Tensor) -> None:
-        pass
-
-    def choose(self, conf, rows, step):
-        left = torch.isfinite(conf).sum(1)  # (R,)
-        if self.steps is None:
-            n_min = torch.ones_like(left)
-        else:
-            steps_left = (_per_row(self.steps, rows) - step).clamp(min=1)
-            n_min = torch.ceil(left / steps_left).long().clamp(min=1)
-        return (conf > self.tau) | select_most_confident(conf, n_min)
-
-    def with_steps(self, steps) -> "CommitThreshold":
-        return CommitThreshold(self.tau, steps=steps)
-
-
-def _per_row(steps, rows):
-    """A step budget that is one int for all rows or a (B,) tensor, for the rows being decoded."""
-    return steps[rows] if isinstance(steps, torch.Tensor) else steps
-
 
 def steps_per_block(layout: Layout, total_steps: int, block_length: int) -> torch.Tensor:
     """(B,) steps for each block of a row: `total_steps` spread over the blocks its generation spans
@@ -145,7 +58,10 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
                          on_step: Optional[StepHook] = None) -> DecodeResult:
     """Confidence-based decoding (rule = CommitTopK | CommitThreshold) of every masked position.
 
-    block_length=None: the whole generation is one region, every call sees the whole canvas.
+    block_length=None: the whole generation is one region, every call sees the whole canvas: the rows are
+                       decoded as `inference.confidence_rows.ConfidenceRows`, each at its own step;
+                       `generator` may be a list of one generator per row, and then each row decodes
+                       exactly what it decodes alone with its generator (whatever the batch).
     block_length=b:    semi-autoregressive: regions are canvas blocks [anchor + i b, anchor + (i+1) b),
                        decoded left to right; the rule restarts in each block. block_steps=S spreads S
                        steps over a row's blocks: ceil(S / its number of blocks) per block (replacing the
@@ -164,6 +80,14 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
     blocks cannot influence it), a bidirectional one the whole canvas.
     """
     check_first_token(model, layout)
+    if block_length is None:
+        if kv_cache:
+            raise ValueError("kv_cache needs semi-autoregressive blocks (block_length)")
+        B = layout.batch_size
+        generators = generator if isinstance(generator, (list, tuple)) else [generator] * B
+        rows = ConfidenceRows(model, mask_id, vocab_limit, capacity=B, width=layout.x.size(1))
+        return decode_rows(model, rows, layout, lambda b, prompt_ids: rows.add(
+            prompt_ids, layout.gen_lens[b], rule, sampler, generators[b]), on_step)
     x = layout.x.clone()
     runner = ModelRunner(model, layout, x)
     B, T = x.shape
@@ -174,13 +98,8 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
     steps = torch.zeros(B, dtype=torch.long)
     block_causal = runner.kind == "block_causal"
     shift = int(model.config.shift)  # 1: column c is predicted from the state of column c - 1
-    if block_length is None:
-        if kv_cache:
-            raise ValueError("kv_cache needs semi-autoregressive blocks (block_length)")
-        regions = [(0, T)]
-    else:
-        regions = [(lo, min(lo + block_length, T)) for lo in range(layout.anchor, T, block_length)]
-    if block_steps is not None and block_length is not None:
+    regions = [(lo, min(lo + block_length, T)) for lo in range(layout.anchor, T, block_length)]
+    if block_steps is not None:
         rule = rule.with_steps(steps_per_block(layout, block_steps, block_length))
     cache = RowKVCache(B, T) if kv_cache else None
 
@@ -196,7 +115,7 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
             rows = todo.any(1).nonzero().squeeze(1)  # (R,)
             if cache is None:
                 q_lo = 0
-                h, _ = runner.hidden(rows, 0, hi if (block_causal and block_length) else T)
+                h, _ = runner.hidden(rows, 0, hi if block_causal else T)
             elif block_causal:
                 q_lo = cache.length(rows)  # first call of a block: the previous block's `start`; then this one's
                 h, presents = runner.hidden(rows, q_lo, hi, cache.get(rows))

@@ -102,7 +102,7 @@ class SampleConfig:
     top_k: int = knob(DEFAULTS.top_k, "sample among the k most likely tokens (0 = all)")
     top_p: Optional[float] = knob(DEFAULTS.top_p, "nucleus sampling: keep the smallest set with mass >= p")
     stop_at_eot: bool = knob(DEFAULTS.stop_at_eot, "cut each text at its first EOT")
-    seed: int = knob(DEFAULTS.seed, "random seed of the sampler (ar, ancestral: request i draws from seed + i)")
+    seed: int = knob(DEFAULTS.seed, "random seed (request i draws from seed + i; block by block decoding: one stream)")
     # the output
     out: str = knob("", "also write one JSON line per sample (text, token ids, NFE, tokens/s) here")
     show_steps: bool = knob(False, "print the text after every decoding step (MASK shown as a placeholder)")

@@ -1,16 +1,17 @@
 """Step-level continuous batching: many decodes, few model calls per step.
 
-Serving is decoding plus a scheduler, in two ways. Ancestral rows over the whole canvas (the MDLM default)
-and AR rows with their KV cache (the AR default) are rows of the scheduler's `AncestralRows` / `ARRows`
-(inference/ancestral_rows.py, inference/ar_decoding.py: the classes `generate` decodes such batches with):
-each step the scheduler thread takes their calls from it and lets it commit every row at once, one output
-layer and sampling for all of them. Every other row (one choice of one request) runs the ordinary batch
-decoder, `inference.api.generate_with_stats`, on its own one-row canvas in its own thread, so every rule
-(topk, random, threshold, blocks, BD3-LM's blocks, uncached ar), its commit logic, its random
+Serving is decoding plus a scheduler, in two ways. Rows of a rule over the whole canvas of a bidirectional
+model (ancestral, the MDLM default; topk, random, threshold) and AR rows with their KV cache (the AR
+default) are rows of the scheduler's `RowSlots` of that kind (`AncestralRows`, `ConfidenceRows`, `ARRows`:
+the classes `generate` decodes such batches with): each step the scheduler thread takes their calls from
+them and lets them commit every row at once, one output layer and sampling for all of them. Every other
+row (one choice of one request) runs the ordinary batch decoder, `inference.api.generate_with_stats`, on
+its own one-row canvas in its own thread, so every such rule (blocks, every rule of a block-causal model,
+uncached ar), its commit logic, its random
 generator, its KV cache and its stop rule are the decoder's own: the scheduler adds no decoding logic. What
 it changes is the model the decoder sees. A `RowModel` stands in for the real model: when a decoder asks
 for hidden states it hands the call to the scheduler and waits. The scheduler waits until every thread
-row has either asked for its next call or finished, adds the ancestral / AR rows' calls, runs the calls
+row has either asked for its next call or finished, adds the RowSlots' calls, runs the calls
 together, commits those rows and hands each thread row its slice:
 
     step k     row A (topk, step 7 of 12)   row B (ar, token 30, cached)   row C (blocks, block 3, cached)
@@ -28,7 +29,7 @@ Python work never contends for the GIL.
 
 A row therefore computes what it computes alone: for a deterministic rule (temperature 0) the output
 of a request is the same whether it was decoded alone or alongside others, and with a seed a sampled
-output is the same too (each row has its own generator, seeded from its request; an ancestral or AR row draws
+output is the same too (each row has its own generator, seeded from its request; a row of a RowSlots draws
 from it exactly what it draws alone).
 
 Which calls share a forward: all of them but calls the mask cannot shift exactly (`merge_key`: a
@@ -52,8 +53,9 @@ import torch
 
 from inference.ancestral_rows import AncestralRows
 from inference.ar_decoding import ARRows
-from inference.api import (Completion, DecodeOptions, StepInfo, block_alignment, completion_from_ids, encode_requests,
-                           generate_with_stats, model_kind)
+from inference.confidence_rows import ConfidenceRows
+from inference.api import (Completion, DecodeOptions, StepInfo, block_alignment, commit_rule, completion_from_ids,
+                           encode_requests, generate_with_stats, model_kind)
 from kernels.attention import AttentionMask
 from models.diffusion import NoiseSchedule
 
@@ -145,7 +147,8 @@ class Row:
         self.cancelled = False
         self.call: Optional[_Call] = None
         self.enqueued_at = time.perf_counter()
-        self.slot: Optional[int] = None  # its slot in the scheduler's rows (RowSlots); None: a row with a thread
+        self.kind = ""  # which of the scheduler's RowSlots holds it (`StepScheduler._rows_kind`)
+        self.slot: Optional[int] = None  # its slot there; None: a row with a thread of its own
         self.prompt_ids: list[int] = []  # rows of RowSlots: what the thread's decoder would hold
         self.started = 0.0
         self.watch: Optional[StopWatch] = None
@@ -205,8 +208,8 @@ class StepScheduler:
         self.forward_s = 0.0  # time spent in model calls
         self.cached_row_calls = 0  # rows that came with a KV cache (queries after column 0)
         self.mixed_past_calls = 0  # merged calls whose rows had past KV of different lengths
-        self.rows = None  # AncestralRows or ARRows: the rows decoded as one batch (created on first use)
-        self._by_slot: dict[int, Row] = {}  # their slots
+        self.row_sets: dict = {}  # kind -> RowSlots (AncestralRows, ConfidenceRows, ARRows), created on first use
+        self._by_slot: dict[tuple, Row] = {}  # (kind, slot) -> the row
         # a separate model call costs about what this many extra row-columns do; partition_by_width uses it
         # to decide when padding a short call to a wide one is cheaper than a call of its own. It depends
         # on the device: `measure_call_overhead` (the server measures it at startup) found ~16 on a CPU
@@ -327,113 +330,130 @@ class StepScheduler:
                 row.on_event("error", Cancelled())
                 continue
             self._running.add(row)
-            if self._decoded_as_rows(row.spec.options):
-                self._add_to_rows(row)
+            kind = self._rows_kind(row.spec.options)
+            if kind is not None:
+                self._add_to_rows(row, kind)
                 continue
             threading.Thread(target=self._run_row, args=(row,), name="row", daemon=True).start()
             self._resume(row)  # its prompt is encoded and its first call posted before the next row starts
 
     # ------------------------------------------------------------------ rows decoded as RowSlots
-    def _decoded_as_rows(self, options: DecodeOptions) -> bool:
-        """Ancestral sampling over the whole canvas (the MDLM default) runs in the scheduler's AncestralRows,
-        AR decoding with its KV cache (the default) in its ARRows; block-wise rules (and BD3-LM's block by
-        block sampler, with its KV cache) and uncached AR run in a thread each."""
+    def _rows_kind(self, options: DecodeOptions) -> Optional[str]:
+        """Which RowSlots decodes these options, or None (a thread of its own). Over the whole canvas of a
+        bidirectional model, ancestral sampling (the MDLM default) runs in AncestralRows and topk / random /
+        threshold in ConfidenceRows; AR with its KV cache (the default) in ARRows. Block-wise rules (and
+        every rule of a block-causal model: block by block, with its KV cache) and uncached AR run in a
+        thread each."""
         options = options.for_model(self.model)
         if model_kind(self.model) == "ar":
-            return options.kv_cache
-        return block_alignment(self.model) == 0 and options.strategy == "ancestral"
+            return "ar" if options.kv_cache else None
+        if block_alignment(self.model) or options.strategy == "blocks":
+            return None
+        return "ancestral" if options.strategy == "ancestral" else "confidence"
 
-    def _add_to_rows(self, row: Row) -> None:
-        """Give the row a slot in `rows`, with what generate_with_stats would decode it with alone: its
-        prompt, its sampler, a generator seeded with its seed; ancestral: the default of L time steps and
-        its schedule; AR: EOT as its stop token when stop_at_eot."""
+    def _row_set(self, kind: str):
+        if kind not in self.row_sets:
+            tok, cfg, n = self.tokenizer, self.model.config, self.max_rows
+            self.row_sets[kind] = {"ar": lambda: ARRows(self.model, tok.vocab_size, n, cfg.block_size),
+                                   "ancestral": lambda: AncestralRows(self.model, tok.mask_id, tok.vocab_size, n,
+                                                                      cfg.block_size),
+                                   "confidence": lambda: ConfidenceRows(self.model, tok.mask_id, tok.vocab_size, n,
+                                                                        cfg.block_size)}[kind]()
+        return self.row_sets[kind]
+
+    def _add_to_rows(self, row: Row, kind: str) -> None:
+        """Give the row a slot in the RowSlots of its kind, with what generate_with_stats would decode it with
+        alone: its prompt, its sampler, a generator seeded with its seed; ancestral: the default of L time
+        steps and its schedule; topk / random / threshold: its commit rule; AR: EOT as its stop token when
+        stop_at_eot."""
         spec = row.spec
         try:
             options = spec.options.for_model(self.model)
-            ar = model_kind(self.model) == "ar"
-            if self.rows is None:
-                cfg = self.model.config
-                self.rows = (ARRows(self.model, self.tokenizer.vocab_size, self.max_rows, cfg.block_size) if ar else
-                             AncestralRows(self.model, self.tokenizer.mask_id, self.tokenizer.vocab_size,
-                                           self.max_rows, cfg.block_size))
+            rows = self._row_set(kind)
             prompt_ids = encode_requests(self.model, self.tokenizer, [spec.prompt], [spec.max_new_tokens])[0].prompt_ids
-            generator = torch.Generator(device=self.rows.device).manual_seed(options.seed)
-            stop_id = self.tokenizer.eot_id if options.stop_at_eot else None
-            if ar:
-                row.slot = self.rows.add(prompt_ids, spec.max_new_tokens, options.sampler(), generator, stop_id)
+            generator = torch.Generator(device=rows.device).manual_seed(options.seed)
+            n, sampler = spec.max_new_tokens, options.sampler()
+            if kind == "ar":
+                stop_id = self.tokenizer.eot_id if options.stop_at_eot else None
+                row.slot = rows.add(prompt_ids, n, sampler, generator, stop_id)
+            elif kind == "ancestral":
+                row.slot = rows.add(prompt_ids, n, options.steps or n, NoiseSchedule(options.schedule), sampler, generator)
             else:
-                row.slot = self.rows.add(prompt_ids, spec.max_new_tokens, options.steps or spec.max_new_tokens,
-                                         NoiseSchedule(options.schedule), options.sampler(), generator)
+                rule = commit_rule(options.strategy, options.steps, options.tokens_per_step, options.threshold, None)
+                row.slot = rows.add(prompt_ids, n, rule, sampler, generator)
         except BaseException as e:  # noqa: BLE001 - the row's client gets the error, the server lives on
             self._running.discard(row)
             row.on_event("error", e)
             return
-        row.prompt_ids, row.started = prompt_ids, time.perf_counter()
+        row.kind, row.prompt_ids, row.started = kind, prompt_ids, time.perf_counter()
         row.watch = StopWatch(spec.stop, self.tokenizer, options.stop_at_eot)
         row.strategy = options.strategy
-        self._by_slot[row.slot] = row
+        self._by_slot[kind, row.slot] = row
 
     def _leave_rows(self, row: Row, kind: str, payload) -> None:
-        """The row leaves `rows` and the scheduler; its client gets (kind, payload)."""
-        self.rows.remove(row.slot)
-        del self._by_slot[row.slot]
+        """The row leaves its RowSlots and the scheduler; its client gets (kind, payload)."""
+        self.row_sets[row.kind].remove(row.slot)
+        del self._by_slot[row.kind, row.slot]
         with self._cond:
             self._running.discard(row)
             self._cond.notify_all()
         row.on_event(kind, payload)
 
-    def _rows_calls(self) -> list[_Call]:
-        """This step's model calls of `rows` (prepare, its wide calls split by width where padding the short
-        rows would cost more than a call: `partition_widths`), as calls the step can merge with others."""
+    def _rows_calls(self) -> dict[str, list[_Call]]:
+        """This step's model calls of every RowSlots (prepare, its wide calls split by width where padding the
+        short rows would cost more than a call: `partition_widths`), as calls the step can merge with others."""
         cfg = self.model.config
         split = lambda widths: partition_widths(widths, [1] * len(widths), self.call_overhead_tokens)  # noqa: E731
-        return [_Call(c.idx, c.mask or AttentionMask(kind=cfg.attention, block_length=cfg.block_length),
-                      c.past_kv, c.positions)
-                for c in self.rows.prepare(split)]
+        return {kind: [_Call(c.idx, c.mask or AttentionMask(kind=cfg.attention, block_length=cfg.block_length),
+                             c.past_kv, c.positions) for c in rows.prepare(split)]
+                for kind, rows in self.row_sets.items() if rows.active}
 
-    def _commit_rows(self, calls: list[_Call]) -> None:
-        """Commit this step's tokens of `rows`; report steps, settle stop strings, finish rows."""
-        failed = next((c.error for c in calls if c.error is not None), None)
+    def _commit_rows(self, calls_of: dict[str, list[_Call]]) -> None:
+        """Commit this step's tokens of every RowSlots; report steps, settle stop strings, finish rows."""
+        failed = next((c.error for calls in calls_of.values() for c in calls if c.error is not None), None)
         if failed is not None:  # a model call failed: fail every row of this step
             self._fail_rows(failed)
             return
-        stepped, finished = self.rows.commit([c.result for c in calls])
-        watched = [s for s in stepped if self._by_slot[s].spec.report_steps or self._by_slot[s].spec.stop]
-        read = sorted(set(watched) | set(finished))
-        ids = dict(zip(read, self.rows.generated(read)))  # one host copy for every row that needs its ids
-        done = set(finished)
-        for slot in stepped:
-            row, state = self._by_slot[slot], self.rows.rows[slot]
-            if row.cancelled:
-                continue  # leaves at the top of the next step
-            try:
-                if slot in ids and row.spec.report_steps:
-                    row.on_event("step", StepInfo([0], [ids[slot]], [state.nfe]))
-                if slot in ids:
-                    row.watch.check(ids[slot])
-            except _StopReached as hit:
-                done.add(slot)
-                ids[slot] = hit.ids
-            if slot in done:
-                completion = completion_from_ids(row.spec.prompt, row.prompt_ids, ids[slot], row.strategy, state.nfe,
-                                                 state.steps, time.perf_counter() - row.started, self.tokenizer,
-                                                 row.watch.eot_id)
-                self._leave_rows(row, "done", completion)
+        for kind, calls in calls_of.items():
+            rows = self.row_sets[kind]
+            stepped, finished = rows.commit([c.result for c in calls])
+            by_slot = {s: self._by_slot[kind, s] for s in stepped}
+            watched = [s for s in stepped if by_slot[s].spec.report_steps or by_slot[s].spec.stop]
+            read = sorted(set(watched) | set(finished))
+            ids = dict(zip(read, rows.generated(read)))  # one host copy for every row that needs its ids
+            done = set(finished)
+            for slot in stepped:
+                row, state = by_slot[slot], rows.rows[slot]
+                if row.cancelled:
+                    continue  # leaves at the top of the next step
+                try:
+                    if slot in ids and row.spec.report_steps:
+                        row.on_event("step", StepInfo([0], [ids[slot]], [state.nfe]))
+                    if slot in ids:
+                        row.watch.check(ids[slot])
+                except _StopReached as hit:
+                    done.add(slot)
+                    ids[slot] = hit.ids
+                if slot in done:
+                    completion = completion_from_ids(row.spec.prompt, row.prompt_ids, ids[slot], row.strategy,
+                                                     state.nfe, state.steps, time.perf_counter() - row.started,
+                                                     self.tokenizer, row.watch.eot_id)
+                    self._leave_rows(row, "done", completion)
 
     def _fail_rows(self, error: BaseException) -> None:
-        """Every row of `rows` leaves with this error (its client gets it; the server goes on)."""
+        """Every row of every RowSlots leaves with this error (its client gets it; the server goes on)."""
         for row in list(self._by_slot.values()):
             self._leave_rows(row, "error", error)
 
     def _drop_cancelled(self) -> None:
-        """Cancelled rows leave now: a thread row waiting for its call gets Cancelled from it, a row of
-        `rows` leaves its slot."""
+        """Cancelled rows leave now: a thread row waiting for its call gets Cancelled from it, a row of a
+        RowSlots leaves its slot."""
         for row in list(self._running):
             if not row.cancelled:
                 continue
             if row.slot is not None:
-                self.rows.remove(row.slot)
-                del self._by_slot[row.slot]
+                self.row_sets[row.kind].remove(row.slot)
+                del self._by_slot[row.kind, row.slot]
                 self._running.discard(row)
                 row.on_event("error", Cancelled())
             elif row.call is not None and not row.call.done.is_set():
@@ -467,14 +487,14 @@ class StepScheduler:
                 batch = [(r, r.call) for r in ready]
                 for r in ready:
                     r.call = None
-            calls, rows_calls = [c for _, c in batch], []
+            calls, rows_calls = [c for _, c in batch], {}
             if self._by_slot:
                 try:
                     with torch.inference_mode():
                         rows_calls = self._rows_calls()
                 except BaseException as e:  # noqa: BLE001 - fail these rows, keep serving
                     self._fail_rows(e)
-            calls += rows_calls
+            calls += [c for kind_calls in rows_calls.values() for c in kind_calls]
             if calls:
                 if self.step_delay_s:
                     time.sleep(self.step_delay_s)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from inference.batching import Request, build_layout, plan_batches
-from inference.diffusion_decoding import (CommitRandom, CommitThreshold, CommitTopK,
-                                          ancestral_commit_probability, decode_ancestral, decode_by_confidence)
+from inference.commit_rules import CommitRandom, CommitThreshold, CommitTopK
+from inference.diffusion_decoding import ancestral_commit_probability, decode_ancestral, decode_by_confidence
 from inference.api import DECODERS, STRATEGIES, DecodeOptions, generate, generate_with_stats
 from inference import sampling
 from inference.ancestral_rows import AncestralRows
@@ -117,12 +117,15 @@ def test_prompt_tokens_are_never_changed_and_no_mask_survives(model_name, rule):
 
 # ----------------------------------------------------------------------------- rows at steps of their own
 @pytest.mark.parametrize("strategy,attention,knobs", [("ancestral", "bidirectional", dict(steps=10)),
+                                                      ("topk", "bidirectional", dict(steps=5)),
+                                                      ("random", "bidirectional", dict(tokens_per_step=2)),
+                                                      ("threshold", "bidirectional", dict(threshold=0.3)),
                                                       ("ar", "causal", dict(kv_cache=True)),
                                                       ("ar", "causal", dict(kv_cache=False))])
 def test_sampled_requests_decode_the_same_in_any_batch(strategy, attention, knobs):
-    """AR and ancestral sampling over the whole canvas decode rows at steps of their own, and request i of
-    a call draws from its own generator, seeded seed + i: sampled, it decodes the same in a batch of five
-    as alone with seed + i (one generator shared by the batch would hand it other draws)."""
+    """AR, and every rule over the whole canvas of a diffusion model, decode rows at steps of their own,
+    and request i of a call draws from its own generator, seeded seed + i: sampled, it decodes the same in
+    a batch of five as alone with seed + i (one generator shared by the batch would hand it other draws)."""
     model = tiny_model(attention)
     kw = dict(temperature=0.9, top_k=20, stop_at_eot=False, **knobs)
     batched = generate_with_stats(model, TOK, PROMPTS, LENGTHS, strategy, batch_size=5, seed=3, **kw)

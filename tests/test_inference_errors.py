@@ -85,7 +85,8 @@ def test_ar_checkpoint_given_a_diffusion_rule_and_the_reverse():
 
 def test_kv_cache_without_blocks_is_refused():
     from inference.batching import Request, build_layout
-    from inference.diffusion_decoding import CommitTopK, decode_by_confidence
+    from inference.commit_rules import CommitTopK
+    from inference.diffusion_decoding import decode_by_confidence
     from inference.sampling import Sampler
     lay = build_layout([Request([1, 2], 3)], TOK.mask_id, TOK.eot_id, 0, "cpu")
     with pytest.raises(ValueError, match="kv_cache needs semi-autoregressive blocks"):

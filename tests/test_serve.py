@@ -206,8 +206,8 @@ def test_rows_run_one_at_a_time_between_model_calls():
     inside; had two rows been let go together, their hooks would have overlapped."""
     model = tiny("bidirectional")
     inside, most, lock, finished = [0], [0], threading.Lock(), threading.Event()
-    specs = [RowSpec("the cat", 6, server_options(DecodeOptions(strategy="topk", temperature=0).for_model(model)))
-             for _ in range(8)]
+    blocks = DecodeOptions(strategy="blocks", block_length=4, temperature=0)  # a rule decoded in a thread per row
+    specs = [RowSpec("the cat", 8, server_options(blocks.for_model(model))) for _ in range(8)]
     done = []
 
     def on_event(i, kind, payload):
@@ -316,10 +316,10 @@ def test_a_failing_model_call_fails_its_rows_and_the_scheduler_goes_on():
             raise RuntimeError("device lost")
         return real(*args, **kwargs)
     model.hidden_states = fails_the_third_call
-    options = {s: server_options(DecodeOptions(strategy=s, temperature=0).for_model(model)) for s in ("ancestral", "topk")}
+    options = {s: server_options(DecodeOptions(strategy=s, temperature=0).for_model(model)) for s in ("ancestral", "blocks")}
     scheduler = StepScheduler(model, TOK, max_rows=4, max_queue=4, call_overhead_tokens=1000).start()
-    try:
-        for specs in ([RowSpec("the cat", 12, options["ancestral"]), RowSpec("the cat", 12, options["topk"])],
+    try:  # an ancestral row (decoded by the scheduler's AncestralRows) and a blocks row (in a thread)
+        for specs in ([RowSpec("the cat", 12, options["ancestral"]), RowSpec("the cat", 12, options["blocks"])],
                       [RowSpec("a", 9, options["ancestral"])]):
             ends, finished = {}, threading.Event()
 

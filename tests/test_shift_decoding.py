@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from inference.api import DecodeOptions, generate_with_stats
 from inference.batching import Request, build_layout
-from inference.diffusion_decoding import CommitTopK, decode_ancestral, decode_by_confidence
+from inference.commit_rules import CommitTopK
+from inference.diffusion_decoding import decode_ancestral, decode_by_confidence
 from inference.sampling import Sampler
 from models.diffusion import NoiseSchedule, align_predictions, subs_logits
 from models.gpt import GPT, GPTConfig
