@@ -27,7 +27,6 @@ import torch
 
 from inference.batching import RowsCall, RowSlots
 from inference.sampling import Sampler
-from kernels.attention import AttentionMask
 from models.diffusion import NoiseSchedule, align_predictions
 
 
@@ -118,18 +117,7 @@ class AncestralRows(RowSlots):
                     again.append(s)
             pending = again
         stale = sorted(s for s, r in self.rows.items() if not r.fresh)  # every row commits now: stale ones call
-        lengths = [self.rows[s].length for s in stale]
-        groups = split(lengths) if (split is not None and len(stale) > 1) else [list(range(len(stale)))]
-        cfg = self.model.config
-        self._calls = []
-        for group in groups:
-            if not group:
-                continue
-            slots, widths = [stale[i] for i in group], [lengths[i] for i in group]
-            width = max(widths)
-            mask = None if min(widths) == width else AttentionMask(  # right padding hidden
-                kind=cfg.attention, block_length=cfg.block_length, key_lengths=torch.tensor(widths, device=self.device))
-            self._calls.append(RowsCall(slots, self.x[torch.tensor(slots, device=self.device), :width], mask))
+        self._calls = self._whole_calls(stale, split)
         self.calls += len(self._calls)
         return self._calls
 

@@ -66,23 +66,11 @@ class ARRows(RowSlots):
         whole = [s for s in slots if not (self.kv_cache and self.rows[s].cached)]
         self._calls = []
         if whole:
-            widths = [self.rows[s].length for s in whole]
-            groups = split(widths) if (split is not None and len(whole) > 1) else [list(range(len(whole)))]
-            for group in groups:
-                if group:
-                    self._calls.append(self._whole_call([whole[i] for i in group]))
+            self._calls += self._whole_calls(whole, split)
         if stepping:
             self._calls.append(self._step_call(stepping))
         self.calls += len(self._calls)
         return self._calls
-
-    def _whole_call(self, slots: list[int]) -> RowsCall:
-        widths = [self.rows[s].length for s in slots]
-        width = max(widths)
-        cfg = self.model.config
-        mask = None if min(widths) == width else AttentionMask(  # right padding hidden
-            kind=cfg.attention, block_length=cfg.block_length, key_lengths=torch.tensor(widths, device=self.device))
-        return RowsCall(slots, self.x[torch.tensor(slots, device=self.device), :width], mask)
 
     def _step_call(self, slots: list[int]) -> RowsCall:
         """Each row's newest column after its cached past, the pasts right-aligned to the longest (Q)."""

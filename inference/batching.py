@@ -270,6 +270,23 @@ class RowSlots:
         self.x[slot, :len(canvas)] = torch.tensor(canvas, dtype=torch.long).to(self.device)
         return slot
 
+    def _whole_calls(self, slots: list[int], split: Optional[Callable[[list[int]], list[list[int]]]]) -> list[RowsCall]:
+        """Calls feeding these rows their whole canvas (columns [0, length), right-padded to the longest and
+        hidden by key_lengths): one call, or one per group of split(their lengths) (a scheduler that weighs
+        padding against calls)."""
+        lengths = [self.rows[s].length for s in slots]
+        groups = split(lengths) if (split is not None and len(slots) > 1) else [list(range(len(slots)))]
+        cfg, calls = self.model.config, []
+        for group in groups:
+            if not group:
+                continue
+            part, widths = [slots[i] for i in group], [lengths[i] for i in group]
+            width = max(widths)
+            mask = None if min(widths) == width else AttentionMask(
+                kind=cfg.attention, block_length=cfg.block_length, key_lengths=torch.tensor(widths, device=self.device))
+            calls.append(RowsCall(part, self.x[torch.tensor(part, device=self.device), :width], mask))
+        return calls
+
     def remove(self, slot: int) -> None:
         """The row leaves (finished or cancelled), between a commit and the next prepare."""
         del self.rows[slot]

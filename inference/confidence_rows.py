@@ -21,7 +21,6 @@ import torch
 from inference.batching import RowsCall, RowSlots
 from inference.commit_rules import CommitRandom
 from inference.sampling import Sampler
-from kernels.attention import AttentionMask
 from models.diffusion import align_predictions
 
 
@@ -79,19 +78,7 @@ class ConfidenceRows(RowSlots):
 
     def prepare(self, split: Optional[Callable[[list[int]], list[list[int]]]] = None) -> list[RowsCall]:
         """Every row, on its whole canvas: one call, or as many as split(row lengths) returns groups."""
-        slots = sorted(self.rows)
-        lengths = [self.rows[s].length for s in slots]
-        groups = split(lengths) if (split is not None and len(slots) > 1) else [list(range(len(slots)))]
-        cfg = self.model.config
-        self._calls = []
-        for group in groups:
-            if not group:
-                continue
-            part, widths = [slots[i] for i in group], [lengths[i] for i in group]
-            width = max(widths)
-            mask = None if min(widths) == width else AttentionMask(  # right padding hidden
-                kind=cfg.attention, block_length=cfg.block_length, key_lengths=torch.tensor(widths, device=self.device))
-            self._calls.append(RowsCall(part, self.x[torch.tensor(part, device=self.device), :width], mask))
+        self._calls = self._whole_calls(sorted(self.rows), split)
         self.calls += len(self._calls)
         return self._calls
 
