@@ -235,9 +235,9 @@ class RowsCall:
 class RowSlots:
     """Up to `capacity` independent rows, each a canvas of its own of at most `width` columns (from column
     0), decoded step by step, every row at its own point of its own decode: what a server runs, rows
-    joining and leaving at any step. A subclass (`AncestralRows`, `ARRows`) holds a rule: `prepare` returns
-    a step's model calls (`RowsCall`, run by the caller, merged with others if it likes) and `commit` takes
-    their results, commits every row's tokens and says which rows finished.
+    joining and leaving at any step. A subclass (`AncestralRows`, `ConfidenceRows`, `ARRows`) holds a rule:
+    `prepare` returns a step's model calls (`RowsCall`, run by the caller, merged with others if it likes)
+    and `commit` takes their results, commits every row's tokens and says which rows finished.
 
     Each row has its own sampler and random generator: `_sample` samples the positions of many rows in one
     output layer and sampling call per sampler, each row drawing from its generator exactly what it would
