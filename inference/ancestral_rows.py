@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from inference.batching import RowsCall, RowSlots
+from inference.batching import MaskedRowSlots, RowsCall
 from inference.sampling import Sampler
 from models.diffusion import NoiseSchedule, align_predictions
 
@@ -55,16 +55,13 @@ class _Row:
     committing: bool = False  # prepare found a step that commits something, commit has not run yet
 
 
-class AncestralRows(RowSlots):
+class AncestralRows(MaskedRowSlots):
     """Ancestral rows (see the module docstring): add() a row at any time, it takes part from the next
     prepare; remove() it between a commit and the next prepare (finished or cancelled)."""
 
     def __init__(self, model, mask_id: int, vocab_limit: int, capacity: int, width: int):
-        super().__init__(model, vocab_limit, capacity, width)
-        self.mask_id = mask_id
-        self.shift = int(model.config.shift)  # 1: column c is predicted from the state of column c - 1
+        super().__init__(model, mask_id, vocab_limit, capacity, width)
         dev = self.device
-        self.todo = torch.zeros(capacity, width, dtype=torch.bool, device=dev)  # still masked
         self.chosen = torch.zeros(capacity, width, dtype=torch.bool, device=dev)  # committed by this step
         self.u = torch.ones(capacity, width, device=dev)  # this step's draws (1: never below a probability)
         self.h: Optional[torch.Tensor] = None  # (N, W, C) the state predicting each column, from the last call
@@ -76,15 +73,9 @@ class AncestralRows(RowSlots):
         its tokens drawn by `sampler` from `generator`. Returns its slot."""
         if num_steps < 1:
             raise ValueError(f"an ancestral row needs at least 1 time step, got {num_steps}")
-        if self.shift and not prompt_ids:
-            raise ValueError("a shifted model predicts each token from the column before it: give the row at "
-                             "least one prompt token")
-        length = len(prompt_ids) + gen_len
-        slot = self._take_slot(list(prompt_ids) + [self.mask_id] * gen_len, len(prompt_ids), gen_len)
-        self.todo[slot] = False
-        self.todo[slot, len(prompt_ids):length] = True
-        self.rows[slot] = _Row(generator, sampler, length, len(prompt_ids), gen_len, self._grid(schedule, num_steps),
-                               num_steps)
+        slot = self._take_masked_slot(prompt_ids, gen_len)
+        self.rows[slot] = _Row(generator, sampler, len(prompt_ids) + gen_len, len(prompt_ids), gen_len,
+                               self._grid(schedule, num_steps), num_steps)
         return slot
 
     def _grid(self, schedule: NoiseSchedule, num_steps: int) -> list[float]:

@@ -264,7 +264,7 @@ class RowSlots:
         """A free slot holding `canvas` from column 0 (checked: it fits, it generates something)."""
         if not self._free:
             raise RuntimeError(f"all {self.x.size(0)} rows are taken")
-        if len(canvas) > self.x.size(1) or gen_len < 1 or prompt_len + gen_len > self.x.size(1):
+        if gen_len < 1 or prompt_len + gen_len > self.x.size(1):  # the canvas is the prompt, or prompt + MASKs
             raise ValueError(f"a row of {prompt_len} + {gen_len} columns does not fit {self.x.size(1)} columns")
         slot = self._free.pop()
         self.x[slot, :len(canvas)] = torch.tensor(canvas, dtype=torch.long).to(self.device)
@@ -321,6 +321,27 @@ class RowSlots:
                 conf = c.new_empty(states.size(0))  # the dtype a call of its own returns
             tokens[index], conf[index] = t, c
         return tokens, conf
+
+
+class MaskedRowSlots(RowSlots):
+    """RowSlots of a diffusion rule: a row's canvas is its prompt then gen_len MASKs, and `todo` marks the
+    columns still masked. A shifted model (GPTConfig.shift) predicts column c from the state of column
+    c - 1, so its rows need a prompt token."""
+
+    def __init__(self, model, mask_id: int, vocab_limit: int, capacity: int, width: int):
+        super().__init__(model, vocab_limit, capacity, width)
+        self.mask_id = mask_id
+        self.shift = int(model.config.shift)
+        self.todo = torch.zeros(capacity, width, dtype=torch.bool, device=self.device)  # (N, W) still masked
+
+    def _take_masked_slot(self, prompt_ids: list[int], gen_len: int) -> int:
+        if self.shift and not prompt_ids:
+            raise ValueError("a shifted model predicts each token from the column before it: give the row at "
+                             "least one prompt token")
+        slot = self._take_slot(list(prompt_ids) + [self.mask_id] * gen_len, len(prompt_ids), gen_len)
+        self.todo[slot] = False
+        self.todo[slot, len(prompt_ids):len(prompt_ids) + gen_len] = True
+        return slot
 
 
 def decode_rows(model, rows: RowSlots, layout: Layout, add_row: Callable[[int, list[int]], int],

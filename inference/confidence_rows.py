@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from inference.batching import RowsCall, RowSlots
+from inference.batching import MaskedRowSlots, RowsCall
 from inference.commit_rules import CommitRandom
 from inference.sampling import Sampler
 from models.diffusion import align_predictions
@@ -41,15 +41,12 @@ def rule_key(rule) -> tuple:
     return (type(rule).__name__, getattr(rule, "k", None), getattr(rule, "steps", None), getattr(rule, "tau", None))
 
 
-class ConfidenceRows(RowSlots):
+class ConfidenceRows(MaskedRowSlots):
     """Confidence rows (see the module docstring). add() a row at any time; remove() it between a commit
     and the next prepare."""
 
     def __init__(self, model, mask_id: int, vocab_limit: int, capacity: int, width: int):
-        super().__init__(model, vocab_limit, capacity, width)
-        self.mask_id = mask_id
-        self.shift = int(model.config.shift)
-        self.todo = torch.zeros(capacity, width, dtype=torch.bool, device=self.device)  # still masked
+        super().__init__(model, mask_id, vocab_limit, capacity, width)
         self.rules: dict[tuple, object] = {}  # rule_key -> a rule whose per-row state is indexed by slot
 
     def add(self, prompt_ids: list[int], gen_len: int, rule, sampler: Sampler,
@@ -59,10 +56,7 @@ class ConfidenceRows(RowSlots):
         row's is), its tokens drawn by `sampler` from `generator`. Returns its slot."""
         if isinstance(getattr(rule, "steps", None), torch.Tensor):
             raise ValueError("a row's commit rule needs one step budget (an int), not one per batch row")
-        if self.shift and not prompt_ids:
-            raise ValueError("a shifted model predicts each token from the column before it: give the row at "
-                             "least one prompt token")
-        slot = self._take_slot(list(prompt_ids) + [self.mask_id] * gen_len, len(prompt_ids), gen_len)
+        slot = self._take_masked_slot(prompt_ids, gen_len)
         key = rule_key(rule)
         if key not in self.rules:
             shared = copy.copy(rule)
@@ -71,8 +65,6 @@ class ConfidenceRows(RowSlots):
         total = getattr(self.rules[key], "total", None)
         if total is not None:
             total[slot] = gen_len  # the region is the whole generation
-        self.todo[slot] = False
-        self.todo[slot, len(prompt_ids):len(prompt_ids) + gen_len] = True
         self.rows[slot] = _Row(generator, sampler, key, len(prompt_ids) + gen_len, len(prompt_ids), gen_len)
         return slot
 

@@ -7,12 +7,11 @@ the classes `generate` decodes such batches with): each step the scheduler threa
 them and lets them commit every row at once, one output layer and sampling for all of them. Every other
 row (one choice of one request) runs the ordinary batch decoder, `inference.api.generate_with_stats`, on
 its own one-row canvas in its own thread, so every such rule (blocks, every rule of a block-causal model,
-uncached ar), its commit logic, its random
-generator, its KV cache and its stop rule are the decoder's own: the scheduler adds no decoding logic. What
-it changes is the model the decoder sees. A `RowModel` stands in for the real model: when a decoder asks
-for hidden states it hands the call to the scheduler and waits. The scheduler waits until every thread
-row has either asked for its next call or finished, adds the RowSlots' calls, runs the calls
-together, commits those rows and hands each thread row its slice:
+uncached ar), its commit logic, its random generator, its KV cache and its stop rule are the decoder's
+own: the scheduler adds no decoding logic. What it changes is the model the decoder sees. A `RowModel`
+stands in for the real model: when a decoder asks for hidden states it hands the call to the scheduler and
+waits. The scheduler waits until every thread row has either asked for its next call or finished, adds
+the RowSlots' calls, runs the calls together, commits those rows and hands each thread row its slice:
 
     step k     row A (topk, step 7 of 12)   row B (ar, token 30, cached)   row C (blocks, block 3, cached)
                canvas [a a a M a M]          past 29 cols + [b]             past 16 cols + [c c M M M M M M]
@@ -52,10 +51,10 @@ from typing import Callable, Optional
 import torch
 
 from inference.ancestral_rows import AncestralRows
-from inference.ar_decoding import ARRows
-from inference.confidence_rows import ConfidenceRows
 from inference.api import (Completion, DecodeOptions, StepInfo, block_alignment, commit_rule, completion_from_ids,
                            encode_requests, generate_with_stats, model_kind)
+from inference.ar_decoding import ARRows
+from inference.confidence_rows import ConfidenceRows
 from kernels.attention import AttentionMask
 from models.diffusion import NoiseSchedule
 
@@ -330,21 +329,26 @@ class StepScheduler:
                 row.on_event("error", Cancelled())
                 continue
             self._running.add(row)
-            kind = self._rows_kind(row.spec.options)
+            try:
+                options = row.spec.options.for_model(self.model)
+            except ValueError as e:  # options this model cannot decode: the row's client hears why
+                self._running.discard(row)
+                row.on_event("error", e)
+                continue
+            kind = self._rows_kind(options)
             if kind is not None:
-                self._add_to_rows(row, kind)
+                self._add_to_rows(row, kind, options)
                 continue
             threading.Thread(target=self._run_row, args=(row,), name="row", daemon=True).start()
             self._resume(row)  # its prompt is encoded and its first call posted before the next row starts
 
     # ------------------------------------------------------------------ rows decoded as RowSlots
     def _rows_kind(self, options: DecodeOptions) -> Optional[str]:
-        """Which RowSlots decodes these options, or None (a thread of its own). Over the whole canvas of a
+        """Which RowSlots decodes these options (resolved for the model), or None (a thread of its own). Over the whole canvas of a
         bidirectional model, ancestral sampling (the MDLM default) runs in AncestralRows and topk / random /
         threshold in ConfidenceRows; AR with its KV cache (the default) in ARRows. Block-wise rules (and
         every rule of a block-causal model: block by block, with its KV cache) and uncached AR run in a
         thread each."""
-        options = options.for_model(self.model)
         if model_kind(self.model) == "ar":
             return "ar" if options.kv_cache else None
         if block_alignment(self.model) or options.strategy == "blocks":
@@ -352,23 +356,23 @@ class StepScheduler:
         return "ancestral" if options.strategy == "ancestral" else "confidence"
 
     def _row_set(self, kind: str):
+        """The RowSlots of this kind, created on first use (max_rows rows of the model's context)."""
         if kind not in self.row_sets:
-            tok, cfg, n = self.tokenizer, self.model.config, self.max_rows
-            self.row_sets[kind] = {"ar": lambda: ARRows(self.model, tok.vocab_size, n, cfg.block_size),
-                                   "ancestral": lambda: AncestralRows(self.model, tok.mask_id, tok.vocab_size, n,
-                                                                      cfg.block_size),
-                                   "confidence": lambda: ConfidenceRows(self.model, tok.mask_id, tok.vocab_size, n,
-                                                                        cfg.block_size)}[kind]()
+            tok, size = self.tokenizer, (self.max_rows, self.model.config.block_size)
+            if kind == "ar":
+                self.row_sets[kind] = ARRows(self.model, tok.vocab_size, *size)
+            else:
+                kind_class = AncestralRows if kind == "ancestral" else ConfidenceRows
+                self.row_sets[kind] = kind_class(self.model, tok.mask_id, tok.vocab_size, *size)
         return self.row_sets[kind]
 
-    def _add_to_rows(self, row: Row, kind: str) -> None:
+    def _add_to_rows(self, row: Row, kind: str, options: DecodeOptions) -> None:
         """Give the row a slot in the RowSlots of its kind, with what generate_with_stats would decode it with
         alone: its prompt, its sampler, a generator seeded with its seed; ancestral: the default of L time
         steps and its schedule; topk / random / threshold: its commit rule; AR: EOT as its stop token when
         stop_at_eot."""
         spec = row.spec
         try:
-            options = spec.options.for_model(self.model)
             rows = self._row_set(kind)
             prompt_ids = encode_requests(self.model, self.tokenizer, [spec.prompt], [spec.max_new_tokens])[0].prompt_ids
             generator = torch.Generator(device=rows.device).manual_seed(options.seed)
