@@ -209,33 +209,38 @@ def test_a_second_run_on_a_busy_out_dir_refuses_naming_the_first(data, tmp_path)
 def test_sigkill_mid_save_keeps_the_last_good_checkpoint_and_resume_reproduces_the_losses(data, finished_run, tmp_path):
     """SIGKILL while a checkpoint is half written: `latest` still names a verified one, the torn tag is
     skipped, the dead run's lock is taken over with a note, and the resumed run ends with the losses of the
-    uninterrupted one."""
+    uninterrupted one.
+
+    A tiny checkpoint is written in milliseconds, too fast to catch by polling, so the test holds one save
+    open: a FIFO where step 6's manifest goes through its temporary file. Opening a FIFO to write blocks
+    until someone reads it, so the run stops inside `finalize` with every shard of step 6 on disk and no
+    manifest, and stays there until the kill."""
     out = tmp_path / "killed"
-    proc = start_pretrain("--data_dir", data, "--out_dir", out, "--checkpoint_interval=1")
     root = ckpt.ckpt_root(out)
-
-    def mid_save() -> bool:  # a tag dir after step 3 without its manifest: the save is under way
-        tags = ckpt.list_tags(root)
-        return bool(tags) and tags[-1][0] > 3 and not (root / tags[-1][1] / ckpt.MANIFEST).exists()
-
+    torn = root / ckpt.tag_for(6)
+    torn.mkdir(parents=True)
+    hold = torn / (ckpt.MANIFEST + ".tmp")
+    os.mkfifo(hold)
+    shards = {p.name for p in (ckpt.ckpt_root(finished_run) / ckpt.tag_for(20)).rglob("*") if p.is_file()} - {ckpt.MANIFEST}
+    proc = start_pretrain("--data_dir", data, "--out_dir", out, "--checkpoint_interval=1")
     try:
-        wait_for(mid_save, proc, what="a save in progress")
+        wait_for(lambda: shards <= {p.name for p in torn.rglob("*")}, proc, what="every file of step 6 on disk")
+        assert not (torn / ckpt.MANIFEST).exists() and proc.poll() is None  # held before its manifest
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         stop_group(proc)
-    newest = ckpt.list_tags(root)[-1][1]
+    hold.unlink()  # what a real crash leaves: the shards, no manifest
     found = ckpt.find_latest_good(out)
-    assert found is not None and (root / ckpt.LATEST).read_text() == found.tag
+    assert found is not None and found.step == 5 and (root / ckpt.LATEST).read_text() == found.tag
     resumed = pretrain("--data_dir", data, "--out_dir", out, "--resume")
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
     assert "ended without releasing it (killed?)" in output  # the stale lock, detected and taken over
-    if newest != found.tag:  # (almost always: the kill lands before the manifest is written)
-        assert f"skipped checkpoint {newest}" in output
+    assert f"skipped checkpoint {torn.name}" in output
     assert read_records(out)[-1]["kind"] == "done"
     reference, now = losses(finished_run), losses(out)
-    assert {s: now[s] for s in range(found.step + 1, 21)} == {s: reference[s] for s in range(found.step + 1, 21)}
+    assert {s: now[s] for s in range(6, 21)} == {s: reference[s] for s in range(6, 21)}
 
 
 @pytest.fixture
