@@ -608,8 +608,8 @@ def test_a_client_that_leaves_frees_its_rows(small_server):
     while small_server.metric("diffusiongpt_active_rows", headers) and time.monotonic() - t0 < 10:
         time.sleep(0.1)
     assert small_server.metric("diffusiongpt_active_rows", headers) == 0
-    assert time.monotonic() - t0 < 2.5, "the rows ran to the end"
-    assert small_server.metric("diffusiongpt_row_calls_total", headers) - rows_before < 60
+    # both requests running to the end would take 120 row calls; one of them alone, 60
+    assert small_server.metric("diffusiongpt_row_calls_total", headers) - rows_before < 60, "the rows ran to the end"
     ok = small_server.client(key=KEY).completions.create(model="mdlm", prompt="b", max_tokens=3)
     assert ok.choices[0].finish_reason in ("length", "stop")
 
