@@ -621,7 +621,10 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(model_dirs):
         with ThreadPoolExecutor(2) as pool:
             future = pool.submit(client.completions.create, model="mdlm", prompt="a", max_tokens=40,
                                  extra_body={"strategy": "topk", "tokens_per_step": 1})  # ~1 s
+            deadline = time.monotonic() + 30
             while server.metric("diffusiongpt_active_rows") == 0:
+                assert not future.done(), future.result()  # ended before it was seen running: says how
+                assert time.monotonic() < deadline, "the request never started decoding"
                 time.sleep(0.02)
             server.proc.send_signal(signal.SIGTERM)
             out = future.result(timeout=30)
