@@ -91,16 +91,16 @@ def _chunks(n: int, generator, counts: Optional[list[int]]):
     start, as it is in a call of its own: each piece is one draw from its run's generator either way."""
     if counts is None:
         return [(s, min(s + PREDICT_CHUNK, n), generator, None) for s in range(0, n, PREDICT_CHUNK)]
-    spans, start, runs, gens = [], 0, [], []
+    spans, start, size, runs, gens = [], 0, 0, [], []  # the open span: [start, start + size)
     for count, g in zip(counts, generator):
-        pieces = [min(PREDICT_CHUNK, count - k) for k in range(0, count, PREDICT_CHUNK)]
-        for piece in pieces:
-            if sum(runs) + piece > PREDICT_CHUNK:
-                spans.append((start, start + sum(runs), gens, runs))
-                start, runs, gens = start + sum(runs), [], []
-            runs, gens = runs + [piece], gens + [g]
+        for k in range(0, count, PREDICT_CHUNK):
+            piece = min(PREDICT_CHUNK, count - k)
+            if size + piece > PREDICT_CHUNK:
+                spans.append((start, start + size, gens, runs))
+                start, size, runs, gens = start + size, 0, [], []
+            size, runs, gens = size + piece, runs + [piece], gens + [g]
     if runs:
-        spans.append((start, start + sum(runs), gens, runs))
+        spans.append((start, start + size, gens, runs))
     return spans
 
 

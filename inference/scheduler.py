@@ -395,7 +395,8 @@ class StepScheduler:
         self._by_slot[kind, row.slot] = row
 
     def _leave_rows(self, row: Row, kind: str, payload) -> None:
-        """The row leaves its RowSlots and the scheduler; its client gets (kind, payload)."""
+        """The row leaves its RowSlots and the scheduler; its client gets (kind, payload). (_cond is
+        re-entrant: the scheduler thread may call this holding it.)"""
         self.row_sets[row.kind].remove(row.slot)
         del self._by_slot[row.kind, row.slot]
         with self._cond:
@@ -456,10 +457,7 @@ class StepScheduler:
             if not row.cancelled:
                 continue
             if row.slot is not None:
-                self.row_sets[row.kind].remove(row.slot)
-                del self._by_slot[row.kind, row.slot]
-                self._running.discard(row)
-                row.on_event("error", Cancelled())
+                self._leave_rows(row, "error", Cancelled())
             elif row.call is not None and not row.call.done.is_set():
                 row.call.error = Cancelled()
                 row.call.done.set()
