@@ -48,7 +48,7 @@ def rss_bytes() -> int:
 
 def worker(args) -> None:
     """One cell, in every rank the deepspeed launcher started."""
-    from training.distributed import prepare_environment, rank_and_world
+    from training.distributed import all_gather_object, barrier, prepare_environment, rank_and_world
 
     prepare_environment()
     import gc
@@ -90,11 +90,10 @@ def worker(args) -> None:
     else:
         steady, peak = rss_bytes() - base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     mine = {"rank": rank, "steady": steady, "peak": peak}
-    everyone = [None] * world
-    dist.all_gather_object(everyone, mine)
+    everyone = all_gather_object(mine)  # on the host group: DeepSpeed's NCCL group serves CUDA tensors only
     if rank == 0:
         Path(args.out).write_text(json.dumps({"ranks": everyone}) + "\n")
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()  # explicitly: a teardown in interpreter shutdown can abort the rank
 
 

@@ -18,12 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.distributed as dist
-
 from common.disk import disk_full_error, is_disk_full
 from models.gpt import GPTConfig
 from training import checkpoint as ckpt
-from training.distributed import all_mean
+from training.distributed import all_mean, barrier
 from training.engine import Engine
 
 # model keys that may change when a run is resumed: they do not change the parameters
@@ -163,10 +161,10 @@ class Checkpointer:
             ckpt.write_side_files(self.root / tag, self.rank, self.train_config, self.engine_config, self.data_meta,
                                   engine_config_name=self.engine_config_name)
             engine.save(str(self.root), tag, {"step": step, "tokens_seen": tokens_seen})
-            dist.barrier()  # every rank's shards are on disk before rank 0 hashes them
+            barrier()  # every rank's shards are on disk before rank 0 hashes them
             if self.rank == 0:
                 ckpt.finalize(self.root, tag, step, self.keep)
-            dist.barrier()
+            barrier()
         self.last_tag = tag
         return tag
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from training.checkpoint import FSDP_MARKER, atomic_write_text, checkpoint_kind
 from training.config import TrainConfig
-from training.distributed import rank_and_world
+from training.distributed import barrier, rank_and_world
 from training.ds_config import default_dtype
 from training.engine import Engine, TrainingModule
 from training.optim import build_lr_scheduler, build_optimizer, optimizer_kwargs, schedule_kwargs
@@ -162,7 +162,7 @@ class FSDPEngine(Engine):
         tag_dir = Path(ckpt_dir) / tag
         (tag_dir / DCP_DIR).mkdir(parents=True, exist_ok=True)
         dcp.save(self._state(), checkpoint_id=str(tag_dir / DCP_DIR))
-        dist.barrier()
+        barrier()
         if dist.get_rank() == 0:
             marker = {"engine": "fsdp", "format": "torch.distributed.checkpoint", "dcp_dir": DCP_DIR,
                       "world_size": dist.get_world_size(), "micro_steps": self._micro_steps,

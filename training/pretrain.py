@@ -28,7 +28,7 @@ from pathlib import Path
 # the top-level folders are import roots, not installed packages: put the repository root on the path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.distributed import StopOnSigterm, all_mean, mix_seed, prepare_environment, rank_and_world
+from training.distributed import StopOnSigterm, all_mean, barrier, mix_seed, prepare_environment, rank_and_world
 from training.shm_buffers import release_at_exit, remove_stale_buffers
 from common.host_memory import keep_freed_memory
 
@@ -165,7 +165,7 @@ def export_final(cfg, tag_dir: Path, rank: int, metrics: Metrics) -> str | None:
                                       f"--out {export_dir}.") from e
             raise
         metrics.print(f"exported {tag_dir.name} -> {export_dir}")
-    dist.barrier()
+    barrier()
     return export_dir
 
 
