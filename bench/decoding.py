@@ -40,7 +40,8 @@ from common.config import knob, parse_cli
 from inference.api import generate_with_stats
 from evaluation.generative_perplexity import generative_perplexity, unigram_entropy
 from inference.loading import LoadedModel, load_gpt2, load_model, resolve_device
-from inference.sample import autocast_context, read_prompts_file
+from common.precision import autocast
+from inference.sample import read_prompts_file
 from models.gpt import GPT, GPTConfig
 from models.tokenizer import get_tokenizer
 
@@ -156,7 +157,7 @@ def gpt2_is_cached() -> bool:
 def run_row(row: Row, loaded: LoadedModel, prompts, args, judge) -> Row:
     walls = []
     for _ in range(max(args.repeats, 1)):  # same seed: every repeat decodes the same tokens
-        with autocast_context(str(next(loaded.model.parameters()).device), args.dtype):
+        with autocast(next(loaded.model.parameters()).device, args.dtype):
             done = generate_with_stats(loaded.model, loaded.tokenizer, prompts, args.gen_length, row.strategy,
                                        temperature=args.temperature, top_p=args.top_p,
                                        stop_at_eot=args.stop_at_eot, schedule=loaded.schedule,

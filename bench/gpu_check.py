@@ -116,7 +116,7 @@ def environment(out: Path, data_dir: str, dry_run: bool) -> int:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), capability=f"{props.major}.{props.minor}",
                     gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), multiprocessors=props.multi_processor_count,
-                    bf16_supported=torch.cuda.is_bf16_supported())
+                    bf16_native=torch.cuda.is_bf16_supported(including_emulation=False))
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                               "--format=csv,noheader"], capture_output=True, text=True)
         info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()[:300]

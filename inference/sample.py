@@ -20,7 +20,6 @@ model's blocks, with the exact KV cache of the finished blocks).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from dataclasses import dataclass, replace
@@ -33,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 import torch
 
 from common.config import knob, parse_cli
+from common.precision import autocast
 from inference.api import BLOCK_RULES, STRATEGIES, DecodeOptions, StepInfo, generate_with_stats
 from inference.loading import load_model
 
@@ -126,14 +126,6 @@ def print_step(tokenizer, info: StepInfo) -> None:
         print(f"[{req}] {tokenizer.decode(ids)!r}")
 
 
-def autocast_context(device: str, dtype: str):
-    if not device.startswith("cuda") or dtype == "float32":
-        return contextlib.nullcontext()
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return torch.autocast("cuda", dtype=getattr(torch, dtype))
-
-
 def run(args: SampleConfig) -> list:
     if bool(args.ckpt) == bool(args.init_from):
         raise ValueError("give --ckpt DIR (our model) or --init_from gpt2|... (OpenAI GPT-2)")
@@ -167,7 +159,7 @@ def run(args: SampleConfig) -> list:
                   file=sys.stderr)
     requests = [p for p in prompts for _ in range(num_samples)]
     device = str(next(model.parameters()).device)
-    with autocast_context(device, args.dtype):
+    with autocast(device, args.dtype):
         done = generate_with_stats(
             model, tokenizer, requests, max_new, options=replace(options, schedule=loaded.schedule),
             progress=args.progress and not args.show_steps,

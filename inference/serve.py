@@ -44,6 +44,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.config import knob, parse_cli
+from common.precision import autocast
 from inference.api import (DIFFUSION_STRATEGIES, Completion, DecodeOptions, encode_requests, model_kind)
 from inference.scheduler import (Cancelled, QueueFull, RowSpec, ShuttingDown, StepScheduler, measure_call_overhead,
                                  server_options)
@@ -553,19 +554,15 @@ class CompletionStream:
 # ----------------------------------------------------------------------------- CLI
 def prepare_model(loaded, dtype: str):
     """The model in eval mode and the context its calls run in: float64 (exactness tests), float32, or
-    bf16/fp16 autocast on GPU (auto = bf16 where supported, float32 on CPU)."""
+    bf16/fp16 autocast on GPU (auto = bf16 where the GPU computes it natively, else fp16; float32 on CPU)."""
     model = loaded.model.eval()
     device = next(model.parameters()).device
     if dtype == "float64":
         loaded.model = model.double()
         return contextlib.nullcontext
-    if device.type != "cuda" or dtype == "float32":
-        if dtype in ("bfloat16", "float16"):
-            raise ValueError(f"--dtype {dtype} needs a GPU; on CPU use float32 (or float64)")
-        return contextlib.nullcontext
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return lambda: torch.autocast("cuda", dtype=getattr(torch, dtype))
+    if device.type != "cuda" and dtype in ("bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype} needs a GPU; on CPU use float32 (or float64)")
+    return lambda: autocast(device, dtype)
 
 
 def default_model_id(ckpt: Optional[str], init_from: Optional[str]) -> str:

@@ -26,6 +26,7 @@ import torch
 
 from training.config import TrainConfig
 from training.optim import schedule_kwargs
+from common.precision import native_bf16
 
 AUTO = "auto"
 CLIENT_OPTIMIZERS = ("adam", "adamw")  # built as torch AdamW by us
@@ -76,12 +77,15 @@ def check_ds_shape(ds, path) -> None:
                          f"{fix}")
 
 
-def default_dtype() -> str:
+def default_dtype(loss_scaling: bool = True) -> str:
     """fp32 on CPU (fp16 is refused there and bf16 matmuls are slow on most CPUs); bf16 on GPUs that
-    have it, else fp16."""
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    compute it natively (common/precision.py); on older GPUs fp16 where the engine scales the loss
+    (DeepSpeed: its fp16 section's dynamic loss scaling), else fp32."""
+    if not torch.cuda.is_available():
+        return "fp32"
+    if native_bf16():
+        return "bf16"
+    return "fp16" if loss_scaling else "fp32"
 
 
 class _Resolver:
@@ -215,6 +219,7 @@ def resolve(ds_json: dict, cfg: TrainConfig, explicit: set[str], world_size: int
         want = stated
     for name in ("bf16", "fp16"):
         ds[name]["enabled"] = want == name
+    # fp16 without a stated loss_scale: DeepSpeed's default, dynamic loss scaling (loss_scale 0)
     cfg.dtype = want
     if want == "fp16" and not torch.cuda.is_available():
         raise ValueError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use dtype=bf16 or fp32")

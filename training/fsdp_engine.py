@@ -52,7 +52,7 @@ class ResolvedFSDP:
 
 def resolve_fsdp(cfg: TrainConfig, world_size: int) -> ResolvedFSDP:
     """The FSDP engine's settings, all from the training config (there is no second file to reconcile)."""
-    dtype = cfg.dtype if cfg.dtype != "auto" else default_dtype()
+    dtype = cfg.dtype if cfg.dtype != "auto" else default_dtype(loss_scaling=False)
     if dtype == "fp16":
         raise ValueError("engine=fsdp trains in fp32 or bf16 (fp16 needs loss scaling, which only the DeepSpeed "
                          "engine does here): set --dtype=bf16 or --dtype=fp32, or use --engine=deepspeed")
