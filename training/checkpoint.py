@@ -215,7 +215,9 @@ def rng_state_as_tensors() -> dict:
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     version, mt_state, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            # this rank's own GPU only: a resume may see fewer GPUs (another world size is a feature), and
+            # every rank restores the state of the device it runs on
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
             "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64),
@@ -240,7 +242,11 @@ def restore_rng(tag_dir: Path, rank: int) -> None:
     else:
         random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        state = rng["cuda"]
+        if isinstance(state, (list, tuple)):  # written before: every visible GPU's state, indexed by device
+            state = state[torch.cuda.current_device()] if torch.cuda.current_device() < len(state) else None
+        if state is not None:
+            torch.cuda.set_rng_state(state)  # the current device: the one this rank runs on
 
 
 # ----------------------------------------------------------------------------- loading never runs code
