@@ -408,7 +408,7 @@ class DiffusionGPTLM(TemplateLM):
         xt = torch.where(masked, tok.mask_id, x0)  # (R, W)
         if b:  # BD3-LM: one pass over [x_t ; x_0], each noised block sees itself and the clean blocks before it
             positions = torch.arange(width, device=self._device).repeat(2)
-            h, _ = self.model.hidden_states(torch.cat([xt, x0], dim=1), positions=positions,
+            h, _ = self.model.hidden_states(torch.cat([xt, x0], dim=1), positions=positions, max_position=width - 1,
                                             mask=AttentionMask("block_diffusion", block_length=b))
             h = block_diffusion_predictions(h, b, self.model.config.shift)  # (R, W, C), read at the noised half
         else:

@@ -104,7 +104,8 @@ def ar_loss(model, x: torch.Tensor, y: torch.Tensor, num_tokens: int | None = No
     logits = model(x)  # (B, T, V)
     if num_tokens is not None and num_tokens < logits.size(-1):
         logits = logits[..., :num_tokens]  # (B, T, num_tokens)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+    # in fp32 as the diffusion losses: a bf16 loss is quantised (steps of 2^-7 ~ 0.008 near 1.5 nats)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-1)
 
 
 def is_diffusion(objective: str) -> bool:
@@ -182,16 +183,18 @@ def _subs_nelbo(model, x0: torch.Tensor, xt: torch.Tensor, token_weight: torch.T
                 run_model, clean_prefix: int = 0) -> torch.Tensor:
     """sum over masked tokens of weight * -log p_SUBS(x0 | x_t), divided by the number of scored tokens
     (all of them, less the clean prefix). run_model() -> (B, L, C): the state predicting each position
-    of xt (align_predictions); only called when some token is masked."""
+    of xt (align_predictions).
+
+    Every position is scored and the unmasked ones weigh 0 (as MDLM does): selecting the masked ones
+    (h[masked]) has a data-dependent shape, which makes the host wait for the GPU at every micro step and
+    torch.compile recompile; the extra output-layer rows are the price."""
     B, L = x0.shape
-    masked = xt == mask_id  # (B, L)
-    if not bool(masked.any()):
-        # nothing masked -> nothing to predict; keep the graph alive so every rank runs backward
-        return model.lm_head.weight.sum() * 0.0
     h = run_model()  # (B, L, C)
-    logits = subs_logits(model.lm_head(h[masked]), mask_id)  # (N_masked, V): only masked positions matter
-    nll = F.cross_entropy(logits.float(), x0[masked], reduction="none")  # (N_masked,)
-    return (token_weight[masked] * nll).sum() / (B * (L - clean_prefix))
+    # SUBS's -inf logits for MASK and the padding ids above it, as columns left out of the softmax
+    logits = model.lm_head(h)[..., :mask_id]  # (B, L, mask_id)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none")  # (B * L,)
+    weight = torch.where(xt == mask_id, token_weight, 0.0).flatten()  # (B * L,): 0 where nothing is predicted
+    return (weight * nll).sum() / (B * (L - clean_prefix))
 
 
 def _prefix_for(model, clean_prefix: int) -> int:
@@ -266,7 +269,8 @@ def block_diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, mask_
         positions = torch.arange(L, device=x0.device).repeat(2)  # (2L,): x_t and x_0 share positions
         mask = (anneal_mask("block_diffusion", block_length, future_attention, int(seed) + 2)
                 or AttentionMask("block_diffusion", block_length=block_length))
-        h, _ = model.hidden_states(torch.cat([xt, x0], dim=1), mask=mask, positions=positions)  # (B, 2L, C)
+        h, _ = model.hidden_states(torch.cat([xt, x0], dim=1), mask=mask, positions=positions,
+                                   max_position=L - 1)  # (B, 2L, C)
         return block_diffusion_predictions(h, block_length, model.config.shift)  # (B, L, C)
 
     return _subs_nelbo(model, x0, xt, token_weight, mask_id, run_model, n)

@@ -272,7 +272,7 @@ class GPT(nn.Module):
         return n
 
     def hidden_states(self, idx, mask: Optional[AttentionMask] = None, past_kv: Optional[KVCache] = None,
-                      positions: Optional[torch.Tensor] = None):
+                      positions: Optional[torch.Tensor] = None, max_position: Optional[int] = None):
         """Run the Transformer body: idx (B, T) -> final-LayerNorm states (B, T, C) and this call's KV.
 
         mask:      which keys each query sees; default is the config's kind with q_offset = T_past.
@@ -280,14 +280,20 @@ class GPT(nn.Module):
         positions: (B, T) or (T,) position ids, for left-padded batches (or BD3-LM's [x_t ; x_0] input,
                    whose halves share positions); default T_past .. T_past + T - 1. The context limit
                    is on positions: every id must be < block_size, however many tokens there are.
+        max_position: the largest id in `positions`, when the caller knows it on the host. Then the check
+                   above reads no tensor; without it, positions on the CPU are read, and positions on an
+                   accelerator are not checked here (a read would wait for the device; the callers that
+                   build them check lengths on the host: the decoding layouts and the API's context check).
         """
         B, T = idx.size()
         t_past = 0 if past_kv is None else past_kv[0][0].size(2)
         if positions is None and t_past + T > self.config.block_size:
             raise ValueError(f"sequence of {t_past + T} tokens is longer than the model's context "
                              f"block_size={self.config.block_size}")
-        if positions is not None and positions.numel() and int(positions.max()) >= self.config.block_size:
-            raise ValueError(f"position id {int(positions.max())} is outside the model's context "
+        if max_position is None and positions is not None and positions.numel() and positions.device.type == "cpu":
+            max_position = int(positions.max())
+        if max_position is not None and max_position >= self.config.block_size:
+            raise ValueError(f"position id {max_position} is outside the model's context "
                              f"block_size={self.config.block_size}: the sequence is longer than the context")
         if mask is None:
             mask = self.config.default_mask(q_offset=t_past)

@@ -99,6 +99,30 @@ def provenance(repo) -> dict:
 
 
 # ----------------------------------------------------------------------------- the logger
+class LossWindow:
+    """The mean training loss over the steps since the last log. The sum stays on the loss's device, so a
+    micro step never waits for the GPU (a .item() or .cpu() per micro step would); `read()` at log time is
+    the one wait."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor, micro_batches: int = 1) -> None:
+        """A micro batch's loss; a step's loss is the mean of its `micro_batches` (accumulation steps)."""
+        part = loss.detach().float() / micro_batches
+        self.total = part if self.total is None else self.total + part
+
+    def end_step(self) -> None:
+        self.steps += 1
+
+    def read(self) -> float:
+        """The mean loss per step since the last read (this rank's), and a new window."""
+        mean = self.total.item() / self.steps
+        self.total, self.steps = None, 0
+        return mean
+
+
 class Metrics:
     def __init__(self, out_dir, rank: int, cfg, total_steps: int, start_step: int):
         self.enabled = rank == 0

@@ -56,7 +56,7 @@ from training.hostfile import launch_info, single_node_warning  # noqa: E402
 from training.init_from import adopt_source_shape, check_same_tokens, load_weights, read_source  # noqa: E402
 from training.run_lock import OutDirInUse, hold_out_dir  # noqa: E402
 from common.disk import DiskFull, disk_full_error, is_disk_full  # noqa: E402
-from training.metrics import Metrics, default_peak_flops, memory_mb, model_flops_utilization, provenance  # noqa: E402
+from training.metrics import LossWindow, Metrics, default_peak_flops, memory_mb, model_flops_utilization, provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIG = REPO / "ds_configs" / "zero2.json"
@@ -235,7 +235,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- the loop
     stop = StopOnSigterm()
     start_step, stopped = step, False
-    loss_sum, window_steps, window_t0 = torch.zeros(()), 0, time.perf_counter()
+    losses, window_t0 = LossWindow(), time.perf_counter()
     engine.train()
     while step < cfg.max_iters:
         if validator.should_validate(step) and not (resume and step == start_step):  # its writer evaluated it
@@ -252,21 +252,22 @@ def main(argv=None):
             loss = engine.loss(x, y, seed=mix_seed(cfg.seed, 0, step, part, 0), future_attention=future)
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.detach().float().cpu() / gas  # no .item(): a GPU keeps running ahead
+            losses.add(loss, gas)  # on the device: no wait for the GPU per micro step
         step += 1
         tokens_seen += tokens_per_step
-        window_steps += 1
+        losses.end_step()
 
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             dt = time.perf_counter() - window_t0
-            (mean_loss,) = all_mean([loss_sum.item() / window_steps])  # the loss of the global batch
+            window_steps = losses.steps
+            (mean_loss,) = all_mean([losses.read()])  # the loss of the global batch
             tokens_per_s = window_steps * tokens_per_step / dt
             mfu = model_flops_utilization(flops_per_token, tokens_per_s, peak_flops, ranks=world)
             metrics.log("train", step, loss=mean_loss, lr=lr, grad_norm=engine.grad_norm,
                         tokens_per_s=tokens_per_s, mfu=mfu, mem_mb=memory_mb(), tokens_seen=tokens_seen,
                         **({"future_attention": future} if cfg.anneal_attention_iters else {}))
             metrics.advance(window_steps, loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
-            loss_sum, window_steps, window_t0 = torch.zeros(()), 0, time.perf_counter()
+            window_t0 = time.perf_counter()
 
         stopped = stop.agreed()
         if checkpointer.should_save(step, stopping=stopped, last=step == cfg.max_iters):
