@@ -250,6 +250,30 @@ def test_export_reproduces_the_trained_model(stage_runs, tiny_data, stage):
 
 
 @pytest.mark.slow
+def test_a_zero0_bf16_export_holds_the_fp32_master_weights(tiny_data, ds_configs, tmp_path):
+    """ZeRO-0 in bf16 (the GPU default) trains a bf16 copy of the model; the export must be the fp32
+    weights the optimizer keeps, not that copy rounded to 8 bits. Runs on DeepSpeed's CPU accelerator,
+    which trains in bf16 the same way (FP16 optimizer wrapper, masters in the optimizer state)."""
+    from models.weights import load_consolidated
+
+    out = tmp_path / "bf16"
+    check_finished(python_run("--config", str(TINY_CONFIG), "--deepspeed_config", str(ds_configs["zero0"]),
+                              "--data_dir", str(tiny_data), "--out_dir", str(out), "--dtype=bf16",
+                              "--max_iters=4", "--eval_interval=4", "--log_interval=4"), out)
+    saved = ckpt.safe_torch_load(out / "ckpt" / "step_000004" / "mp_rank_00_model_states.pt")
+    decay, no_decay = saved["optimizer"]["fp32_groups"]  # GPT.optimizer_param_groups' order
+    model, _ = load_consolidated(out / "export")
+    exported = model.state_dict()
+    assert torch.equal(exported["transformer.wte.weight"], decay[0])  # the first >= 2-D parameter
+    assert torch.equal(exported["transformer.h.0.ln_1.weight"], no_decay[0])  # the first 1-D one
+    bf16 = saved["module"]
+    for name, weight in exported.items():
+        assert weight.dtype == torch.float32
+        assert torch.equal(weight.bfloat16(), bf16["gpt." + name]), name  # the copy is these, rounded
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in exported.values())  # more bits than bf16
+
+
+@pytest.mark.slow
 def test_export_cli_from_a_tag_dir(stage_runs, tmp_path):
     from models.weights import load_consolidated
 

@@ -10,7 +10,8 @@ mask_id, eot_id, the step and the training config.
 
 ZeRO-1/2/3 shards (and bf16 runs' fp32 master weights) are merged by DeepSpeed's
 get_fp32_state_dict_from_zero_checkpoint, in-process; its zero_to_fp32.py script is not used (it
-needs huggingface_hub). A ZeRO-0 fp32 checkpoint holds the whole model in one file and is read as is.
+needs huggingface_hub). A ZeRO-0 checkpoint holds the whole model in one file; in bf16/fp16 the fp32
+master weights beside it in the optimizer state are exported instead (zero0_master_weights).
 An FSDP checkpoint (a tag dir with fsdp_checkpoint.json, training/fsdp_engine.py) is a
 torch.distributed.checkpoint directory: its model shards are loaded whole in this one process.
 """
@@ -60,14 +61,50 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     elif list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    else:  # ZeRO-0 in fp32: the model file holds the full weights
-        model_file = tag_dir / "mp_rank_00_model_states.pt"
-        state = ckpt.safe_torch_load(model_file)["module"]
+    else:  # ZeRO-0: the model file holds the full weights (and, in bf16/fp16, the fp32 masters)
+        saved = ckpt.safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")
+        state = saved["module"]
+        masters = zero0_master_weights(saved.get("optimizer"), ckpt.load_side_files(tag_dir)[0]["model"])
+        if masters is not None:
+            state = {k: masters.get(k, v) for k, v in state.items()}
     out = {}
     for k, v in state.items():
         if not k.startswith(MODULE_PREFIX):
             raise ValueError(f"{tag_dir}: unexpected parameter {k!r} (not a diffusionGPT training checkpoint?)")
         out[k[len(MODULE_PREFIX):]] = v.float()
+    return out
+
+
+def zero0_master_weights(optimizer_state: dict | None, model_config: dict) -> dict[str, torch.Tensor] | None:
+    """The fp32 master weights of a ZeRO-0 run in bf16 or fp16, by state-dict key; None for an fp32 run.
+
+    Such a run trains a bf16/fp16 copy of the model (the checkpoint's "module") and keeps the fp32 weights
+    the optimizer updates in DeepSpeed's FP16 optimizer: a list per param group ("fp32_groups", torch's
+    optimizers) or one flat tensor per group ("fp32_groups_flat", DeepSpeed's fused Adam). Exporting the
+    module would round every weight to 8 (bf16) or 11 (fp16) bits. The groups hold the parameters in the
+    order of GPT.optimizer_param_groups, which both ways of building the optimizer use
+    (training/deepspeed_engine.py); that order is rebuilt on the meta device to name them."""
+    if not optimizer_state:
+        return None
+    groups = optimizer_state.get("fp32_groups")
+    flat = optimizer_state.get("fp32_groups_flat")
+    if groups is None and flat is None:
+        return None
+    from models.gpt import GPT, GPTConfig
+
+    with torch.device("meta"):
+        gpt = GPT(GPTConfig.from_dict(model_config))
+    names = {}  # a parameter -> every state-dict key it is saved under (tied weights: more than one)
+    for name, tensor in gpt.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(MODULE_PREFIX + name)
+    order = [group["params"] for group in gpt.optimizer_param_groups(0.0)]
+    if groups is None:  # one flat tensor per group: cut it into the group's parameters, in order
+        groups = [list(torch.split(f, [p.numel() for p in params])) for f, params in zip(flat, order)]
+    out = {}
+    for params, masters in zip(order, groups, strict=True):
+        for param, master in zip(params, masters, strict=True):
+            for key in names[id(param)]:
+                out[key] = master.reshape(param.shape)
     return out
 
 
