@@ -46,6 +46,7 @@ SERVING_MODELS = {"shakespeare_mdlm": "bash launch.sh",
 CARRY_LIMIT_MB = 64
 STEP_TITLES = {
     "env": "environment", "gpu-tests": "GPU-only tests + first-use check tests", "guard": "first-use kernel checks",
+    "multi-gpu": "multi-GPU DeepSpeed training and resume on fewer GPUs",
     "attention": "attention benchmark", "masking": "masking benchmark", "training": "GPT-2 124M training",
     "decoding": "decoding benchmark", "serving": "server load, MDLM quickstart model",
     "serving-ar": "server load, AR quickstart model", "kernel-tests": "whole kernel test files",
@@ -243,6 +244,7 @@ def report(raw: Path, out_dir: Path, mode: str, elapsed: float) -> int:
     result = {"mode": mode, "elapsed_s": elapsed, "written": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": steps,
               "env": _load(raw / "env.json"), "wheels": (raw / "wheels.txt").read_text().split() if (raw / "wheels.txt").is_file() else [],
               "gpu_tests": _junit(raw / "gpu-tests.xml"), "guard": _load(raw / "guard.json"),
+              "multi_gpu": _load(raw / "multi-gpu.json"),
               "attention": _load(raw / "attention.json"), "masking": _load(raw / "masking.json"),
               "training": _load(raw / "training.json"), "decoding": _load(raw / "decoding.json"),
               "serving": [x for x in (_load(raw / "serving.json"), _load(raw / "serving-ar.json")) if x],
@@ -279,6 +281,13 @@ def markdown(r: dict) -> str:
         md += ["", "## First-use kernel checks", "", f"{g['device']}, {g['seconds']} s:", ""]
         md += [f"- {'ok' if c['ok'] else '**FAILED**'}: {c['case']}" + (f": {c['detail']}" if c["detail"] else "")
                for c in g["checks"]]
+    mg = r.get("multi_gpu")
+    if mg:
+        md += ["", f"## Multi-GPU training ({mg['ranks']} rank(s), {mg['dtype']}, {mg['gpus']} GPU(s) visible)", ""]
+        md += [f"- {'ok' if c['ok'] else '**FAILED**'}: {name}: "
+               + ", ".join(f"{k} {v}" for k, v in c.items() if k != "ok") for name, c in mg["checks"].items()]
+        if mg.get("not_run"):
+            md.append(f"- not run: {mg['not_run']}")
     a = r["attention"]
     if a and a.get("rows"):
         md += ["", f"## Attention ({a['device']}, {a['dtype']}, {a['tokens']} tokens per batch, model dim "

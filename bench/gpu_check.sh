@@ -12,6 +12,8 @@
 #   env          Python, torch, CUDA, Triton, GPU, DeepSpeed (carried wheels installed into a temp path), data
 #   gpu-tests    the GPU-only tests (bf16 kernels, compiled kernels, long sequences) + the first-use check tests
 #   guard        the first-use check (kernels/attention.py) of every mask kind in bf16 (d 64, 128), fp32, fp16
+#   multi-gpu    python -m bench.multi_gpu_check: DeepSpeed ZeRO-2 bf16 on 2 GPUs (NCCL), resumed on 1 GPU; with
+#                one GPU the same on one (the 2-GPU part recorded as not run)
 #   attention    python -m bench.attention_bench: Triton vs SDPA flash vs FlexAttention, T 1k/4k/8k, d 64/128
 #   masking      python -m bench.masking_bench: fused masking kernel vs the PyTorch reference, GB/s
 #   training     python -m bench.training: GPT-2 124M, bf16, --compile, ZeRO-0/2, Triton vs attn_impl=torch,
@@ -153,6 +155,7 @@ if [ "$DRY" = 1 ]; then
   step gpu-tests 60 "${PYTEST[@]}" tests/test_kernel_guard.py tests/test_attention_kernel.py tests/test_masking_kernel.py \
        -k "on_gpu or guard or kernel_guard" --junitxml "$RAW/gpu-tests.xml"
   step guard 30 "$PY" -m bench.gpu_check guard "$RAW/guard.json" --dry-run
+  step multi-gpu 150 "$PY" -m bench.multi_gpu_check "$RAW/multi-gpu.json" --data "$DATA" --dry-run
   step attention 60 "$PY" -m bench.attention_bench --device cpu --tiny --json "$RAW/attention.json"
   step masking 30 "$PY" -m bench.masking_bench --device cpu --tiny --json "$RAW/masking.json"
   step training 90 "$PY" -m bench.training --config training/configs/tiny_test.json --data_dir "$DATA" --from_data \
@@ -172,6 +175,7 @@ else
   step gpu-tests 60 "${PYTEST[@]}" "${XDIST[@]}" tests/test_kernel_guard.py tests/test_attention_kernel.py \
        tests/test_masking_kernel.py -k "on_gpu or guard or kernel_guard" --junitxml "$RAW/gpu-tests.xml"
   step guard 30 "$PY" -m bench.gpu_check guard "$RAW/guard.json"
+  step multi-gpu 90 "$PY" -m bench.multi_gpu_check "$RAW/multi-gpu.json" --data "$DATA"
   step attention 75 "$PY" -m bench.attention_bench --json "$RAW/attention.json" --time_budget 65 --warmup_ms 10 --rep_ms 40
   step masking 15 "$PY" -m bench.masking_bench --json "$RAW/masking.json"
   step training 100 "$PY" -m bench.training --config training/configs/train_gpt2.json --data_dir "$DATA" --from_data \

@@ -5,6 +5,7 @@ device type only: a collective on CPU tensors there raises. The CPU test machine
 tests/cuda_only_group.py builds the same condition with gloo ("cuda:gloo"); the real NCCL run is in
 bench/gpu_check.sh (a 2-GPU DeepSpeed run, where 2 GPUs exist)."""
 import ast
+import shutil
 import json
 import os
 import subprocess
@@ -111,3 +112,31 @@ def test_a_plain_python_run_in_an_sbatch_script_is_a_world_of_one(clean_launch_e
     distributed.prepare_environment()
     assert distributed.rank_and_world() == (0, 0, 1)
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (Debian: apt-get install openmpi-bin)")
+def test_deepspeeds_openmpi_launcher_trains_two_ranks_that_know_their_rank(tmp_path):
+    """`deepspeed --launcher openmpi` starts the ranks through mpirun: only OMPI_COMM_WORLD_* say which rank a
+    process is until DeepSpeed's MPI discovery (mpi4py) runs. Both ranks must know it from the start: rank 1
+    taking rank 0's run lock, or each rank training a world of one, fails this run."""
+    from tests.test_training import TINY_CONFIG, check_finished, env_for_cpu_ranks, records
+
+    data = tmp_path / "data"
+    (tmp_path / "verse.txt").write_text("ROMEO:\nthou art the sun and moon my lord.\n" * 400)
+    subprocess.run([sys.executable, "-m", "training.prepare", "--source", str(tmp_path / "verse.txt"),
+                    "--tokenizer", "char", "--out", str(data)], cwd=REPO, check=True, capture_output=True)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=2\n")
+    out = tmp_path / "run"
+    mpirun_args = "--oversubscribe --mca btl_tcp_if_include lo" + (" --allow-run-as-root" if os.getuid() == 0 else "")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hosts), "--launcher", "openmpi",
+           "--force_multi", "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "--launcher_args", mpirun_args, "training/pretrain.py", "--config", str(TINY_CONFIG),
+           "--data_dir", str(data), "--out_dir", str(out), "--max_iters=4", "--eval_interval=4",
+           "--deepspeed_config", "ds_configs/zero2.json"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env_for_cpu_ranks(), capture_output=True, text=True, timeout=300)
+    check_finished(proc, out)
+    (config,) = records(out, "config")
+    assert config["world_size"] == 2
+    assert "2 rank(s)" in proc.stdout + proc.stderr

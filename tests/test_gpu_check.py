@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["env", "gpu-tests", "guard", "attention", "masking", "training", "decoding", "serving", "kernel-tests"]
+STEPS = ["env", "gpu-tests", "guard", "multi-gpu", "attention", "masking", "training", "decoding", "serving", "kernel-tests"]
 pytestmark = pytest.mark.slow
 
 
@@ -53,6 +53,11 @@ def test_dry_run_runs_every_step_and_writes_json_and_markdown(tmp_path):
     # every step left its numbers
     assert report["gpu_tests"]["passed"] > 0 and report["gpu_tests"]["failures"] == 0
     assert report["guard"]["checks"] and all(c["ok"] for c in report["guard"]["checks"])
+    # 2 CPU ranks (ZeRO-2, the gloo group), then resumed on 1 rank from the step-10 checkpoint
+    multi = report["multi_gpu"]
+    assert multi["ranks"] == 2 and multi["status"] == "ok", multi
+    assert set(multi["checks"]) == {"zero2_fp32_2_ranks", "resume_2_ranks_on_1"}
+    assert multi["checks"]["resume_2_ranks_on_1"]["steps"] == 10
     kinds = {(r["mask"], r["block_length"]) for r in report["attention"]["rows"]}
     assert kinds == {("causal", 0), ("bidirectional", 0), ("block_causal", 4), ("block_causal", 16),
                      ("block_diffusion", 16)}
@@ -72,7 +77,7 @@ def test_dry_run_runs_every_step_and_writes_json_and_markdown(tmp_path):
 
     md = (out / "gpu_check.md").read_text()
     for heading in ("| step | what | status |", "## First-use kernel checks", "## Attention", "## Masking kernel",
-                    "## Training", "## Decoding", "## Server load (pre_restructure: mdlm"):
+                    "## Multi-GPU training (2 rank(s), fp32", "## Training", "## Decoding", "## Server load (pre_restructure: mdlm"):
         assert heading in md
     with tarfile.open(out / "raw.tar.gz") as tar:
         names = tar.getnames()

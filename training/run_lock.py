@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from training.distributed import rank_and_world
+
 LOCK_FILE = "run.lock"
 
 
@@ -132,7 +134,7 @@ def hold_out_dir(out_dir) -> list[str]:
     """On global rank 0, lock OUT_DIR/run.lock for the rest of this process's life (other ranks hold
     nothing: when rank 0 refuses and exits, the launcher stops them). Raises OutDirInUse naming the holder.
     Returns notes for the log (a lock taken over from a killed run)."""
-    names = [LOCK_FILE] if int(os.environ.get("RANK", 0)) == 0 else []
+    names = [LOCK_FILE] if rank_and_world()[0] == 0 else []  # any launcher: MPI ones set no RANK yet
     notes = []
     for name in names:
         path = Path(out_dir) / name
