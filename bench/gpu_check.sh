@@ -12,6 +12,10 @@
 #   env          Python, torch, CUDA, Triton, GPU, DeepSpeed (carried wheels installed into a temp path), data
 #   gpu-tests    the GPU-only tests (bf16 kernels, compiled kernels, long sequences) + the first-use check tests
 #   guard        the first-use check (kernels/attention.py) of every mask kind in bf16 (d 64, 128), fp32, fp16
+#   launch       python -m bench.gpu_check launch: attention with batch x heads > 65,535 vs the reference; with two
+#                GPUs, the kernels, the model's logits and inference.sample on cuda:1 (from a fresh thread) vs cuda:0
+#   kernel-compile  python -m bench.kernel_compile: every kernel x autotune config the pruner keeps x dtype,
+#                compiled for sm_80 and sm_90 (no GPU needed): no register spills, shared memory within limits
 #   attention    python -m bench.attention_bench: Triton vs SDPA flash vs FlexAttention, T 1k/4k/8k, d 64/128
 #   masking      python -m bench.masking_bench: fused masking kernel vs the PyTorch reference, GB/s
 #   training     python -m bench.training: GPT-2 124M, bf16, --compile, ZeRO-0/2, Triton vs attn_impl=torch,
@@ -35,7 +39,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 DRY=0; PREPARE=0; ONLY=""; OUT_DIR=""
 CARRY_DIR="${GPU_CHECK_DIR:-.gpu_check}"
 WHEELS=""; DATA=""; MODELS=""
@@ -153,6 +157,9 @@ if [ "$DRY" = 1 ]; then
   step gpu-tests 60 "${PYTEST[@]}" tests/test_kernel_guard.py tests/test_attention_kernel.py tests/test_masking_kernel.py \
        -k "on_gpu or guard or kernel_guard" --junitxml "$RAW/gpu-tests.xml"
   step guard 30 "$PY" -m bench.gpu_check guard "$RAW/guard.json" --dry-run
+  step launch 60 "$PY" -m bench.gpu_check launch "$RAW/launch.json" --dry-run
+  # the masking kernel only: tests/test_attention_kernel.py compiles the representative attention cases
+  step kernel-compile 60 "$PY" -m bench.kernel_compile --subset --kernels masking --jobs 1 --json "$RAW/kernel-compile.json"
   step attention 60 "$PY" -m bench.attention_bench --device cpu --tiny --json "$RAW/attention.json"
   step masking 30 "$PY" -m bench.masking_bench --device cpu --tiny --json "$RAW/masking.json"
   step training 90 "$PY" -m bench.training --config training/configs/tiny_test.json --data_dir "$DATA" --from_data \
@@ -172,6 +179,8 @@ else
   step gpu-tests 60 "${PYTEST[@]}" "${XDIST[@]}" tests/test_kernel_guard.py tests/test_attention_kernel.py \
        tests/test_masking_kernel.py -k "on_gpu or guard or kernel_guard" --junitxml "$RAW/gpu-tests.xml"
   step guard 30 "$PY" -m bench.gpu_check guard "$RAW/guard.json"
+  step launch 60 "$PY" -m bench.gpu_check launch "$RAW/launch.json"
+  step kernel-compile 150 "$PY" -m bench.kernel_compile --json "$RAW/kernel-compile.json"
   step attention 75 "$PY" -m bench.attention_bench --json "$RAW/attention.json" --time_budget 65 --warmup_ms 10 --rep_ms 40
   step masking 15 "$PY" -m bench.masking_bench --json "$RAW/masking.json"
   step training 100 "$PY" -m bench.training --config training/configs/train_gpt2.json --data_dir "$DATA" --from_data \

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["env", "gpu-tests", "guard", "attention", "masking", "training", "decoding", "serving", "kernel-tests"]
+STEPS = ["env", "gpu-tests", "guard", "launch", "kernel-compile", "attention", "masking", "training", "decoding",
+         "serving", "kernel-tests"]
 pytestmark = pytest.mark.slow
 
 
@@ -53,6 +54,16 @@ def test_dry_run_runs_every_step_and_writes_json_and_markdown(tmp_path):
     # every step left its numbers
     assert report["gpu_tests"]["passed"] > 0 and report["gpu_tests"]["failures"] == 0
     assert report["guard"]["checks"] and all(c["ok"] for c in report["guard"]["checks"])
+    # the launch checks: a batch x heads grid and (cpu standing in for both GPUs) sampling on a second device
+    launch = {c["check"].split(" (")[0]: c["ok"] for c in report["launch"]["checks"]}
+    assert launch == {"attention fwd+bwd with B x H = 3 x 2 = 6": True,
+                      "attention first-use check on cpu, from a fresh thread": True,
+                      "masking first-use check on cpu, from a fresh thread": True,
+                      "model logits on cpu": True, "inference.sample --device cpu against cpu": True,
+                      "autotuned attention configs compile without register spills on this GPU": None}
+    assert [c["name"] for c in report["kernel_compile"]["cases"]] == \
+        ["masking sm_80 i64 ids, maskable=True", "masking sm_90 i64 ids, maskable=True"]
+    assert all(c["ok"] for c in report["kernel_compile"]["cases"])
     kinds = {(r["mask"], r["block_length"]) for r in report["attention"]["rows"]}
     assert kinds == {("causal", 0), ("bidirectional", 0), ("block_causal", 4), ("block_causal", 16),
                      ("block_diffusion", 16)}
@@ -71,7 +82,8 @@ def test_dry_run_runs_every_step_and_writes_json_and_markdown(tmp_path):
     assert report["kernel_tests"]["passed"] > 0
 
     md = (out / "gpu_check.md").read_text()
-    for heading in ("| step | what | status |", "## First-use kernel checks", "## Attention", "## Masking kernel",
+    for heading in ("| step | what | status |", "## First-use kernel checks", "## Kernel launches",
+                    "## Kernels compiled for sm_80, sm_90", "## Attention", "## Masking kernel",
                     "## Training", "## Decoding", "## Server load (pre_restructure: mdlm"):
         assert heading in md
     with tarfile.open(out / "raw.tar.gz") as tar:
