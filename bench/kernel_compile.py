@@ -8,7 +8,7 @@ pruner never has to run a config that spills registers or needs more shared memo
 The interpreter (TRITON_INTERPRET=1, every CPU test) accepts programs the GPU compiler rejects or spills,
 so this compiles the real kernels with Triton's bundled ptxas (GPUTarget("cuda", 80 | 90, 32): no GPU, no
 driver). A case is an attention kernel (forward, dK/dV, dQ) in fp16, bf16, fp32 with TF32 dots or exact
-fp32, for the padded block-causal mask or the block-diffusion mask (its second tile loop), at head dim 32,
+fp32, for the padded block-causal mask or the block-diffusion mask (its second tile loop), at head dim 16, 32,
 64 or 128. For each case the pruner (`_tuned` in kernels/attention.py) keeps some autotune configs; on a GPU
 it then compiles them and drops those that spill or do not fit, keeping the least-spilling ones when all
 do. This compiles each kept config, and a case FAILS when none is left without spills within the shared

@@ -506,14 +506,17 @@ if HAS_TRITON:
         (128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (128, 32, 8, 3, 128),
         (64, 64, 4, 3, 64), (64, 64, 8, 3, 128), (64, 32, 4, 4, 128), (32, 32, 4, 2, 128),
         (16, 64, 4, 3, 128), (16, 128, 4, 3, 128),  # few queries: KV-cache decoding
+        (16, 64, 8, 2, 128),  # exact fp32 at head dim 128: a tile that spills on neither sm_80 nor sm_90
     ], _TUNE_KEY)
     _BWD_DKDV_TUNING = _tuned([  # BLOCK_N keys per program, BLOCK_M queries per step
         (32, 128, 8, 3, 64), (64, 128, 8, 3, 64), (32, 64, 4, 3, 64), (32, 64, 8, 3, 128),
         (64, 64, 8, 3, 128), (32, 32, 4, 3, 128), (16, 64, 4, 2, 64),
+        (32, 32, 8, 2, 128), (16, 32, 8, 2, 128),  # head dim 128 on sm_80 and exact fp32: the others spill
     ], _TUNE_KEY)
     _BWD_DQ_TUNING = _tuned([  # BLOCK_M queries per program, BLOCK_N keys per step
         (128, 32, 8, 3, 64), (128, 64, 8, 3, 64), (64, 64, 8, 3, 128), (64, 32, 8, 3, 128),
         (64, 32, 4, 3, 64), (32, 32, 4, 3, 128), (64, 16, 4, 2, 64),
+        (32, 32, 8, 2, 128),  # head dim 128 on sm_80 and exact fp32: the others spill
     ], _TUNE_KEY)
 
     @triton.jit

@@ -389,11 +389,11 @@ def _has_nvidia_backend():
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton install has no NVIDIA backend (ptxas)")
 def test_kernels_compile_for_a100_and_h100_without_spills_or_too_much_shared_memory(tmp_path):
     """The interpreter accepts programs the GPU compiler rejects, spills or cannot fit in shared memory.
-    Compile the real kernels for sm_80 and sm_90 with Triton's bundled ptxas (no GPU needed): per kernel and
-    arch the largest bf16 and exact-fp32 tiles the autotune pruner keeps (the cases most likely to spill),
-    block diffusion's second tile loop, and the masking kernel (`bench.kernel_compile --subset`, ~40 s on
-    this project's 2-core machine; `python -m bench.kernel_compile` compiles every case, bench/gpu_check.sh
-    runs it)."""
+    Compile the real kernels for sm_80 and sm_90 with Triton's bundled ptxas (no GPU needed): per attention
+    kernel and arch, every config the autotune pruner keeps for bf16 at head dim 128 (the largest tiles), of
+    which one at least must compile without spills within the shared memory limit (the GPU pruner drops the
+    others), and the masking kernel (`bench.kernel_compile --subset`; `python -m bench.kernel_compile`
+    checks every dtype, mask and head dim, ~7 min on this project's 2-core machine)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     report = tmp_path / "compile.json"
@@ -403,7 +403,7 @@ def test_kernels_compile_for_a100_and_h100_without_spills_or_too_much_shared_mem
     cases = json.loads(report.read_text())["cases"]
     assert {(c["kernel"], c["arch"]) for c in cases} == {(k, a) for k in ("fwd", "dkdv", "dq", "masking")
                                                          for a in (80, 90)}
-    assert all(c["result"]["registers"] > 0 and not c["result"]["problem"] for c in cases)
+    assert all(c["ok"] and c["kept"] for c in cases), [c for c in cases if not c["ok"]]
 
 
 # ----------------------------------------------------------------------------- GPU only

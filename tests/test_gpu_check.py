@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["env", "gpu-tests", "guard", "launch", "kernel-compile", "attention", "masking", "training", "decoding",
-         "serving", "kernel-tests"]
+STEPS = ["env", "gpu-tests", "guard", "launch", "attention", "masking", "training", "decoding", "serving",
+         "kernel-tests", "kernel-compile"]
 pytestmark = pytest.mark.slow
 
 
