@@ -471,12 +471,13 @@ def markdown(r: dict) -> str:
                + (f": {c['detail']}" if c["detail"] else "") for c in la["checks"]]
     kc = r.get("kernel_compile")
     if kc:
-        bad = [c for c in kc["cases"] if c["result"].get("problem")]
+        bad = [c for c in kc["cases"] if not c["ok"]]
         md += ["", "## Kernels compiled for " + ", ".join(f"sm_{a}" for a in kc["archs"]), "",
-               f"{len(kc['cases']) - len(bad)} of {len(kc['cases'])} cases compile without register spills and "
-               f"within the shared memory limit ({'the representative subset' if kc['subset'] else 'every case'}, "
+               f"{len(kc['cases']) - len(bad)} of {len(kc['cases'])} cases keep a config that compiles without "
+               f"register spills within the shared memory limit ({'the representative subset' if kc['subset'] else 'every case'}, "
                f"{kc['seconds']:.0f} s)."]
-        md += [f"- **FAILED** {c['name']}: {c['result']['problem']}" for c in bad[:40]]
+        md += [f"- **FAILED** {c['name']}: " + "; ".join(f"{cfg}: {why}" for cfg, why in c["dropped"])
+               for c in bad[:40]]
     a = r["attention"]
     if a and a.get("rows"):
         md += ["", f"## Attention ({a['device']}, {a['dtype']}, {a['tokens']} tokens per batch, model dim "
