@@ -4,6 +4,7 @@
                                                        #       the quickstart models' exports
     python -m bench.gpu_check env OUT.json [--data DIR] [--dry-run]   # versions, GPU, DeepSpeed, data
     python -m bench.gpu_check guard OUT.json [--dry-run]              # the kernels' first-use checks
+    python -m bench.gpu_check launch OUT.json [--dry-run]             # huge batch x heads grids, a second GPU
     python -m bench.gpu_check report RAW_DIR OUT_DIR [--mode M] [--elapsed S]  # gpu_check.json + .md
 
 The GPU machine has no network and its own Python 3.12 image (torch, triton, transformers, pytest-xdist;
@@ -47,6 +48,8 @@ CARRY_LIMIT_MB = 64
 STEP_TITLES = {
     "env": "environment", "gpu-tests": "GPU-only tests + first-use check tests", "guard": "first-use kernel checks",
     "multi-gpu": "multi-GPU DeepSpeed training and resume on fewer GPUs",
+    "launch": "kernel launches: batch x heads > 65,535, a second GPU",
+    "kernel-compile": "kernels compiled for sm_80 / sm_90: no spills, shared memory within limits",
     "attention": "attention benchmark", "masking": "masking benchmark", "training": "GPT-2 124M training",
     "decoding": "decoding benchmark", "serving": "server load, MDLM quickstart model",
     "serving-ar": "server load, AR quickstart model", "kernel-tests": "whole kernel test files",
@@ -196,6 +199,187 @@ def guard(out: Path, dry_run: bool) -> int:
     return 0 if all(c["ok"] for c in checks) and checks else 1
 
 
+# ------------------------------------------------------------------------------------------- launch
+SAMPLING_FIXTURE = REPO / "tests" / "fixtures" / "pre_restructure" / "export"  # a tiny MDLM export the tests keep
+
+
+def _worst_excess(pairs, atol: float, rtol: float):
+    """(name, max |got - want|) of the pair furthest over atol + rtol |want|, or None when all are within."""
+    import torch
+    worst = None
+    for name, got, want in pairs:
+        got, want = got.detach().double().cpu(), want.detach().double().cpu()
+        if not torch.isfinite(got).all():
+            return name, float("nan")
+        excess = float(((got - want).abs() - atol - rtol * want.abs()).max())
+        if excess > 0 and (worst is None or excess > worst[0]):
+            worst = (excess, name, float((got - want).abs().max()))
+    return None if worst is None else worst[1:]
+
+
+def _in_fresh_thread(fn):
+    """fn() in a new thread, whose current CUDA device is the default (cuda:0), like the server's scheduler."""
+    import threading
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def launch_checks(out: Path, dry_run: bool) -> int:
+    """What the interpreter cannot show about how the kernels are launched (kernels/launch.py):
+    - batch x heads over 65,535 (CUDA's limit on grid axes 1 and 2; the lm-eval backend scores 64 requests
+      x 65 rows x 16 heads at once): attention forward + backward against the fp64 reference;
+    - a second GPU: the first-use checks of both kernels on cuda:1 and the model's logits on cuda:1 computed
+      in a fresh thread (its current device is cuda:0) against the same weights on cuda:0, within a stated
+      tolerance; then `inference.sample --device cuda:1` against cuda:0, greedy: the tokens are recorded,
+      equal unless a near-tie flipped (autotuned tiles may differ per GPU). Skipped with one GPU.
+    A dry run does both on CPU in the interpreter, with a small batch (plumbing only)."""
+    import contextlib
+    import io
+
+    import torch
+
+    import kernels.attention as attn
+    import kernels.masking as masking
+    from kernels.attention import AttentionMask, attention_reference, flash_attention
+
+    if not dry_run and not torch.cuda.is_available():
+        print("launch: no CUDA GPU", file=sys.stderr)
+        return 1
+    checks, t0 = [], time.perf_counter()
+
+    def record(name, ok, detail=""):
+        checks.append({"check": name, "ok": ok, "detail": detail})
+        print(("ok      " if ok else "skipped " if ok is None else "FAILED  ") + name + (f": {detail}" if detail else ""),
+              flush=True)
+
+    # 1. batch x heads past 65,535 programs
+    device = "cpu" if dry_run else "cuda"
+    B, H, T, D = (3, 2, 24, 16) if dry_run else (64 * 65, 16, 24, 32)
+    dtype, (atol, rtol) = (torch.float32, (2e-5, 1e-4)) if dry_run else (torch.float16, (5e-3, 1e-2))
+    name = f"attention fwd+bwd with B x H = {B} x {H} = {B * H:,} (T {T}, d {D}, {str(dtype)[6:]}, causal, padded)"
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v, do = (torch.randn(B, H, T, D, generator=gen).to(device, dtype) for _ in range(4))
+        mask = AttentionMask("causal", key_lengths=torch.randint(1, T + 1, (B,), generator=gen).to(device))
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        got = flash_attention(*leaves, mask)
+        got.backward(do)
+        ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        want = attention_reference(*ref_leaves, mask)
+        want.backward(do.double())
+        worst = _worst_excess([("output", got, want)] + [(g, a.grad, b.grad) for g, a, b in
+                                                         zip(("dq", "dk", "dv"), leaves, ref_leaves)], atol, rtol)
+        record(name, worst is None, "" if worst is None else
+               f"{worst[0]} off by up to {worst[1]:.3g} (tolerance {atol:g} + {rtol:g} x |reference|)")
+        del q, k, v, do, leaves, ref_leaves, got, want
+    except Exception as exc:  # noqa: BLE001 - recorded
+        record(name, False, f"raised {type(exc).__name__}: {str(exc)[:300]}")
+
+    # 2. the second GPU
+    if not dry_run and torch.cuda.device_count() < 2:
+        record("kernels and sampling on cuda:1 against cuda:0", None,
+               f"{torch.cuda.device_count()} GPU here: needs two")
+    else:
+        first, second = ("cpu", "cpu") if dry_run else ("cuda:0", "cuda:1")
+        try:
+            key = (second, torch.float32, "causal", 32, True, False, False)
+            verdict = _in_fresh_thread(lambda: attn.check_kernel(key))
+            record(f"attention first-use check on {second}, from a fresh thread", verdict.ok, verdict.detail)
+            verdict = _in_fresh_thread(lambda: masking.check_masking_kernel(second))
+            record(f"masking first-use check on {second}, from a fresh thread", verdict.ok, verdict.detail)
+
+            from inference.loading import load_model
+            models = [load_model(str(SAMPLING_FIXTURE), device=d, attn_impl="triton", log=lambda m: None).model
+                      for d in (first, second)]
+            idx = torch.randint(0, models[0].config.vocab_size, (4, models[0].config.block_size),
+                                generator=torch.Generator().manual_seed(1))
+            with torch.inference_mode():
+                want = models[0](idx.to(first))
+                got = _in_fresh_thread(lambda: _inference(models[1], idx.to(second)))
+            # fp32, exact IEEE dots on both: the same kernels, up to the tile the autotuner picked on each GPU
+            worst = _worst_excess([("logits", got, want)], 1e-4, 1e-4)
+            record(f"model logits on {second} (fresh thread) against {first}, fp32", worst is None,
+                   "" if worst is None else f"{worst[0]} off by up to {worst[1]:.3g} (tolerance 1e-4 + 1e-4 x |ref|)")
+
+            from inference.sample import parse_args, run
+            tokens = []
+            for d in (first, second):
+                with contextlib.redirect_stdout(io.StringIO()):
+                    done = run(parse_args(["--ckpt", str(SAMPLING_FIXTURE), "--device", d, "--dtype", "float32",
+                                           "--attn_impl", "triton", "--start", "The ", "--num_samples", "2",
+                                           "--max_new_tokens", "16", "--temperature", "0", "--no_progress"]))
+                tokens.append([c.token_ids for c in done])
+            same = tokens[0] == tokens[1]
+            record(f"inference.sample --device {second} against {first} (greedy, 2 x 16 tokens)", True,
+                   "identical tokens" if same else f"tokens differ (a near-tie flipped; the logits check above is "
+                   f"the criterion): {tokens[0]} vs {tokens[1]}")
+        except Exception as exc:  # noqa: BLE001 - recorded
+            record(f"kernels and sampling on {second}", False, f"raised {type(exc).__name__}: {str(exc)[:300]}")
+
+    # 3. what the autotune pruner keeps on this GPU compiles without register spills
+    name = "autotuned attention configs compile without register spills on this GPU"
+    if dry_run:
+        record(name, None, "the interpreter does not autotune")
+    else:
+        try:
+            kept = _pruned_configs_and_spills(attn)
+            spilling = [f"{kernel} {cfg}: {n:g} B" for kernel, configs in kept for cfg, n in configs if n]
+            record(name, not spilling, f"{sum(len(c) for _, c in kept)} configs kept by {len(kept)} prunings" +
+                   (f"; spilling (every candidate spilled): {', '.join(spilling)}" if spilling else ""))
+        except Exception as exc:  # noqa: BLE001 - recorded
+            record(name, False, f"raised {type(exc).__name__}: {str(exc)[:300]}")
+
+    result = {"device": "cpu (interpreter)" if dry_run else torch.cuda.get_device_name(),
+              "gpus": 0 if dry_run else torch.cuda.device_count(), "checks": checks,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    out.write_text(json.dumps(result, indent=1))
+    return 0 if all(c["ok"] is not False for c in checks) else 1
+
+
+def _pruned_configs_and_spills(attn) -> list:
+    """Tune the three attention kernels for new shapes (bf16 d128, fp16 d64, fp32 d64, block-causal, padded)
+    and return, per pruning, [(config, spilled bytes on this GPU)] of what the pruner kept."""
+    import torch
+    seen, original = [], {}
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        tuner = getattr(attn, name)
+        prune = original[name] = tuner.early_config_prune
+
+        def recording(configs, named_args, _prune=prune, _name=name, _fn=tuner.fn, **kwargs):
+            kept = _prune(configs, named_args, **kwargs)
+            seen.append((_name, [(str(c), attn._spilled_bytes(_fn, c, named_args, kwargs)) for c in kept]))
+            return kept
+        tuner.early_config_prune = recording
+    try:
+        for dtype, head_dim in ((torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 64)):
+            gen = torch.Generator().manual_seed(2)
+            q, k, v, do = (torch.randn(2, 4, 300, head_dim, generator=gen).to("cuda", dtype) for _ in range(4))
+            mask = attn.AttentionMask("block_causal", block_length=16, key_lengths=torch.tensor([300, 211], device="cuda"))
+            leaves = [t.requires_grad_() for t in (q, k, v)]
+            attn.flash_attention(*leaves, mask).backward(do)
+    finally:
+        for name, prune in original.items():
+            getattr(attn, name).early_config_prune = prune
+    return seen
+
+
+def _inference(model, idx):
+    import torch
+    with torch.inference_mode():
+        return model(idx)
+
+
 # ------------------------------------------------------------------------------------------- report
 def _load(path: Path):
     try:
@@ -245,6 +429,7 @@ def report(raw: Path, out_dir: Path, mode: str, elapsed: float) -> int:
               "env": _load(raw / "env.json"), "wheels": (raw / "wheels.txt").read_text().split() if (raw / "wheels.txt").is_file() else [],
               "gpu_tests": _junit(raw / "gpu-tests.xml"), "guard": _load(raw / "guard.json"),
               "multi_gpu": _load(raw / "multi-gpu.json"),
+              "launch": _load(raw / "launch.json"), "kernel_compile": _load(raw / "kernel-compile.json"),
               "attention": _load(raw / "attention.json"), "masking": _load(raw / "masking.json"),
               "training": _load(raw / "training.json"), "decoding": _load(raw / "decoding.json"),
               "serving": [x for x in (_load(raw / "serving.json"), _load(raw / "serving-ar.json")) if x],
@@ -288,6 +473,20 @@ def markdown(r: dict) -> str:
                + ", ".join(f"{k} {v}" for k, v in c.items() if k != "ok") for name, c in mg["checks"].items()]
         if mg.get("not_run"):
             md.append(f"- not run: {mg['not_run']}")
+    la = r.get("launch")
+    if la:
+        md += ["", "## Kernel launches", "", f"{la['device']}, {la['gpus']} GPU(s), {la['seconds']} s:", ""]
+        md += [f"- {'ok' if c['ok'] else 'skipped' if c['ok'] is None else '**FAILED**'}: {c['check']}"
+               + (f": {c['detail']}" if c["detail"] else "") for c in la["checks"]]
+    kc = r.get("kernel_compile")
+    if kc:
+        bad = [c for c in kc["cases"] if not c["ok"]]
+        md += ["", "## Kernels compiled for " + ", ".join(f"sm_{a}" for a in kc["archs"]), "",
+               f"{len(kc['cases']) - len(bad)} of {len(kc['cases'])} cases keep a config that compiles without "
+               f"register spills within the shared memory limit ({'the representative subset' if kc['subset'] else 'every case'}, "
+               f"{kc['seconds']:.0f} s)."]
+        md += [f"- **FAILED** {c['name']}: " + "; ".join(f"{cfg}: {why}" for cfg, why in c["dropped"])
+               for c in bad[:40]]
     a = r["attention"]
     if a and a.get("rows"):
         md += ["", f"## Attention ({a['device']}, {a['dtype']}, {a['tokens']} tokens per batch, model dim "
@@ -345,6 +544,9 @@ def main(argv=None) -> int:
     g = sub.add_parser("guard")
     g.add_argument("out")
     g.add_argument("--dry-run", action="store_true")
+    la = sub.add_parser("launch")
+    la.add_argument("out")
+    la.add_argument("--dry-run", action="store_true")
     r = sub.add_parser("report")
     r.add_argument("raw")
     r.add_argument("out_dir")
@@ -357,6 +559,8 @@ def main(argv=None) -> int:
         return environment(Path(args.out), args.data, args.dry_run)
     if args.cmd == "guard":
         return guard(Path(args.out), args.dry_run)
+    if args.cmd == "launch":
+        return launch_checks(Path(args.out), args.dry_run)
     return report(Path(args.raw), Path(args.out_dir), args.mode, args.elapsed)
 
 

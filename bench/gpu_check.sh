@@ -14,6 +14,8 @@
 #   guard        the first-use check (kernels/attention.py) of every mask kind in bf16 (d 64, 128), fp32, fp16
 #   multi-gpu    python -m bench.multi_gpu_check: DeepSpeed ZeRO-2 bf16 on 2 GPUs (NCCL), resumed on 1 GPU; with
 #                one GPU the same on one (the 2-GPU part recorded as not run)
+#   launch       python -m bench.gpu_check launch: attention with batch x heads > 65,535 vs the reference; with two
+#                GPUs, the kernels, the model's logits and inference.sample on cuda:1 (from a fresh thread) vs cuda:0
 #   attention    python -m bench.attention_bench: Triton vs SDPA flash vs FlexAttention, T 1k/4k/8k, d 64/128
 #   masking      python -m bench.masking_bench: fused masking kernel vs the PyTorch reference, GB/s
 #   training     python -m bench.training: GPT-2 124M, bf16, --compile, ZeRO-0/2, Triton vs attn_impl=torch,
@@ -23,6 +25,8 @@
 #                client at concurrency 1/4/16/64, tokens/s vs one at a time (the server's >= 4x goal at 16)
 #   serving-ar   the same on the AR quickstart model
 #   kernel-tests the whole kernel test files (tests/test_attention_kernel.py, tests/test_masking_kernel.py)
+#   kernel-compile  python -m bench.kernel_compile: every kernel, dtype, mask and config the pruner keeps, compiled
+#                for sm_80 and sm_90 (no GPU needed): each case keeps a config without spills that fits
 #
 # Options / environment:
 #   --wheels DIR       wheels to install first (default .gpu_check/wheels): `pip install --no-index --no-deps
@@ -37,7 +41,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 DRY=0; PREPARE=0; ONLY=""; OUT_DIR=""
 CARRY_DIR="${GPU_CHECK_DIR:-.gpu_check}"
 WHEELS=""; DATA=""; MODELS=""
@@ -156,6 +160,7 @@ if [ "$DRY" = 1 ]; then
        -k "on_gpu or guard or kernel_guard" --junitxml "$RAW/gpu-tests.xml"
   step guard 30 "$PY" -m bench.gpu_check guard "$RAW/guard.json" --dry-run
   step multi-gpu 150 "$PY" -m bench.multi_gpu_check "$RAW/multi-gpu.json" --data "$DATA" --dry-run
+  step launch 60 "$PY" -m bench.gpu_check launch "$RAW/launch.json" --dry-run
   step attention 60 "$PY" -m bench.attention_bench --device cpu --tiny --json "$RAW/attention.json"
   step masking 30 "$PY" -m bench.masking_bench --device cpu --tiny --json "$RAW/masking.json"
   step training 90 "$PY" -m bench.training --config training/configs/tiny_test.json --data_dir "$DATA" --from_data \
@@ -166,6 +171,8 @@ if [ "$DRY" = 1 ]; then
   step serving 90 "$PY" -m bench.serve_load --ckpt tests/fixtures/pre_restructure/export --requests 6 \
        --concurrency 1 2 --rounds 2 --max_seconds 60 --out "$RAW/serving.json"
   step kernel-tests 60 "${PYTEST[@]}" tests/test_masking_kernel.py --junitxml "$RAW/kernel-tests.xml"
+  # the masking kernel only: tests/test_attention_kernel.py compiles the representative attention cases
+  step kernel-compile 60 "$PY" -m bench.kernel_compile --subset --kernels masking --jobs 1 --json "$RAW/kernel-compile.json"
 else
   step env 30 "$PY" -m bench.gpu_check env "$RAW/env.json" --data "$DATA"
   if [ -z "$ONLY" ] && ! grep -q '"cuda_available": true' "$RAW/env.json" 2>/dev/null; then
@@ -176,6 +183,7 @@ else
        tests/test_masking_kernel.py -k "on_gpu or guard or kernel_guard" --junitxml "$RAW/gpu-tests.xml"
   step guard 30 "$PY" -m bench.gpu_check guard "$RAW/guard.json"
   step multi-gpu 90 "$PY" -m bench.multi_gpu_check "$RAW/multi-gpu.json" --data "$DATA"
+  step launch 60 "$PY" -m bench.gpu_check launch "$RAW/launch.json"
   step attention 75 "$PY" -m bench.attention_bench --json "$RAW/attention.json" --time_budget 65 --warmup_ms 10 --rep_ms 40
   step masking 15 "$PY" -m bench.masking_bench --json "$RAW/masking.json"
   step training 100 "$PY" -m bench.training --config training/configs/train_gpt2.json --data_dir "$DATA" --from_data \
@@ -189,6 +197,8 @@ else
        --concurrency 1 16 --max_seconds 15 --out "$RAW/serving-ar.json"
   step kernel-tests 120 "${PYTEST[@]}" "${XDIST[@]}" tests/test_attention_kernel.py tests/test_masking_kernel.py \
        --junitxml "$RAW/kernel-tests.xml"
+  # needs no GPU (~7 min on 2 cores, about one on 16): last, with whatever time is left
+  step kernel-compile 120 "$PY" -m bench.kernel_compile --json "$RAW/kernel-compile.json"
 fi
 report
 FAILED=$(awk -F'\t' '$2 != "0" && $2 != "skipped" {printf "%s ", $1}' "$STEPS")

@@ -647,6 +647,14 @@ def partition_widths(widths: list[int], rows: list[int], overhead_tokens: float)
     return parts[::-1]
 
 
+def device_synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits for the work queued on `device`: the model's GPU, not the thread's current one
+    (cuda:0 unless set), which a model on cuda:1 never touches; nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def measure_call_overhead(model, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                           rows: int = 8, width: int = 0, repeats: int = 7,
                           clock: Callable[[], float] = time.perf_counter) -> float:
@@ -657,7 +665,7 @@ def measure_call_overhead(model, autocast: Callable[[], contextlib.AbstractConte
     (calls whose time does not grow with their size: merge everything)."""
     device = next(model.parameters()).device
     width = width or model.config.block_size
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_synchronizer(device)
 
     def fastest(n_rows: int, n_cols: int) -> float:
         idx = torch.randint(0, model.config.vocab_size, (n_rows, n_cols), device=device)

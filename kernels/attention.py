@@ -22,9 +22,29 @@ Supported by the Triton path (impl="triton"):
   - query rows that see no key at all output 0, with zero (finite) gradients, like the reference.
 Not supported: attention dropout (omitted on purpose: no model here uses it), grouped-query K/V
 (k and v must have the same number of heads as q), gradients w.r.t. `scale` or the mask.
+
+Launching (kernels/launch.py): each launch makes the tensors' GPU the current device (a model on cuda:1,
+or one called from a thread that never chose a device, runs its kernels on its own GPU), stays within
+CUDA's grid limits (`attention_grid`), and holds a process-wide lock, so the autotuner tunes each key once
+even when threads launch together.
+
+Where this is verified: on CPU every test runs the kernels in the Triton interpreter, with fixed tiles
+and without the autotuner; the compiler's view (register spills, shared memory) of every kernel, autotune
+config and dtype for sm_80 and sm_90 is checked without a GPU by `python -m bench.kernel_compile`. What only
+a GPU shows (bf16 dots, autotuning, long sequences, two GPUs, huge grids) is bench/gpu_check.sh's.
+
+Exact equalities: for identical inputs and tiles the kernels are deterministic (a fixed order of the sums,
+no atomics). The project's bitwise equalities ("a row decodes the same batched as alone", "KV-cached
+decoding gives the tokens of uncached decoding") hold on CPU in fp32 / fp64, where they are tested. On a
+GPU they hold up to rounding only: the autotuner may time another tile best for another length bucket (a
+row padded into a batch has a longer one), which sums the keys in another order, and bf16 / fp16 rounds
+those differences up to ~1e-2 relative. The logits then agree within the dtype's tolerance (`CHECK_TOL`)
+and a greedy or seeded choice between near-tied tokens may flip: on a GPU, compare logits within a stated
+tolerance, not tokens.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -34,13 +54,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kernels.launch import checked_grid, launch
+
 try:  # Triton ships with CUDA builds of torch; without it only the reference is available
     import triton
     import triton.language as tl
+    from triton.runtime.autotuner import Autotuner
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
+    Autotuner = None
     HAS_TRITON = False
 
 MASK_KINDS = ("causal", "bidirectional", "block_causal", "block_diffusion")
@@ -405,14 +429,39 @@ if HAS_TRITON:
         # by value, not id(): torch.compile hands the pruner copies of the configs
         return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
+    def without_spills(configs, spilled_bytes):
+        """The configs that compile without register spills (spilled_bytes(config): bytes of local memory per
+        thread, inf when it cannot run at all); when every one spills, the least-spilling ones (never none)."""
+        spilled = [spilled_bytes(c) for c in configs]
+        least = min(spilled)
+        if least == math.inf:
+            return list(configs)  # nothing compiles: the autotuner's own timing reports why
+        return [c for c, n in zip(configs, spilled) if n == least]
+
+    def _spilled_bytes(kernel, config, named_args, kwargs) -> float:
+        """Local memory (register spills) per thread of `kernel` compiled with `config` for the current GPU;
+        inf when it cannot be loaded there (shared memory, threads) or does not compile."""
+        args = [named_args[name] for name in kernel.arg_names if name in named_args]
+        launch_kwargs = {k: v for k, v in kwargs.items() if k != "warmup"}
+        try:
+            compiled = kernel.warmup(*args, **launch_kwargs, **config.all_kwargs())
+            compiled.run  # loads it on the GPU: raises when its shared memory or threads do not fit
+            return 4 * compiled.n_spills  # the driver reports spilled 4-byte registers
+        except Exception:  # noqa: BLE001 - such a config is simply not a candidate
+            return math.inf
+
     def _tuned(table, key):
         """Autotune on a GPU over `table` = [(BLOCK_M, BLOCK_N, warps, stages, largest head dim)];
         a plain kernel in the interpreter (tile sizes passed by the caller).
 
-        The head-dim caps come from compiling every config for sm_90 with Triton's ptxas (no GPU
-        needed): above its cap a config spills registers, so it is pruned before timing (sm_80
-        spills a little more; the autotuner times what is left). Configs whose tiles exceed
-        the (bucketed) lengths are pruned too (few queries when decoding with a KV cache)."""
+        Before timing, the pruner keeps the configs that can be fast for the call: the head-dim caps and the
+        exact-fp32 rule below drop tiles that cannot fit in registers; configs whose tiles exceed the
+        (bucketed) lengths go too (few queries when decoding with a KV cache). Then, on a GPU, it compiles
+        what is left for that GPU (the autotuner would compile each config to time it anyway) and drops the
+        configs that spill registers or do not fit in its shared memory, keeping the least-spilling ones
+        only when all do: which configs spill depends on the architecture, the dtype and the mask, and
+        `python -m bench.kernel_compile` measures it for sm_80 and sm_90 without a GPU, failing when some
+        case would be left with spilling configs only."""
         max_head_dim = {}
         configs = []
         for bm, bn, warps, stages, max_d in table:
@@ -420,7 +469,8 @@ if HAS_TRITON:
             max_head_dim[_config_key(config)] = max_d
             configs.append(config)
 
-        def prune(configs, named_args, **kwargs):
+        def prune(configs, named_args, kernel=None, **kwargs):
+            """The configs worth timing (`kernel`: the jitted function, to compile them on a GPU)."""
             head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
             tq = max(16, named_args["TQ_BUCKET"])
             tk = max(16, named_args["TK_BUCKET"])
@@ -428,35 +478,45 @@ if HAS_TRITON:
             q = named_args.get("Q")
             if getattr(q, "dtype", None) == torch.float32 and kwargs.get("INPUT_PRECISION") == "ieee":
                 # exact fp32 dots run on FMA units with register-hungry tiles: only small tiles
-                # compile without spills (2048 elements at head dim 64, measured with ptxas)
+                # can compile without spills (2048 elements at head dim 64, measured with ptxas)
                 fits = [c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * head_dim <= 2048 * 64]
             fits = fits or list(configs)
             short = [c for c in fits if c.kwargs["BLOCK_M"] <= tq and c.kwargs["BLOCK_N"] <= tk]
-            if short:
+            if not short:
+                smallest = min(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in fits)
+                short = [c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == smallest]
+            if kernel is None or not getattr(q, "is_cuda", False) or torch.compiler.is_compiling():
                 return short
-            smallest = min(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in fits)
-            return [c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == smallest]
+            return without_spills(short, lambda c: _spilled_bytes(kernel, c, named_args, kwargs))
+
+        def autotune(fn, do_bench=None):
+            return triton.autotune(configs=configs, key=key, do_bench=do_bench,
+                                   prune_configs_by={"early_config_prune": functools.partial(prune, kernel=fn)})(fn)
 
         def wrap(fn):
-            if INTERPRET:
-                return fn
-            return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
-        wrap.configs, wrap.prune = configs, prune  # for tests and the offline compile check
+            return fn if INTERPRET else autotune(fn)
+        # for tests (an autotuner over a stand-in kernel and clock) and the offline compile check
+        wrap.configs, wrap.prune, wrap.autotune = configs, prune, autotune
         return wrap
 
-    _TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "KIND", "HAS_LEN", "HAS_START"]
+    # What a tuned config depends on. Triton adds the tensors' dtypes itself. INPUT_PRECISION: a tile timed
+    # with TF32 dots must not be reused for exact fp32 ones, which the pruner limits to small tiles.
+    _TUNE_KEY = ["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "KIND", "HAS_LEN", "HAS_START", "INPUT_PRECISION"]
     _FWD_TUNING = _tuned([  # BLOCK_M queries per program, BLOCK_N keys per step
         (128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 128, 8, 3, 64), (128, 32, 8, 3, 128),
         (64, 64, 4, 3, 64), (64, 64, 8, 3, 128), (64, 32, 4, 4, 128), (32, 32, 4, 2, 128),
         (16, 64, 4, 3, 128), (16, 128, 4, 3, 128),  # few queries: KV-cache decoding
+        (16, 64, 8, 2, 128),  # exact fp32 at head dim 128: a tile that spills on neither sm_80 nor sm_90
     ], _TUNE_KEY)
     _BWD_DKDV_TUNING = _tuned([  # BLOCK_N keys per program, BLOCK_M queries per step
         (32, 128, 8, 3, 64), (64, 128, 8, 3, 64), (32, 64, 4, 3, 64), (32, 64, 8, 3, 128),
         (64, 64, 8, 3, 128), (32, 32, 4, 3, 128), (16, 64, 4, 2, 64),
+        (32, 32, 8, 2, 128), (16, 32, 8, 2, 128),  # head dim 128 on sm_80 and exact fp32: the others spill
     ], _TUNE_KEY)
     _BWD_DQ_TUNING = _tuned([  # BLOCK_M queries per program, BLOCK_N keys per step
         (128, 32, 8, 3, 64), (128, 64, 8, 3, 64), (64, 64, 8, 3, 128), (64, 32, 8, 3, 128),
         (64, 32, 4, 3, 64), (32, 32, 4, 3, 128), (64, 16, 4, 2, 64),
+        (32, 32, 8, 2, 128),  # head dim 128 on sm_80 and exact fp32: the others spill
     ], _TUNE_KEY)
 
     @triton.jit
@@ -650,10 +710,10 @@ if HAS_TRITON:
         HAS_LEN: tl.constexpr, HAS_START: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        start_m = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        start_m = tl.program_id(0) * BLOCK_M  # the grid of `attention_grid`: (tiles, heads, batch)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
         Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -709,10 +769,10 @@ if HAS_TRITON:
         HAS_LEN: tl.constexpr, HAS_START: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        start_n = tl.program_id(0) * BLOCK_N
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        start_n = tl.program_id(0) * BLOCK_N  # the grid of `attention_grid`: (tiles, heads, batch)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
         Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -767,10 +827,10 @@ if HAS_TRITON:
         HAS_LEN: tl.constexpr, HAS_START: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        start_m = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        start_m = tl.program_id(0) * BLOCK_M  # the grid of `attention_grid`: (tiles, heads, batch)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
+        bh = b * H + h
         Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -809,22 +869,40 @@ if HAS_TRITON:
                  dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
+def attention_grid(batch: int, heads: int, length: int, tile: int) -> tuple:
+    """The launch grid of the three kernels: (tiles of `tile` rows of `length`, heads, batch). Tiles go on
+    axis 0 (up to 2^31 - 1 programs) and batch and heads on their own axes (65,535 each): batch x heads on
+    one axis would pass that limit (64 requests x 65 rows x 16 heads in the lm-eval backend is 66,560).
+    Axis 0 runs fastest, so a head's tiles run side by side and share its keys and values in L2."""
+    return checked_grid((-(-length // tile), heads, batch), "attention")
+
+
+def _input_precision(q) -> str:
+    """fp32 dots are exact IEEE unless torch allows TF32 (as torch's own matmuls do); 16-bit inputs ignore it."""
+    if q.dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
 def _launch_meta(q, k, mask: AttentionMask):
     """Arguments shared by the three kernels (everything but tensors, strides and scales)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    if q.dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
-        precision = "tf32"
-    else:
-        precision = "ieee"
     return dict(
         scalars=(H, Tq, Tk, mask.q_offset, max(mask.block_length, 1)),
         buckets=(_bucket(Tq), _bucket(Tk)),
         consts=dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), KIND=_KIND_CODE[mask.kind],
                     HAS_LEN=mask.key_lengths is not None, HAS_START=mask.key_starts is not None,
-                    INPUT_PRECISION=precision),
-        tiles={} if not INTERPRET else dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=INTERPRETER_BLOCK_N),
+                    INPUT_PRECISION=_input_precision(q)),
     )
+
+
+def _launch_attention(kernel, grid, *args, device_of, **kwargs):
+    """`launch` (the tensors' device, one launch at a time), with the interpreter's fixed tiles for a kernel
+    that is not autotuned."""
+    if not isinstance(kernel, Autotuner):
+        kwargs.update(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=INTERPRETER_BLOCK_N)
+    return launch(kernel, grid, *args, device_of=device_of, **kwargs)
 
 
 def _flash_forward(q, k, v, key_len, key_start, mask: AttentionMask, scale: float):
@@ -835,12 +913,12 @@ def _flash_forward(q, k, v, key_len, key_start, mask: AttentionMask, scale: floa
     if out.numel() == 0:
         return out, lse
     meta = _launch_meta(q, k, mask)
-    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd_kernel[grid](
+    _launch_attention(
+        _attn_fwd_kernel, lambda META: attention_grid(B, H, Tq, META["BLOCK_M"]),
         q, k, v, out, lse, key_len, key_start,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *meta["scalars"], scale * _LOG2E, *meta["buckets"],
-        **meta["consts"], **meta["tiles"],
+        device_of=q, **meta["consts"],
     )
     return out, lse
 
@@ -857,17 +935,17 @@ def _flash_backward(do, q, k, v, out, lse, key_len, key_start, mask: AttentionMa
     delta = (do.float() * out.float()).sum(-1).contiguous()  # (B, H, Tq) fp32
     meta = _launch_meta(q, k, mask)
     common = (*meta["scalars"], scale, scale * _LOG2E, *meta["buckets"])
-    grid_kv = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)  # noqa: E731
-    _attn_bwd_dkdv_kernel[grid_kv](
+    _launch_attention(
+        _attn_bwd_dkdv_kernel, lambda META: attention_grid(B, H, Tk, META["BLOCK_N"]),
         q, k, v, do, dk, dv, lse, delta, key_len, key_start,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-        *common, **meta["consts"], **meta["tiles"],
+        *common, device_of=q, **meta["consts"],
     )
-    grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_bwd_dq_kernel[grid_q](
+    _launch_attention(
+        _attn_bwd_dq_kernel, lambda META: attention_grid(B, H, Tq, META["BLOCK_M"]),
         q, k, v, do, dq, lse, delta, key_len, key_start,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *common, **meta["consts"], **meta["tiles"],
+        *common, device_of=q, **meta["consts"],
     )
     return dq, dk, dv
 

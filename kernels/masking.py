@@ -10,7 +10,9 @@ where each token is masked independently with probability mask_prob[b], and neve
 
 Randomness: the Triton kernel draws Philox numbers `tl.rand(seed, b * T + i)`; the reference draws
 `torch.rand` from a `torch.Generator` seeded with `seed`. Each impl is deterministic for a seed,
-but the two impls draw different masks for the same seed (same distribution).
+but the two impls draw different masks for the same seed (same distribution). A token's draw (Philox on
+(seed, flat token index), then one comparison) is the same on every GPU and for any launch grid; the kernel
+runs on x0's device (kernels/launch.py), one program per 1,024 tokens on grid axis 0.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+
+from kernels.launch import checked_grid, launch
 
 try:
     import triton
@@ -113,6 +117,11 @@ if HAS_TRITON:
         tl.store(WEIGHT + offs, tl.where(masked, w, 0.0), mask=in_range)
 
 
+def masking_grid(n_tokens: int) -> tuple:
+    """One program per _BLOCK tokens of the flattened (B, T) batch, on grid axis 0 (up to 2^31 - 1 programs)."""
+    return checked_grid((-(-n_tokens // _BLOCK),), "diffusion-masking")
+
+
 def _apply_diffusion_mask_triton(x0, mask_prob, loss_weight, mask_id, seed, maskable):
     mask_prob, loss_weight, mask_id, seed, maskable = _checked_inputs(
         x0, mask_prob, loss_weight, mask_id, seed, maskable)
@@ -129,11 +138,11 @@ def _apply_diffusion_mask_triton(x0, mask_prob, loss_weight, mask_id, seed, mask
     if n_tokens == 0:
         return xt, token_weight
     maskable_u8 = maskable.contiguous().view(torch.uint8) if maskable is not None else x0  # dummy if absent
-    grid = (triton.cdiv(n_tokens, _BLOCK),)
-    _diffusion_mask_kernel[grid](
+    launch(
+        _diffusion_mask_kernel, masking_grid(n_tokens),
         x0, xt, token_weight, mask_prob.contiguous(), loss_weight.contiguous(), maskable_u8,
         n_tokens, T, seed, mask_id,
-        HAS_MASKABLE=maskable is not None, BLOCK=_BLOCK,
+        device_of=x0, HAS_MASKABLE=maskable is not None, BLOCK=_BLOCK,
     )
     return xt, token_weight
 

@@ -6,11 +6,11 @@ and the GPU-only section at the bottom adds bf16, long sequences and torch.compi
 The oracle is always the reference computed in fp64 (forward and autograd backward) from the same
 (rounded) inputs, so the tolerances below measure only the kernel's own rounding.
 """
+import json
 import math
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -229,6 +229,20 @@ def test_autotune_pruning_keeps_fitting_configs(tuning):
     assert exact_fp32 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048 for c in exact_fp32)
 
 
+@pytest.mark.parametrize("spilled, kept", [
+    ((0, 64, 0, math.inf), [0, 2]),  # the configs that compile cleanly for this GPU
+    ((96, 64, 64, math.inf), [1, 2]),  # every one spills: the least-spilling ones, never none
+    ((math.inf,) * 4, [0, 1, 2, 3]),  # none can run: all, for the autotuner to report why
+], ids=["some_spill", "all_spill", "none_runs"])
+def test_on_a_gpu_the_pruner_drops_configs_that_spill_registers(spilled, kept):
+    """Which configs spill depends on the GPU, the dtype and the mask (`python -m bench.kernel_compile`), so on
+    a GPU the pruner compiles its candidates and measures (kernels/attention.py `_spilled_bytes`, which
+    bench/gpu_check.py's launch step checks there); here the measurement is given."""
+    configs = attn_mod._FWD_TUNING.configs[:4]
+    measured = dict(zip(map(id, configs), spilled))
+    assert attn_mod.without_spills(configs, lambda c: measured[id(c)]) == [configs[i] for i in kept]
+
+
 # ----------------------------------------------------------------------------- rows with no key
 def test_query_rows_without_visible_keys_give_zeros_and_finite_grads():
     # sequence 1 is left-padded by 70: its first 70 causal queries see no key; sequence 2 is empty
@@ -363,43 +377,6 @@ def test_unknown_impl_raises():
 
 
 # ----------------------------------------------------------------------------- real GPU lowering
-_COMPILE_FOR_SM90 = textwrap.dedent("""
-    import sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    import kernels.attention as A
-    import kernels.masking as M
-
-    def compile_for_sm90(fn, pointers, constexprs, warps, stages):
-        floats = ("qk_scale_log2", "sm_scale")
-        sig = {n: "constexpr" if n in constexprs else pointers.get(n) or ("fp32" if n in floats else "i32")
-               for n in fn.arg_names}
-        kernel = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=warps, num_stages=stages))
-        assert kernel.asm["cubin"], fn.__name__
-
-    for dtype in ("fp16", "bf16", "fp32"):
-        pointers = {n: "*" + dtype for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-        pointers.update(LSE="*fp32", DELTA="*fp32", KEY_LEN="*i32", KEY_START="*i32")
-        for tuner in (A._attn_fwd_kernel, A._attn_bwd_dkdv_kernel, A._attn_bwd_dq_kernel):
-            # fp32 (IEEE, no tensor cores) compiles slowly with big tiles: take the smallest there
-            config = tuner.configs[0] if dtype != "fp32" else min(
-                tuner.configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-            constexprs = dict(HEAD_DIM=64, BLOCK_D=64, KIND=2, HAS_LEN=True, HAS_START=True,
-                              INPUT_PRECISION="ieee", **config.kwargs)
-            compile_for_sm90(tuner.fn, pointers, constexprs, config.num_warps, config.num_stages)
-            if dtype == "fp16":  # block diffusion: the second (clean-half) tile loop
-                constexprs.update(KIND=3, HAS_LEN=False, HAS_START=False)
-                compile_for_sm90(tuner.fn, pointers, constexprs, config.num_warps, config.num_stages)
-    compile_for_sm90(M._diffusion_mask_kernel,
-                     dict(X0="*i64", XT="*i64", WEIGHT="*fp32", MASK_PROB="*fp32", LOSS_WEIGHT="*fp32",
-                          MASKABLE="*u8"),
-                     dict(HAS_MASKABLE=True, BLOCK=M._BLOCK), 4, 3)
-    print("compiled")
-""")
-
-
 def _has_nvidia_backend():
     try:
         from triton.backends import backends
@@ -408,18 +385,25 @@ def _has_nvidia_backend():
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton install has no NVIDIA backend (ptxas)")
-def test_kernels_lower_to_sm90_machine_code_without_a_gpu(tmp_path):
-    """The interpreter accepts programs the GPU compiler rejects (types, layouts, shared memory).
-    Compile the real kernels (fp16/bf16/fp32 block-causal with padding, fp16 block diffusion: every mask
-    branch) for an H100 with Triton's bundled ptxas; no GPU is needed for that."""
+def test_kernels_compile_for_a100_and_h100_without_spills_or_too_much_shared_memory(tmp_path):
+    """The interpreter accepts programs the GPU compiler rejects, spills or cannot fit in shared memory.
+    Compile the real kernels for sm_80 and sm_90 with Triton's bundled ptxas (no GPU needed): per attention
+    kernel and arch, every config the autotune pruner keeps for bf16 at head dim 128 (the largest tiles), of
+    which one at least must compile without spills within the shared memory limit (the GPU pruner drops the
+    others), and the masking kernel (`bench.kernel_compile --subset`; `python -m bench.kernel_compile`
+    checks every dtype, mask and head dim, ~7 min on this project's 2-core machine)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    report = tmp_path / "compile.json"
+    done = subprocess.run([sys.executable, "-m", "bench.kernel_compile", "--subset", "--jobs", "2", "--json",
+                           str(report)], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cases = json.loads(report.read_text())["cases"]
+    assert {(c["kernel"], c["arch"]) for c in cases} == {(k, a) for k in ("fwd", "dkdv", "dq", "masking")
+                                                         for a in (80, 90)}
+    assert all(c["ok"] and c["kept"] for c in cases), [c for c in cases if not c["ok"]]
 
 
 # ----------------------------------------------------------------------------- GPU only

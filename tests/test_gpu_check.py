@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["env", "gpu-tests", "guard", "multi-gpu", "attention", "masking", "training", "decoding", "serving", "kernel-tests"]
+STEPS = ["env", "gpu-tests", "guard", "multi-gpu", "launch", "attention", "masking", "training", "decoding",
+         "serving", "kernel-tests", "kernel-compile"]
 pytestmark = pytest.mark.slow
 
 
@@ -58,6 +59,16 @@ def test_dry_run_runs_every_step_and_writes_json_and_markdown(tmp_path):
     assert multi["ranks"] == 2 and multi["status"] == "ok", multi
     assert set(multi["checks"]) == {"zero2_fp32_2_ranks", "resume_2_ranks_on_1"}
     assert multi["checks"]["resume_2_ranks_on_1"]["steps"] == 10
+    # the launch checks: a batch x heads grid and (cpu standing in for both GPUs) sampling on a second device
+    launch = {c["check"].split(" (")[0]: c["ok"] for c in report["launch"]["checks"]}
+    assert launch == {"attention fwd+bwd with B x H = 3 x 2 = 6": True,
+                      "attention first-use check on cpu, from a fresh thread": True,
+                      "masking first-use check on cpu, from a fresh thread": True,
+                      "model logits on cpu": True, "inference.sample --device cpu against cpu": True,
+                      "autotuned attention configs compile without register spills on this GPU": None}
+    assert [c["name"] for c in report["kernel_compile"]["cases"]] == \
+        ["masking sm_80 i64 ids, maskable=True", "masking sm_90 i64 ids, maskable=True"]
+    assert all(c["ok"] for c in report["kernel_compile"]["cases"])
     kinds = {(r["mask"], r["block_length"]) for r in report["attention"]["rows"]}
     assert kinds == {("causal", 0), ("bidirectional", 0), ("block_causal", 4), ("block_causal", 16),
                      ("block_diffusion", 16)}
@@ -76,8 +87,9 @@ def test_dry_run_runs_every_step_and_writes_json_and_markdown(tmp_path):
     assert report["kernel_tests"]["passed"] > 0
 
     md = (out / "gpu_check.md").read_text()
-    for heading in ("| step | what | status |", "## First-use kernel checks", "## Attention", "## Masking kernel",
-                    "## Multi-GPU training (2 rank(s), fp32", "## Training", "## Decoding", "## Server load (pre_restructure: mdlm"):
+    for heading in ("| step | what | status |", "## First-use kernel checks", "## Kernel launches",
+                    "## Kernels compiled for sm_80, sm_90", "## Multi-GPU training (2 rank(s), fp32", "## Attention",
+                    "## Masking kernel", "## Training", "## Decoding", "## Server load (pre_restructure: mdlm"):
         assert heading in md
     with tarfile.open(out / "raw.tar.gz") as tar:
         names = tar.getnames()
