@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -545,6 +546,19 @@ def test_unknown_key_is_an_error_listing_known_keys():
     proc = python_run("--config", str(TINY_CONFIG), "--modle.n_layer=2")
     assert proc.returncode != 0 and "unknown config key --modle.n_layer" in proc.stderr
     assert "model.n_layer" in proc.stderr
+
+
+@pytest.mark.parametrize("value, error", [("none", None), ("sha256", None),
+                                          ("md5", r"checkpoint_hash='md5': expected none \| sha256")])
+def test_checkpoint_hash_key_and_its_error(value, error):
+    from training.config import config_help
+
+    assert re.search(r"--checkpoint_hash=none +none \(.*\) \| sha256 \(", config_help(), re.S)  # in --help
+    if error is None:
+        assert load_config(None, [f"--checkpoint_hash={value}"])[0].checkpoint_hash == value
+    else:
+        with pytest.raises(ValueError, match=error):
+            load_config(None, [f"--checkpoint_hash={value}"])
 
 
 def test_engine_key_and_its_errors(tiny_data):
