@@ -157,9 +157,10 @@ def _found_on_rank0(out_dir) -> ckpt.Found | None:
             found = ckpt.find_latest_good(out_dir)
         except Exception as e:  # noqa: BLE001 (re-raised below, after the other ranks know)
             error = e
-    # a pickled object, so whatever backend the default group runs: torch stages it on the device that
-    # backend serves (under DeepSpeed's NCCL-only group, torch.cuda.current_device(), set by then)
-    box = [None if error else found, error is not None]
+    # broadcast_object_list pickles the box into a byte tensor and puts it where the default group's backend
+    # sends from: the CPU for gloo, torch.cuda.current_device() for DeepSpeed's NCCL-only group (made
+    # current by deepspeed_engine.init_process_group). No device to pick here, whatever the engine.
+    box = [found, error is not None]
     dist.broadcast_object_list(box, src=0)
     if error is not None:
         raise error
