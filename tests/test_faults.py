@@ -539,13 +539,23 @@ def test_resume_on_data_of_another_tokenizer_names_both_and_the_data_dir_to_use(
 
 
 @pytest.mark.slow
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(data, run_copy):
+@pytest.mark.parametrize("checkpoint_hash, damage, said", [
+    ("sha256", "garbage over some bytes", r"mp_rank_00_model_states\.pt does not match its sha256"),  # same size
+    ("none", "truncated", r"mp_rank_00_model_states\.pt has 100 bytes, the manifest says \d+")])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(data, run_copy, checkpoint_hash, damage, said):
+    if checkpoint_hash == "sha256":  # the manifests a run with --checkpoint_hash=sha256 writes
+        root = ckpt.ckpt_root(run_copy)
+        for step, tag in ckpt.list_tags(root):
+            ckpt.finalize(root, tag, step, keep=100, sha256=ckpt.sha256_share(root / tag, 0, 1))
     with open(run_copy / "ckpt" / "step_000020" / "mp_rank_00_model_states.pt", "r+b") as f:
-        f.seek(100)
-        f.write(b"garbage!")
+        if damage == "truncated":
+            f.truncate(100)
+        else:
+            f.seek(100)
+            f.write(b"garbage!")
     proc = pretrain("--data_dir", data, "--out_dir", run_copy, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "WARNING: skipped checkpoint step_000020: mp_rank_00_model_states.pt does not match its sha256" in proc.stdout
+    assert re.search(f"WARNING: skipped checkpoint step_000020: {said}", proc.stdout), proc.stdout[-3000:]
     assert read_records(run_copy, "resumed")[-1]["checkpoint"] == "step_000010"
 
 

@@ -15,10 +15,12 @@ so floating-point sums run in another order; resume and export are checked exact
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +44,7 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 TINY_CONFIG = REPO / "training/configs/tiny_test.json"
 STAGES = ["zero0", "zero1", "zero2", "zero3", "zero3_offload"]
 RESUMED_STAGES = ["zero0", "zero1", "zero2", "zero3"]
+SHA256_STAGES = ["zero1"]  # these train with --checkpoint_hash=sha256, the others with the default (sizes)
 STAGE_TOLERANCE = 1e-5  # nats/token, between ZeRO stages
 FSDP_TOLERANCE = 1e-5  # nats/token, FSDP vs ZeRO-0: fp32 both, reductions in another order
 TEARDOWN_ABORT = "terminate called without an active exception"
@@ -160,7 +163,8 @@ def stage_runs(tiny_data, ds_configs, tmp_path_factory) -> dict[str, dict]:
     runs = {}
     for stage in STAGES:
         full = root / stage
-        proc = deepspeed_run(full, ds_configs[stage], "--data_dir", str(tiny_data))
+        hashing = ["--checkpoint_hash=sha256"] if stage in SHA256_STAGES else []  # the resumed run inherits it
+        proc = deepspeed_run(full, ds_configs[stage], "--data_dir", str(tiny_data), *hashing)
         check_finished(proc, full)
         runs[stage] = {"full": full, "log": proc.stdout + proc.stderr}
         if stage in RESUMED_STAGES:
@@ -229,6 +233,20 @@ def test_checkpoint_is_complete_and_marked(stage_runs, stage):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero0", *SHA256_STAGES])
+def test_a_two_rank_save_records_sha256_only_when_asked(stage_runs, stage):
+    """The default manifest holds sizes; with --checkpoint_hash=sha256 the two ranks hash their shares of
+    the files and rank 0's manifest holds every file's sha256 (its resume, on rank 0, is
+    test_resume_reproduces_losses[zero1])."""
+    root = ckpt.ckpt_root(stage_runs[stage]["full"])
+    for tag in ("step_000010", "step_000020"):
+        files = json.loads((root / tag / ckpt.MANIFEST).read_text())["files"]
+        assert {n: e["bytes"] for n, e in files.items()} == {n: (root / tag / n).stat().st_size for n in files}
+        expected = {n: hashlib.sha256((root / tag / n).read_bytes()).hexdigest() for n in files}
+        assert {n: e["sha256"] for n, e in files.items() if "sha256" in e} == (expected if stage in SHA256_STAGES else {})
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_export_reproduces_the_trained_model(stage_runs, tiny_data, stage):
     """The auto-export at the end of training evaluates to exactly the val NELBO the run logged, and
@@ -285,20 +303,35 @@ def test_export_cli_from_a_tag_dir(stage_runs, tmp_path):
     assert info["step"] == 10 and info["model"]["vocab_size"] == model.config.vocab_size
 
 
+def seal_with_sha256(out_dir) -> None:
+    """Rewrite a run's manifests as a save with --checkpoint_hash=sha256 writes them (sizes and sha256)."""
+    root = ckpt.ckpt_root(out_dir)
+    for step, tag in ckpt.list_tags(root):
+        ckpt.finalize(root, tag, step, keep=100, sha256=ckpt.sha256_share(root / tag, 0, 1))
+
+
 @pytest.mark.slow
-def test_corrupt_checkpoint_falls_back_to_previous_good(stage_runs, tmp_path):
+@pytest.mark.parametrize("checkpoint_hash, damage, said", [
+    ("sha256", "one flipped byte", "does not match its sha256"),  # same size: only a sha256 manifest sees it
+    ("none", "truncated", "bytes, the manifest says")])
+def test_corrupt_checkpoint_falls_back_to_previous_good(stage_runs, tmp_path, checkpoint_hash, damage, said):
     out = tmp_path / "run"
     shutil.copytree(stage_runs["zero0"]["full"] / "ckpt", out / "ckpt")
+    if checkpoint_hash == "sha256":
+        seal_with_sha256(out)
     victim = out / "ckpt" / "step_000020" / "mp_rank_00_model_states.pt"
     data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, different content
+    if damage == "one flipped byte":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        del data[len(data) // 2:]
     victim.write_bytes(bytes(data))
     proc = python_run("--config", str(TINY_CONFIG), "--deepspeed_config", str(REPO / "ds_configs/zero0.json"),
                       "--out_dir", str(out), "--resume", "--eval_only",
                       "--data_dir", json.loads((out / "ckpt/step_000010/data_meta.json").read_text())["data_dir"])
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert "skipped checkpoint step_000020" in output and "sha256" in output
+    assert "skipped checkpoint step_000020" in output and said in output
     assert "resumed from" in output and "step_000010" in output
     assert records(out, "resumed")[0]["checkpoint"] == "step_000010"
 
@@ -539,6 +572,19 @@ def test_unknown_key_is_an_error_listing_known_keys():
     assert "model.n_layer" in proc.stderr
 
 
+@pytest.mark.parametrize("value, error", [("none", None), ("sha256", None),
+                                          ("md5", r"checkpoint_hash='md5': expected none \| sha256")])
+def test_checkpoint_hash_key_and_its_error(value, error):
+    from training.config import config_help
+
+    assert re.search(r"--checkpoint_hash=none +none \(.*\) \| sha256 \(", config_help(), re.S)  # in --help
+    if error is None:
+        assert load_config(None, [f"--checkpoint_hash={value}"])[0].checkpoint_hash == value
+    else:
+        with pytest.raises(ValueError, match=error):
+            load_config(None, [f"--checkpoint_hash={value}"])
+
+
 def test_engine_key_and_its_errors(tiny_data):
     cfg, _ = load_config(str(TINY_CONFIG), [])
     assert cfg.engine == "deepspeed"  # the default
@@ -715,6 +761,130 @@ def test_latest_marker_falls_back_over_incomplete_and_corrupt_tags(tmp_path):
     assert found.tag == "step_000010" and any("50 bytes" in s for s in found.skipped)
     (root / "latest").unlink()  # no marker: the newest verified tag
     assert ckpt.find_latest_good(tmp_path).tag == "step_000010"
+
+
+SHARD_BYTES = 4 << 20  # so that the few KB of JSON a save or a resume reads besides the shards are noise
+
+
+def bytes_read() -> int:
+    """Bytes this process has read so far, from disk or the page cache (/proc/self/io rchar)."""
+    return int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines()
+                    if line.startswith("rchar:")))
+
+
+def shard_tag(root: Path, step: int) -> Path:
+    """A tag dir as the engine leaves it before the manifest: a shard of SHARD_BYTES and a side file."""
+    tag_dir = root / ckpt.tag_for(step)
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "shard.bin").write_bytes(random.Random(step).randbytes(SHARD_BYTES))
+    for name in ("train_config.json", "ds_config.json", "data_meta.json"):
+        (tag_dir / name).write_text("{}")
+    return tag_dir
+
+
+@pytest.mark.parametrize("checkpoint_hash", ["none", "sha256"])
+@pytest.mark.parametrize("damage, caught_by", [("one flipped byte", ["sha256"]), ("truncated", ["none", "sha256"]),
+                                              ("removed", ["none", "sha256"])])
+def test_a_damaged_shard_is_skipped_when_its_manifest_can_tell(tmp_path, checkpoint_hash, damage, caught_by):
+    """Sizes catch a torn save's missing or short shard; a changed byte of the same size takes a sha256."""
+    root = ckpt.ckpt_root(tmp_path)
+    for step in (10, 20):
+        tag_dir = shard_tag(root, step)
+        ckpt.finalize(root, tag_dir.name, step, keep=5,
+                      sha256=ckpt.sha256_share(tag_dir, 0, 1) if checkpoint_hash == "sha256" else None)
+    shard = root / "step_000020" / "shard.bin"
+    data = bytearray(shard.read_bytes())
+    if damage == "one flipped byte":
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage == "truncated":
+        shard.write_bytes(bytes(data[:100]))
+    else:
+        shard.unlink()
+    found = ckpt.find_latest_good(tmp_path)
+    if checkpoint_hash in caught_by:
+        said = {"one flipped byte": "shard.bin does not match its sha256 in the manifest",
+                "truncated": f"shard.bin has 100 bytes, the manifest says {SHARD_BYTES}",
+                "removed": "shard.bin is missing"}[damage]
+        assert found.tag == "step_000010" and found.skipped == [f"step_000020: {said}"]
+    else:
+        assert found.tag == "step_000020" and found.skipped == []
+
+
+@pytest.mark.parametrize("checkpoint_hash, times_read", [("none", 0), ("sha256", 1)])
+def test_a_save_and_a_resume_read_the_shards_at_most_once(tmp_path, checkpoint_hash, times_read):
+    """By default neither the save nor the check on resume reads a shard (sizes come from stat); with
+    sha256 each reads it once: the save hashes every file once and reads nothing back after the manifest."""
+    root = ckpt.ckpt_root(tmp_path)
+    tag_dir = shard_tag(root, 10)
+    before = bytes_read()
+    if checkpoint_hash == "sha256":
+        ckpt.finalize(root, tag_dir.name, 10, 2, ckpt.sha256_share(tag_dir, 0, 1))
+    else:
+        ckpt.finalize(root, tag_dir.name, 10, 2)
+    saving = bytes_read() - before
+    before = bytes_read()
+    assert ckpt.find_latest_good(tmp_path).tag == tag_dir.name
+    resuming = bytes_read() - before
+    for what, read in (("the save", saving), ("the resume's check", resuming)):
+        assert times_read * SHARD_BYTES <= read < (times_read + 0.25) * SHARD_BYTES, \
+            f"{what} read {read / SHARD_BYTES:.2f} x the shard's bytes, expected {times_read}"
+
+
+def test_sha256_shares_split_the_files_over_the_ranks(tmp_path):
+    """Every file in exactly one rank's share, the biggest ones spread, each digest that of the file."""
+    tag_dir = tmp_path / "step_000001"
+    tag_dir.mkdir()
+    sizes = {"a.pt": 900, "b.pt": 800, "c.pt": 300, "sub/d.pt": 200, "e.json": 10}
+    for name, size in sizes.items():
+        (tag_dir / name).parent.mkdir(exist_ok=True)
+        (tag_dir / name).write_bytes(bytes(size))
+    shares = [ckpt.sha256_share(tag_dir, rank, 2) for rank in range(2)]
+    assert sorted(shares[0]) == ["a.pt", "e.json", "sub/d.pt"] and sorted(shares[1]) == ["b.pt", "c.pt"]
+    assert {**shares[0], **shares[1]} == ckpt.sha256_share(tag_dir, 0, 1) == \
+        {n: hashlib.sha256(bytes(size)).hexdigest() for n, size in sizes.items()}
+
+
+RESUME_ON_A_RANK = """
+import json, sys
+import torch.distributed as dist
+from training.checkpointer import ResumePoint
+
+def bytes_read():
+    return int(next(line.split()[1] for line in open("/proc/self/io") if line.startswith("rchar:")))
+
+dist.init_process_group("gloo")
+before = bytes_read()
+point = ResumePoint.find(sys.argv[1])
+print(json.dumps({"tag": point.tag, "skipped": point.skipped, "read": bytes_read() - before}))
+dist.destroy_process_group()
+"""
+
+
+def test_on_several_ranks_rank_0_verifies_and_hands_the_others_its_choice(tmp_path):
+    """Two ranks in a gloo group resume from sha256 checkpoints whose newest has a flipped byte: rank 0
+    reads both to find step 10, rank 1 reads neither and resumes from the same tag, with the same note."""
+    root = ckpt.ckpt_root(tmp_path)
+    for step in (10, 20):
+        tag_dir = shard_tag(root, step)
+        ckpt.finalize(root, tag_dir.name, step, keep=5, sha256=ckpt.sha256_share(tag_dir, 0, 1))
+    with open(root / "step_000020" / "shard.bin", "r+b") as f:
+        f.seek(SHARD_BYTES // 2)
+        f.write(b"!")
+    env = {**env_for_cpu_ranks(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([PY, "-c", RESUME_ON_A_RANK, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=120) for proc in ranks]
+    finally:
+        for proc in ranks:
+            proc.kill()
+    assert all(proc.returncode == 0 for proc in ranks), outputs
+    rank0, rank1 = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
+    note = ["step_000020: shard.bin does not match its sha256 in the manifest"]
+    assert rank0["tag"] == rank1["tag"] == "step_000010" and rank0["skipped"] == rank1["skipped"] == note
+    assert rank0["read"] >= 2 * SHARD_BYTES and rank1["read"] < 0.25 * SHARD_BYTES, (rank0, rank1)
 
 
 def test_keep_checkpoints_prunes_old_tags(tmp_path):

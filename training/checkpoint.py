@@ -6,17 +6,22 @@
         ds_config.json             the resolved DeepSpeed config (fsdp_config.json for FSDP)
         data_meta.json             the tokenizer meta, mask_id, eot_id (what export needs, offline)
         rng_rank{r}.pt             each rank's RNG states (dropout)
-        manifest.json              written last: step and the size + sha256 of every file above
+        manifest.json              written last: step and the size of every file above (and its sha256
+                                   with checkpoint_hash=sha256)
     OUT_DIR/ckpt/latest            the tag of the newest *verified* checkpoint, replaced atomically
 
-Saving: every rank writes its shards, a barrier, then rank 0 hashes the files into manifest.json,
-re-reads and verifies it, and only then points `latest` at the tag (write + rename), and prunes old
-tags. DeepSpeed is told not to write its own `latest` (it would name a tag before it is complete), so a
-crash at any moment leaves `latest` naming a complete checkpoint.
+Saving: every rank writes its shards, a barrier, then rank 0 writes manifest.json (atomically) and only
+then points `latest` at the tag (write + rename), and prunes old tags. DeepSpeed is told not to write its
+own `latest` (it would name a tag before it is complete), so a crash at any moment leaves `latest` naming a
+complete checkpoint. By default the manifest holds sizes only: a torn save (no manifest) and a missing or
+truncated file are caught without reading a byte of the shards. With checkpoint_hash=sha256 it also holds
+each file's sha256, read once at save (the files split over the ranks, training/checkpointer.py), which
+catches a changed byte too, at the price of reading the whole checkpoint on save and on resume.
 
 Loading: the tag `latest` names, if it verifies; otherwise the newest older tag that does, and the
-user is told which one was skipped and why. Every rank runs the same checks on the same files, so all
-ranks pick the same tag. (Multi-node runs need OUT_DIR on a shared filesystem, as DeepSpeed does.)
+user is told which one was skipped and why. Verification checks what the manifest recorded: sizes, and
+sha256 where there is one. A run of many ranks verifies on rank 0 only and hands the tag to the others
+(training/checkpointer.py). (Multi-node runs need OUT_DIR on a shared filesystem, as DeepSpeed does.)
 """
 from __future__ import annotations
 
@@ -123,14 +128,34 @@ def write_side_files(tag_dir: Path, rank: int, train_config: dict, ds_config: di
     torch.save(rng_state_as_tensors(), tag_dir / f"rng_rank{rank}.pt")
 
 
-def finalize(ckpt_dir: Path, tag: str, step: int, keep: int) -> None:
-    """Rank 0, after every rank finished writing: manifest, verify, then move `latest`, then prune."""
+def sha256_share(tag_dir: Path, rank: int, world: int) -> dict[str, str]:
+    """sha256 of this rank's share of a tag's files, by name: the files go, biggest first, to the rank with
+    the fewest bytes so far, so each file is read once and the ranks read about equally. Every rank lists
+    the same files (after the save's barrier, on the filesystem they share), so the shares split them."""
+    files = sorted(_files(tag_dir), key=lambda p: (-p.stat().st_size, str(p)))
+    load = [0] * world
+    mine = {}
+    for p in files:
+        r = load.index(min(load))
+        load[r] += p.stat().st_size
+        if r == rank:
+            mine[str(p.relative_to(tag_dir))] = _sha256(p)
+    return mine
+
+
+def finalize(ckpt_dir: Path, tag: str, step: int, keep: int, sha256: dict[str, str] | None = None) -> None:
+    """Rank 0, after every rank finished writing: the manifest (sizes, and the `sha256` of every file when
+    given: sha256_share's of all ranks), then move `latest`, then prune. Nothing is read back: the
+    manifest is written from what was just measured, atomically, and `latest` moves only after it."""
     tag_dir = ckpt_dir / tag
-    files = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tag_dir)}
+    files = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size} for p in _files(tag_dir)}
+    if sha256 is not None:
+        if set(sha256) != set(files):
+            raise RuntimeError(f"checkpoint {tag_dir} changed while it was hashed: these files were hashed but "
+                               f"are gone, or appeared since: {sorted(set(sha256) ^ set(files))}")
+        for name, digest in sha256.items():
+            files[name]["sha256"] = digest
     atomic_write_text(tag_dir / MANIFEST, json.dumps({"step": step, "files": files}, indent=2) + "\n")
-    problem = verify(tag_dir)
-    if problem:
-        raise RuntimeError(f"checkpoint {tag_dir} failed verification right after saving: {problem}")
     atomic_write_text(ckpt_dir / LATEST, tag)
     # keep the newest `keep` complete checkpoints; never the one `latest` names
     tags = sorted(list_tags(ckpt_dir), key=lambda t: t[0])
@@ -152,7 +177,8 @@ def list_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
 
 
 def verify(tag_dir: Path) -> str | None:
-    """None if the checkpoint is complete and unchanged since it was saved, else what is wrong."""
+    """None if the checkpoint is complete, else what is wrong: every file the manifest lists is there with
+    its size, and with its sha256 where the manifest records one (checkpoint_hash=sha256: a full read)."""
     manifest = tag_dir / MANIFEST
     if not manifest.is_file():
         return "no manifest.json (the save did not finish)"
@@ -166,7 +192,7 @@ def verify(tag_dir: Path) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != expected["bytes"]:
             return f"{name} has {p.stat().st_size} bytes, the manifest says {expected['bytes']}"
-        if _sha256(p) != expected["sha256"]:
+        if "sha256" in expected and _sha256(p) != expected["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 
@@ -355,13 +381,14 @@ def saved_world_and_stage(engine_config: dict) -> tuple[int, int]:
     return engine_config["train_batch_size"] // per_rank, int(engine_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def check_convertible(tag_dir) -> None:
-    """ValueError saying why tag_dir cannot become a universal checkpoint (nothing is written)."""
+def check_convertible(tag_dir, verified: bool = False) -> None:
+    """ValueError saying why tag_dir cannot become a universal checkpoint (nothing is written). `verified`:
+    the caller has just verified it (a resume), so a sha256 manifest is not read through again."""
     tag_dir = Path(tag_dir)
     if not tag_dir.is_dir() or checkpoint_kind(tag_dir) != "deepspeed" or not TAG_RE.match(tag_dir.name):
         raise ValueError(f"{tag_dir} is not a DeepSpeed checkpoint (expected OUT_DIR/ckpt/step_N with "
                          f"DeepSpeed's shards and {MANIFEST}): nothing to convert to a universal checkpoint")
-    problem = verify(tag_dir)
+    problem = None if verified else verify(tag_dir)
     if problem:
         raise ValueError(f"{tag_dir} cannot be converted to a universal checkpoint: {problem}")
     if not any(tag_dir.glob("*optim_states.pt")):
@@ -395,17 +422,18 @@ def _loadable_by_every_stage(zero_dir: Path) -> None:
             torch.save(step, param_dir / "step.pt")
 
 
-def to_universal(tag_dir) -> Path:
+def to_universal(tag_dir, verified: bool = False) -> Path:
     """DeepSpeed's universal checkpoint of a ZeRO-1/2/3 tag dir, written once into tag_dir/universal
     (deepspeed.checkpoint.ds_to_universal: every parameter's fp32 weights and Adam moments unsharded, one
     folder per parameter), which any number of ranks and any ZeRO stage >= 1 can load
     (`"checkpoint": {"load_universal": true}`). Returns that folder; ValueError for anything that is not a
-    verified DeepSpeed ZeRO checkpoint. The conversion runs in this process (no worker pool)."""
+    verified DeepSpeed ZeRO checkpoint (`verified`: as check_convertible). The conversion runs in this
+    process (no worker pool)."""
     tag_dir = Path(tag_dir)
     out = tag_dir / UNIVERSAL
     if (out / "zero").is_dir() and (tag_dir / "latest_universal").is_file():
         return out  # converted before (latest_universal is DeepSpeed's last write)
-    check_convertible(tag_dir)
+    check_convertible(tag_dir, verified)
     import argparse
     import contextlib
     import io

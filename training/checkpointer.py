@@ -4,9 +4,11 @@ asks `should_save(step)` and calls `save` (torchtitan's checkpointer decides by 
 The files and their checks are training/checkpoint.py's (the owner of the format); this module sequences
 them for a run of many ranks:
     save     side files (configs and data meta from rank 0, the RNG state of every rank), the engine's
-             shards, a barrier, rank 0's manifest + verification + `latest` + pruning (checkpoint.finalize),
-             and a barrier again, so no rank runs on (or exports) before the checkpoint is marked
-    resume   the newest verified checkpoint (checkpoint.find_latest_good), refused with the flags that fix
+             shards, a barrier, with checkpoint_hash=sha256 every rank hashing its share of the files (each
+             file read once), rank 0's manifest + `latest` + pruning (checkpoint.finalize), and a barrier
+             again, so no rank runs on (or exports) before the checkpoint is marked
+    resume   the newest verified checkpoint (checkpoint.find_latest_good, on rank 0 only: the other ranks
+             are handed its tag, so a sha256 checkpoint is read once, not once per rank), refused with the flags that fix
              it when it holds another network or another engine; on another number of ranks the global batch
              is kept (accumulation adapts), and ZeRO shards of another world size or stage are re-cut through
              DeepSpeed's universal checkpoint (FSDP's DCP reshards by itself); then the engine's state and
@@ -18,10 +20,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.distributed as dist
+
 from common.disk import disk_full_error, is_disk_full
 from models.gpt import GPTConfig
 from training import checkpoint as ckpt
-from training.distributed import all_mean, barrier
+from training.distributed import all_gather_object, all_mean, barrier, broadcast_object
 from training.engine import Engine
 
 # model keys that may change when a run is resumed: they do not change the parameters
@@ -42,8 +46,10 @@ class ResumePoint:
 
     @classmethod
     def find(cls, out_dir) -> ResumePoint:
-        """The newest verified checkpoint in out_dir; FileNotFoundError saying what is there when none is."""
-        found = ckpt.find_latest_good(out_dir)
+        """The newest verified checkpoint in out_dir; FileNotFoundError saying what is there when none is.
+        In a process group of several ranks (pretrain.py makes it first when resuming), rank 0 verifies and
+        every rank resumes from the tag it found."""
+        found = _found_on_rank0(out_dir)
         if found is None:
             raise FileNotFoundError(ckpt.no_checkpoint_message(out_dir))
         tag_dir = ckpt.ckpt_root(out_dir) / found.tag
@@ -115,7 +121,7 @@ class ResumePoint:
                              f"ZeRO-1/2/3. Resume with ZeRO-{saved_stage} (ZERO={saved_stage} bash launch.sh --resume, "
                              f"or --deepspeed_config ds_configs/zero{saved_stage}.json), or export it and start a "
                              f"new run.")
-        ckpt.check_convertible(self.tag_dir)
+        ckpt.check_convertible(self.tag_dir, verified=True)
         self.universal = True
         engine_config.setdefault("checkpoint", {})["load_universal"] = True
         self.notes.append(f"ZeRO-{saved_stage} on {saved_world} rank(s) -> ZeRO-{stage} on {world} rank(s): loading "
@@ -139,9 +145,30 @@ class ResumePoint:
                              f"train into a new --out_dir.")
 
 
+def _found_on_rank0(out_dir) -> ckpt.Found | None:
+    """checkpoint.find_latest_good on rank 0, handed to every rank of the process group (when there is one
+    of several ranks): verification reads a sha256 checkpoint whole, and N ranks reading it N times is what
+    this avoids. An error on rank 0 stops every rank (the others are told to look at rank 0's)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return ckpt.find_latest_good(out_dir)
+    found, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            found = ckpt.find_latest_good(out_dir)
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the other ranks know)
+            error = e
+    box = broadcast_object([found, error is not None])  # on the host group (training/distributed.py)
+    if error is not None:
+        raise error
+    if box[1]:
+        raise RuntimeError(f"rank 0 could not look for a checkpoint in {out_dir} to resume from (see its error)")
+    return box[0]
+
+
 class Checkpointer:
     """Saves a run every `interval` steps (0: never), at its last step and when it stops, into
-    out_dir/ckpt/step_N; and loads the checkpoint a resumed run continues from."""
+    out_dir/ckpt/step_N; and loads the checkpoint a resumed run continues from. The run's config says
+    whether the manifest records sha256 too (train_config["checkpoint_hash"], default "none": sizes)."""
 
     def __init__(self, out_dir, rank: int, interval: int, keep: int, train_config: dict, engine_config: dict,
                  engine_config_name: str, data_meta: dict):
@@ -149,6 +176,7 @@ class Checkpointer:
         self.rank, self.interval, self.keep = rank, interval, keep
         self.train_config, self.engine_config, self.data_meta = train_config, engine_config, data_meta
         self.engine_config_name = engine_config_name  # ds_config.json or fsdp_config.json
+        self.sha256 = train_config.get("checkpoint_hash", "none") == "sha256"
         self.last_tag: str | None = None  # the newest checkpoint of this run: saved, or resumed from
 
     def should_save(self, step: int, stopping: bool = False, last: bool = False) -> bool:
@@ -161,12 +189,22 @@ class Checkpointer:
             ckpt.write_side_files(self.root / tag, self.rank, self.train_config, self.engine_config, self.data_meta,
                                   engine_config_name=self.engine_config_name)
             engine.save(str(self.root), tag, {"step": step, "tokens_seen": tokens_seen})
-            barrier()  # every rank's shards are on disk before rank 0 hashes them
+            barrier()  # every rank's shards are on disk before anyone lists (or hashes) them
+            sha256 = self._sha256_of_every_file(self.root / tag) if self.sha256 else None
             if self.rank == 0:
-                ckpt.finalize(self.root, tag, step, self.keep)
+                ckpt.finalize(self.root, tag, step, self.keep, sha256)
             barrier()
         self.last_tag = tag
         return tag
+
+    def _sha256_of_every_file(self, tag_dir: Path) -> dict[str, str]:
+        """Each file's sha256, each read once: every rank hashes its share, rank 0 gets them all."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine = ckpt.sha256_share(tag_dir, self.rank, world)
+        if world == 1:
+            return mine
+        shares = all_gather_object(mine)  # small: names and hex digests
+        return {name: digest for share in shares for name, digest in share.items()}
 
     @contextmanager
     def _disk_full_said(self, tag: str):
@@ -190,7 +228,7 @@ class Checkpointer:
             error = None
             if self.rank == 0:
                 try:
-                    ckpt.to_universal(resume.tag_dir)
+                    ckpt.to_universal(resume.tag_dir, verified=True)
                 except Exception as e:  # noqa: BLE001 (re-raised below, after the other ranks know)
                     error = e
             converted = all_mean([0.0 if error else 1.0])[0] == 1.0

@@ -25,6 +25,7 @@ from models.gpt import GPTConfig
 
 
 ENGINES = ("deepspeed", "fsdp")
+CHECKPOINT_HASHES = ("none", "sha256")  # what a checkpoint's manifest records besides each file's size
 
 
 def _quickstart_model() -> GPTConfig:
@@ -68,6 +69,7 @@ class TrainConfig:
     log_interval: int = field(default=10, metadata={"help": "write a train record every N steps"})
     checkpoint_interval: int = field(default=500, metadata={"help": "save a checkpoint every N steps (0 = only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many complete checkpoints to keep (older ones are deleted)"})
+    checkpoint_hash: str = field(default="none", metadata={"help": "none (the manifest holds each file's size: catches torn and truncated saves, reads nothing) | sha256 (also each file's sha256: catches a changed byte, reads the whole checkpoint once at save, split over the ranks, and once on resume, on rank 0)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest good checkpoint in out_dir"})
     export_dir: str = field(default="", metadata={"help": "consolidated weights at the end ('' = out_dir/export, 'none' = skip)"})
     seed: int = 1337
@@ -87,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"engine={self.engine!r}: expected {' | '.join(ENGINES)}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype={self.dtype!r}: expected auto | fp32 | bf16 | fp16")
+        if self.checkpoint_hash not in CHECKPOINT_HASHES:
+            raise ValueError(f"checkpoint_hash={self.checkpoint_hash!r}: expected {' | '.join(CHECKPOINT_HASHES)}")
         if self.wandb_mode not in ("auto", "online", "offline", "disabled"):
             raise ValueError(f"wandb_mode={self.wandb_mode!r}: expected auto | online | offline | disabled")
         for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters",

@@ -19,6 +19,19 @@ from training.engine import Engine, TrainingModule
 from training.optim import build_lr_scheduler, build_optimizer
 
 
+def init_process_group() -> None:
+    """DeepSpeed's process group, made now as deepspeed.initialize makes it (which then reuses it), with this
+    rank's device current: an object collective before the engine exists (the resume's checkpoint choice)
+    sends from torch.cuda.current_device() under NCCL."""
+    import deepspeed  # after prepare_environment()
+    from deepspeed.accelerator import get_accelerator
+
+    from training.distributed import rank_and_world
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    get_accelerator().set_device(rank_and_world()[1])  # what the engine does first; a no-op on the CPU
+
+
 class DeepSpeedEngine(Engine):
     """deepspeed.initialize over the TrainingModule, with the Engine interface."""
 

@@ -79,6 +79,17 @@ def compile_blocks(gpt: GPT) -> None:
         block.compile()
 
 
+def init_process_group(name: str) -> None:
+    """The process group of the engine `name`, made before the engine itself (which then reuses it): a
+    resumed run's ranks agree on the checkpoint first, because its config decides the model to build."""
+    if name == "fsdp":
+        from training.fsdp_engine import init_process_group as init_fsdp
+        init_fsdp()
+        return
+    from training.deepspeed_engine import init_process_group as init_deepspeed
+    init_deepspeed()
+
+
 def make_engine(name: str, module: TrainingModule, resolved) -> Engine:
     """The engine the training config names ("deepspeed" | "fsdp") over `resolved` (ds_config.resolve's
     or fsdp_engine.resolve_fsdp's result: config dict, client optimizer and scheduler kwargs)."""

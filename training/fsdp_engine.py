@@ -73,7 +73,7 @@ def resolve_fsdp(cfg: TrainConfig, world_size: int) -> ResolvedFSDP:
     return ResolvedFSDP(config=config, client_optimizer=opt, client_scheduler=sched)
 
 
-def _init_process_group() -> torch.device:
+def init_process_group() -> torch.device:
     rank, local_rank, world = rank_and_world()
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -93,7 +93,7 @@ class FSDPEngine(Engine):
     def __init__(self, module: TrainingModule, config: dict, client_optimizer: dict, client_scheduler: dict):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        self.device = _init_process_group()
+        self.device = init_process_group()
         # a Block returns its (k, v) views for the KV cache; training drops them, nothing edits them in place
         warnings.filterwarnings("ignore", category=UserWarning, message=r"FSDP2-wrapped module .* returned a view tensor")
         self.gas = int(config["gradient_accumulation_steps"])

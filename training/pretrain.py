@@ -50,7 +50,7 @@ from training.checkpointer import Checkpointer, ResumePoint  # noqa: E402
 from training.config import config_help, load_config  # noqa: E402
 from training.data import CorruptData, TokenDataset, check_compatible, load_meta, verify_dataset  # noqa: E402
 from training.ds_config import load_ds_json, resolve, zero_stage  # noqa: E402
-from training.engine import TrainingModule, compile_blocks, make_engine  # noqa: E402
+from training.engine import TrainingModule, compile_blocks, init_process_group, make_engine  # noqa: E402
 from training.fsdp_engine import CONFIG_FILE as FSDP_CONFIG_FILE, resolve_fsdp  # noqa: E402
 from training.hostfile import launch_info, single_node_warning  # noqa: E402
 from training.init_from import adopt_source_shape, check_same_tokens, load_weights, read_source  # noqa: E402
@@ -83,6 +83,8 @@ def setup_config(args, overrides, world):
         print(f"WARNING: {note}", file=sys.stderr, flush=True)
     resume = None
     if cfg.resume:
+        if world > 1:  # rank 0 verifies the checkpoint and tells the others (ResumePoint.find): a group first
+            init_process_group(ckpt.checkpoint_kind(cfg.out_dir) or cfg.engine)
         resume = ResumePoint.find(cfg.out_dir)
         # the saved, resolved config is the base; the file and flags given now still override it
         cfg, explicit = load_config(args.config, overrides, base=resume.train_config)
