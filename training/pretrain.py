@@ -54,7 +54,7 @@ from training.ds_config import load_ds_json, resolve, zero_stage  # noqa: E402
 from training.engine import TrainingModule, compile_blocks, make_engine  # noqa: E402
 from training.fsdp_engine import CONFIG_FILE as FSDP_CONFIG_FILE, resolve_fsdp  # noqa: E402
 from training.hostfile import launch_info, single_node_warning  # noqa: E402
-from training.init_from import adopt_source_shape, check_same_tokens, load_weights, read_source  # noqa: E402
+from training.init_from import load_weights, source_for_run  # noqa: E402
 from training.run_lock import OutDirInUse, claim_out_dir, hold_out_dir  # noqa: E402
 from common.disk import DiskFull, disk_full_error, is_disk_full  # noqa: E402
 from training.metrics import Metrics, default_peak_flops, memory_mb, model_flops_utilization, provenance  # noqa: E402
@@ -104,9 +104,7 @@ def setup_config(args, overrides, world):
         cfg.model.vocab_size = meta["padded_vocab_size"]
     source = None
     if cfg.init_from and not resume:  # a resumed run has the weights already (and the shape in its config)
-        source = read_source(cfg.init_from)
-        source.notes = adopt_source_shape(cfg.model, explicit, source, cfg.init_from)
-        check_same_tokens(source, tokenizer.to_meta(), cfg.model.vocab_size, cfg.init_from, cfg.data_dir)
+        source = source_for_run(cfg.init_from, cfg.model, explicit, tokenizer.to_meta(), cfg.data_dir)
         cfg.__post_init__()  # the adopted shape against the objective (and GPTConfig's own checks)
         cfg.model.__post_init__()
     check_compatible(meta, cfg.tokenizer or meta["tokenizer"], cfg.model.vocab_size, cfg.model.block_size)
