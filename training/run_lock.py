@@ -191,7 +191,8 @@ def earlier_run(out_dir) -> list[str]:
     out = Path(out_dir)
     found = []
     ckpt_dir = out / "ckpt"
-    tags = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir()) if ckpt_dir.is_dir() else []
+    # complete checkpoints only (a manifest is written last): a tag a killed save left half-written holds nothing
+    tags = sorted(p.parent.name for p in ckpt_dir.glob("step_*/manifest.json")) if ckpt_dir.is_dir() else []
     latest = ckpt_dir / "latest"
     if tags or latest.is_file():
         named = latest.read_text().strip() if latest.is_file() else None
