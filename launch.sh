@@ -7,6 +7,8 @@
 #   ZERO=ds_configs/zero3_offload.json bash launch.sh
 #   CONFIG=training/configs/shakespeare_ar.json OUT_DIR=out/shakespeare_ar bash launch.sh   # AR baseline
 #   MAX_ITERS=100 bash launch.sh --eval_interval=50  # extra arguments go to training/pretrain.py
+#   bash launch.sh                                   # again: continues the run in OUT_DIR (--resume is added)
+#   bash launch.sh --overwrite                       # discards the run in OUT_DIR and trains a new one
 #   HOSTFILE=hosts bash launch.sh                    # every host/GPU listed in a DeepSpeed hostfile
 #
 # Environment knobs (all optional):
@@ -106,14 +108,37 @@ ARGS=(--config "$CONFIG" --deepspeed_config "$DS_CONFIG" --out_dir "$OUT_DIR" --
 [ -n "${MAX_ITERS:-}" ] && ARGS+=(--max_iters "$MAX_ITERS")
 # another run training into OUT_DIR: stop before touching its train.log (pretrain.py holds the lock itself)
 "$PY" -m training.run_lock "$OUT_DIR" || exit 1
+# A second `bash launch.sh` on the same OUT_DIR continues the run there (--resume): a finished run is
+# exported and sampled again (no step to train), an interrupted one trains on, a larger MAX_ITERS extends it.
+# pretrain.py refuses a new run over an earlier one; --overwrite (given here) discards it and starts anew.
+case " $* " in
+  *" --resume"*|*" --overwrite"*) ;;
+  *) TAG=$(cat "$OUT_DIR/ckpt/latest" 2>/dev/null || true)
+     if [ -n "$TAG" ] && [ -f "$OUT_DIR/ckpt/$TAG/manifest.json" ]; then
+       echo "== $OUT_DIR holds a run (checkpoint $TAG): continuing it with --resume" \
+            "(a new run: OUT_DIR=NEW_DIR bash launch.sh, or bash launch.sh --overwrite to discard this one)"
+       ARGS+=(--resume)
+     fi ;;
+esac
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/train.log"
 echo "== training: ${LAUNCH[*]} training/pretrain.py ${ARGS[*]} $*"
 echo "   (ZeRO config $DS_CONFIG, log $LOG)"
+# train.log is appended to, never replaced: a resumed run's log follows the log of the run it continues.
+# What this launch adds (its log bytes, its metrics records) is told apart from earlier launches' by where
+# it starts (--overwrite: pretrain.py removes metrics.jsonl, so this launch's records start at 0).
+printf '\n== %s: bash launch.sh %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >> "$LOG"
+LOG_START=$(( $(stat -c %s "$LOG") + 1 ))
+RECORDS_BEFORE=0
+case " $* " in
+  *" --overwrite"*) ;;
+  *) RECORDS_BEFORE=$("$PY" -c "import sys; from common.jsonl import read_jsonl; print(len(read_jsonl(sys.argv[1])))" \
+       "$OUT_DIR/metrics.jsonl") ;;
+esac
 # The launcher gets a process group of its own (setsid), so SIGTERM or SIGINT (Ctrl-C) to launch.sh reaches
 # every rank as one SIGTERM to that group: the ranks finish their step, write a checkpoint and exit. A second
 # signal sends SIGKILL (the last verified checkpoint stays good). tee ignores both and ends with the log.
-exec 3> >(trap '' INT TERM; exec tee "$LOG")
+exec 3> >(trap '' INT TERM; exec tee -a "$LOG")
 TEE_PID=$!
 SETSID=()
 command -v setsid >/dev/null && SETSID=(setsid)
@@ -143,10 +168,10 @@ set -e
 # Success is the run's own "done" record (written after the final checkpoint and export), not only the
 # exit code: one CPU run in ~100 has been seen to abort in process teardown after finishing, with
 # "terminate called without an active exception". Only that exact case is forgiven.
-LAST=$("$PY" - "$OUT_DIR/metrics.jsonl" <<'EOF'
+LAST=$("$PY" - "$OUT_DIR/metrics.jsonl" "$RECORDS_BEFORE" <<'EOF'
 import sys
 from common.jsonl import read_jsonl  # skips a torn last line (a killed run, a full disk)
-records = read_jsonl(sys.argv[1])
+records = read_jsonl(sys.argv[1])[int(sys.argv[2]):]  # this launch's records only
 print(records[-1].get("kind", "none") if records else "none")
 EOF
 )
@@ -155,7 +180,7 @@ if [ "$LAST" = "stopped" ]; then
   echo "launch.sh: training stopped before the end by a signal, after writing a checkpoint; continue with: bash launch.sh --resume" >&2
   exit $(( SIGNALS > 0 ? 143 : 1 ))
 elif [ "$RC" -ne 0 ]; then
-  if [ "$LAST" = "done" ] && grep -q "terminate called without an active exception" "$LOG"; then
+  if [ "$LAST" = "done" ] && tail -c +"$LOG_START" "$LOG" | grep -q "terminate called without an active exception"; then
     echo "launch.sh: training finished (final checkpoint and export written) but a rank aborted at exit; ignoring" >&2
   else
     echo "launch.sh: training failed (exit code $RC); see $LOG" >&2

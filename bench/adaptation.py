@@ -68,7 +68,8 @@ def train(a: AdaptationConfig, name: str, objective: str, steps: int, seed: int,
     cmd = [sys.executable, "training/pretrain.py", "--config", f"{a.config_dir}/shakespeare_{objective}.json",
            f"--out_dir={out}", f"--max_iters={steps}", f"--batch_size={a.batch_size}", f"--seed={seed}",
            f"--eval_interval={max(steps // 10, 1)}", f"--checkpoint_interval={steps}", "--wandb_mode=disabled",
-           "--no_tensorboard", "--no_progress_bar", "--log_interval=50", *extra]
+           "--no_tensorboard", "--no_progress_bar", "--log_interval=50",
+           "--overwrite", *extra]  # a run there without its export did not finish: it starts over
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}

@@ -8,10 +8,14 @@ to do; callers decide what is safe to keep (a checkpoint that failed to save is 
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# the OS's own words for them, which libraries that wrap the OSError in their own type keep (safetensors:
+# "Error while serializing: I/O error: No space left on device (os error 28)")
+NO_SPACE_WORDS = tuple(os.strerror(n) for n in NO_SPACE_ERRNOS)
 # below this much free space a failed write is taken to be a full disk, whatever the library's wording
 NEARLY_FULL_BYTES = 4 << 20
 
@@ -43,10 +47,13 @@ def human(n: int) -> str:
 
 def is_disk_full(exc: BaseException, path) -> bool:
     """Whether `exc`, raised while writing under `path`, is a full disk: ENOSPC/EDQUOT anywhere in its
-    chain, or any OSError/RuntimeError while the filesystem has almost no space left."""
+    chain (as an errno or in the OS's words), or any OSError/RuntimeError while the filesystem has almost
+    no space left."""
     e: BaseException | None = exc
     while e is not None:
         if isinstance(e, DiskFull) or (isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS):
+            return True
+        if any(words in str(e) for words in NO_SPACE_WORDS):
             return True
         e = e.__cause__ or e.__context__
     if isinstance(exc, (OSError, RuntimeError)):

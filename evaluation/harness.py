@@ -552,6 +552,19 @@ def is_network_error(e: BaseException) -> bool:
     return False
 
 
+def check_run_args(args) -> None:
+    """HarnessInputError for a `run` that lm-eval would only fail deep inside, with a traceback."""
+    limit = getattr(args, "limit", None)
+    if limit is not None and limit <= 0:
+        raise HarnessInputError(f"--limit {limit:g} selects no documents: give a count (--limit 10), a fraction of "
+                                f"each task (--limit 0.1), or leave it out for the whole task")
+
+
+def is_unknown_task(e: BaseException) -> bool:
+    """lm-eval's refusal of a --tasks name it does not know (its message names them: "Tasks not found: x")."""
+    return isinstance(e, ValueError) and str(e).startswith("Tasks not found")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """lm-eval's CLI (`lm_eval run ...`) with the diffusiongpt model registered and evaluation/tasks included."""
     import traceback
@@ -569,11 +582,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     old_argv = sys.argv
     sys.argv = ["lm_eval"] + args
     try:
-        cli.execute(cli.parse_args())
+        parsed = cli.parse_args()
+        check_run_args(parsed)
+        cli.execute(parsed)
     except HarnessInputError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     except Exception as e:
+        if is_unknown_task(e):
+            print(f"error: {e} (neither one of lm-eval's tasks nor one in {TASKS_DIR}). List them with: python -m "
+                  f"evaluation.harness ls tasks; offline, use --tasks {','.join(LOCAL_TASKS)}", file=sys.stderr)
+            raise SystemExit(2)
         if not is_network_error(e):
             raise
         traceback.print_exc()

@@ -231,6 +231,37 @@ def _check_reproducible_gpt2(name, hc, hf) -> None:
                          f"standard GPT-2 configuration first.")
 
 
+def _load_hf_gpt2(model_class, name_or_dir):
+    """transformers' from_pretrained, strict. It fills a tensor the files lack with random values and drops
+    one it does not know, each with a log line only: a GPT-2 with a random layer would load and run. Here
+    either is a ValueError naming the tensors. A pickle (pytorch_model.bin) that would run code is refused
+    by transformers (it loads with weights_only=True); that refusal becomes a ValueError too."""
+    import pickle
+
+    from common.unpickling import refusal_reason
+
+    try:
+        hf, info = model_class.from_pretrained(name_or_dir, output_loading_info=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load GPT-2 weights from {name_or_dir}: a pickle file there "
+                         f"(pytorch_model.bin) is not plain tensor data that can be read without running code "
+                         f"({refusal_reason(e)}). Loading never executes code from a file. Use a directory with "
+                         f"model.safetensors (save_pretrained writes one), which cannot hold code.") from None
+    causal_buffers = (".attn.bias", ".attn.masked_bias")  # older GPT-2 files store the causal mask: not weights
+    unexpected = [k for k in info.get("unexpected_keys") or () if not k.endswith(causal_buffers)]
+    problems = [f"{what} {sorted(keys)}" for what, keys in (
+        ("missing (transformers would fill them with random values):", info.get("missing_keys")),
+        ("unexpected:", unexpected),
+        ("of another shape:", [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()]))
+        if keys]
+    problems += list(info.get("error_msgs") or ())
+    if problems:
+        raise ValueError(f"{name_or_dir}: the GPT-2 weights do not match its config.json; tensors "
+                         f"{'; '.join(problems)}. Save the model again with save_pretrained, or fix config.json "
+                         f"(n_layer, n_embd, ...) to describe the weights.")
+    return hf
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -354,7 +385,7 @@ class GPT(nn.Module):
         overrides.pop("pos_emb", None)
         if set(overrides) - allowed:
             raise ValueError(f"from_pretrained can only override {sorted(allowed)}, got {sorted(overrides)}")
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        hf = _load_hf_gpt2(GPT2LMHeadModel, name_or_dir)
         hc = hf.config
         _check_reproducible_gpt2(name_or_dir, hc, hf)
         config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,

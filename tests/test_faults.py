@@ -29,6 +29,7 @@ import torch
 
 from training import checkpoint as ckpt
 from training.metrics import read_records
+from training.run_lock import OutDirHoldsARun, claim_out_dir
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -143,6 +144,30 @@ def reseal(tag_dir: Path) -> None:
     ckpt.finalize(tag_dir.parent, tag_dir.name, step, keep=100)
 
 
+def verified_checkpoint(out_dir: Path, step: int = 20) -> Path:
+    """A verified tag dir written without an engine (side files, RNG state, manifest, `latest`): what the
+    checks that decide whether a checkpoint may be loaded look at."""
+    root = ckpt.ckpt_root(out_dir)
+    tag_dir = root / ckpt.tag_for(step)
+    ckpt.write_side_files(tag_dir, 0, {}, {}, {})
+    ckpt.finalize(root, tag_dir.name, step, keep=100)
+    return tag_dir
+
+
+def earlier_run(out_dir: Path) -> Path:
+    """What a finished run leaves in its out_dir, and beside it what is not the run's (launch.sh's log, the
+    lock file, a user's notes)."""
+    verified_checkpoint(out_dir)
+    (out_dir / "export").mkdir()
+    (out_dir / "export" / "config.json").write_text("{}\n")
+    (out_dir / "metrics.jsonl").write_text('{"kind": "done", "step": 20}\n')
+    (out_dir / "tb").mkdir()
+    (out_dir / "tb" / "events.out").write_bytes(b"events")
+    for name in ("train.log", "run.lock", "notes.txt"):
+        (out_dir / name).write_text(f"{name}\n")
+    return out_dir
+
+
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
@@ -202,6 +227,86 @@ def test_a_second_run_on_a_busy_out_dir_refuses_naming_the_first(data, tmp_path)
     kinds = [r["kind"] for r in read_records(out)]
     assert kinds.count("config") == 1 and kinds[-1] == "stopped"  # only the first run ever wrote there
     assert (out / "run.lock").read_text() == ""  # released cleanly: the next run starts without a note
+
+
+def test_a_new_run_over_an_earlier_one_is_refused_naming_the_ways_on(tmp_path):
+    out = earlier_run(tmp_path / "run")
+    snapshot = DiskSnapshot(out)
+    with pytest.raises(OutDirHoldsARun, match=(
+            rf"out_dir {out} holds an earlier run \(checkpoints step_000020 \(latest: step_000020\); an export in "
+            rf"{out}/export; {out}/metrics\.jsonl\).*Either continue it with --resume, or train into another "
+            rf"directory \(--out_dir=NEW_DIR; OUT_DIR=NEW_DIR for launch\.sh\), or .* start over with --overwrite")):
+        claim_out_dir(out, resume=False, overwrite=False)
+    snapshot.assert_unchanged()
+
+
+def test_overwrite_removes_the_earlier_run_and_nothing_else(tmp_path):
+    out = earlier_run(tmp_path / "run")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "kept").write_text("not the run's to delete")
+    (out / "wandb").symlink_to(tmp_path / "elsewhere")
+    said = []
+    claim_out_dir(out, resume=False, overwrite=True, log=said.append)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run.lock", "train.log"]
+    assert (tmp_path / "elsewhere" / "kept").is_file()  # behind a link: the link goes, not the files
+    assert said == [f"--overwrite: removing the earlier run in {out} (checkpoints step_000020 (latest: step_000020); "
+                    f"an export in {out}/export; {out}/metrics.jsonl)"]
+
+
+@pytest.mark.parametrize("layout, resume, overwrite, rank", [
+    ("fresh", False, False, 0),   # nothing there: a new run starts
+    ("only_a_lock", False, False, 0),  # what a refused first attempt leaves: still fresh
+    ("earlier_run", True, False, 0),  # --resume continues it
+    ("earlier_run", False, False, 1),  # only global rank 0 decides (and removes), as it holds the lock
+])
+def test_where_a_run_may_start_without_a_word(tmp_path, layout, resume, overwrite, rank):
+    out = tmp_path / "run"
+    out.mkdir()
+    if layout == "only_a_lock":
+        (out / "run.lock").write_text("")
+    elif layout == "earlier_run":
+        earlier_run(out)
+    snapshot = DiskSnapshot(out)
+    claim_out_dir(out, resume=resume, overwrite=overwrite, rank=rank, log=pytest.fail)
+    snapshot.assert_unchanged()
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    out = earlier_run(tmp_path / "run")
+    snapshot = DiskSnapshot(out)
+    with pytest.raises(OutDirHoldsARun, match=r"--resume continues .* --overwrite discards it: give one of them"):
+        claim_out_dir(out, resume=True, overwrite=True)
+    snapshot.assert_unchanged()
+
+
+@pytest.mark.slow
+def test_pretrain_again_on_a_finished_run_is_refused_and_overwrite_starts_anew(data, run_copy):
+    latest = run_copy / "ckpt" / ckpt.LATEST
+    snapshot = DiskSnapshot(run_copy)
+    again = pretrain("--data_dir", data, "--out_dir", run_copy)
+    assert_refused(again, rf"holds an earlier run \(checkpoints step_000010, step_000020 \(latest: step_000020\)",
+                   r"--resume.*--out_dir=NEW_DIR.*--overwrite", snapshot)
+    assert latest.read_text() == "step_000020"  # never moved back to the new run's first save
+    anew = pretrain("--data_dir", data, "--out_dir", run_copy, "--overwrite", "--max_iters=2")
+    assert anew.returncode == 0, anew.stderr[-3000:]
+    assert "--overwrite: removing the earlier run" in anew.stdout
+    assert [r["kind"] for r in read_records(run_copy)].count("config") == 1  # one run in metrics.jsonl
+    assert ckpt.list_tags(run_copy / "ckpt") == [(2, "step_000002")] and latest.read_text() == "step_000002"
+    assert json.loads((run_copy / "export" / "config.json").read_text())["step"] == 2
+
+
+@pytest.mark.slow
+def test_launch_sh_again_continues_the_run_in_its_out_dir(data, run_copy):
+    """`bash launch.sh` run a second time: the run it finished is resumed (no step to train), exported again
+    and reported; nothing of the first run changes."""
+    before = read_records(run_copy)
+    proc = run(["bash", "launch.sh"], CONFIG=TINY, OUT_DIR=str(run_copy), DATA_DIR=str(data), NPROC="1", SAMPLES="0")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"== {run_copy} holds a run (checkpoint step_000020): continuing it with --resume" in proc.stdout
+    after = read_records(run_copy)
+    assert after[:len(before)] == before and [r["kind"] for r in after[len(before):]] == ["config", "resumed", "done"]
+    assert (run_copy / "ckpt" / ckpt.LATEST).read_text() == "step_000020"
+    assert "bash launch.sh" in (run_copy / "train.log").read_text()  # appended to, with a line per launch
 
 
 # ============================================================================= 2. faults
@@ -363,26 +468,91 @@ def test_a_new_run_removes_shm_buffers_of_dead_processes_only():
 
 
 # ============================================================================= 3. files that would run code
+def plant_universal_link(tag_dir: Path, elsewhere: Path, marker: Path) -> None:
+    """A `universal/` that links to a folder of pickles, and the file that says the conversion is done: what
+    DeepSpeed loads on a resume at another world size or ZeRO stage. The manifest needs no edit (extra
+    files are not in it)."""
+    (elsewhere / "zero").mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        plant_pickle(elsewhere / name, marker, key="module")
+    (tag_dir / ckpt.UNIVERSAL).symlink_to(elsewhere)
+    (tag_dir / "latest_universal").write_text(ckpt.UNIVERSAL)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["resume", "export", "sample"])
+@pytest.mark.parametrize("how", ["resume", "export", "sample", "resume_elsewhere_through_a_link"])
 def test_a_planted_pickle_is_refused_and_never_run(data, run_copy, tmp_path, how):
     marker = tmp_path / "code_ran"
     tag_dir = run_copy / "ckpt" / "step_000020"
+    problem = r"refusing to load .*step_000020/(rng_rank0|mp_rank_00_model_states)\.pt.*GLOBAL posix\.system"
     if how == "resume":  # the RNG state a resumed run reads
         plant_pickle(tag_dir / "rng_rank0.pt", marker)
+    elif how == "resume_elsewhere_through_a_link":
+        plant_universal_link(tag_dir, tmp_path / "elsewhere", marker)
+        problem = rf"refusing to load {tag_dir}: universal is a symbolic link \(to {tmp_path / 'elsewhere'}\)"
     else:  # the model states DeepSpeed and the export read
         plant_pickle(tag_dir / "mp_rank_00_model_states.pt", marker, key="module")
-    reseal(tag_dir)
+    if how != "resume_elsewhere_through_a_link":
+        reseal(tag_dir)
     shutil.rmtree(run_copy / "export")
     snapshot = DiskSnapshot(run_copy)
     if how == "resume":
         proc = pretrain("--data_dir", data, "--out_dir", run_copy, "--resume")
+    elif how == "resume_elsewhere_through_a_link":  # another ZeRO stage: through the universal checkpoint
+        proc = pretrain("--data_dir", data, "--out_dir", run_copy, "--resume", "--deepspeed_config",
+                        "ds_configs/zero1.json")
     elif how == "export":
         proc = run([PY, "-m", "training.export", "--ckpt", run_copy, "--out", tmp_path / "exported"])
     else:  # inference consolidates a training checkpoint through the export first
         proc = run([PY, "-m", "inference.sample", "--ckpt", run_copy, "--num_samples", "1", "--max_new_tokens", "4"])
-    assert_refused(proc, r"refusing to load .*step_000020/(rng_rank0|mp_rank_00_model_states)\.pt.*GLOBAL posix\.system",
-                   r"never executes code.*export \(model\.safetensors", snapshot)
+    assert_refused(proc, problem, r"never executes code.*export \(model\.safetensors", snapshot)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("link", ["universal_folder_elsewhere", "shard_file_elsewhere", "file_within_the_checkpoint"])
+def test_a_link_inside_a_checkpoint_is_refused_before_anything_is_unpickled(tmp_path, link):
+    """Checkpoints never hold links, and the scan of a checkpoint's pickles does not follow linked folders:
+    every link is refused by resume and export alike, wherever it leads."""
+    from training.checkpointer import ResumePoint
+    from training.export import resolve_tag_dir
+
+    marker, elsewhere = tmp_path / "code_ran", tmp_path / "elsewhere"
+    out = tmp_path / "run"
+    tag_dir = verified_checkpoint(out)
+    if link == "universal_folder_elsewhere":
+        plant_universal_link(tag_dir, elsewhere, marker)
+        name = "universal"
+    elif link == "shard_file_elsewhere":
+        elsewhere.mkdir()
+        plant_pickle(elsewhere / "model_states.pt", marker, key="module")
+        (tag_dir / "mp_rank_00_model_states.pt").symlink_to(elsewhere / "model_states.pt")
+        reseal(tag_dir)  # the manifest hashes what the link leads to
+        name = "mp_rank_00_model_states.pt"
+    else:
+        (tag_dir / "rng_rank1.pt").symlink_to(tag_dir / "rng_rank0.pt")
+        reseal(tag_dir)
+        name = "rng_rank1.pt"
+    snapshot = DiskSnapshot(out)
+    for decide in (ResumePoint.find, resolve_tag_dir):
+        with pytest.raises(ckpt.UnsafeCheckpoint, match=rf"refusing to load {tag_dir}: {name} is a symbolic link "
+                                                        rf"\(to .*\)\. Checkpoints never hold links.*cp -rL"):
+            decide(out)
+    snapshot.assert_unchanged()
+    assert not marker.exists()
+
+
+def test_a_gpt2_dir_with_a_pickle_that_runs_code_is_refused_plainly(gpt2_variants, tmp_path):
+    """transformers reads pytorch_model.bin with weights_only=True, so the code never runs; the refusal is a
+    message (a ValueError every command prints), not an UnpicklingError traceback."""
+    from models.gpt import GPT
+
+    marker, hf_dir = tmp_path / "code_ran", tmp_path / "hf"
+    shutil.copytree(gpt2_variants["standard"], hf_dir)
+    (hf_dir / "model.safetensors").unlink()
+    plant_pickle(hf_dir / "pytorch_model.bin", marker, key="transformer.wte.weight")
+    with pytest.raises(ValueError, match=r"refusing to load GPT-2 weights from .*pytorch_model\.bin.*GLOBAL "
+                                         r"posix\.system.*never executes code.*model\.safetensors"):
+        GPT.from_pretrained(str(hf_dir))
     assert not marker.exists()
 
 
@@ -583,6 +753,44 @@ def test_launch_sh_refuses_an_unknown_zero_stage(tmp_path):
     assert_refused(proc, r"ZERO=9: DeepSpeed config 9 not found", r"ZERO=0\.\.3, 3_offload or a path")
 
 
+def test_a_hostfile_of_one_unreachable_node_is_refused_before_deepspeed_tries_it(tmp_path, capsys):
+    """DeepSpeed sshes to the first node of any hostfile, one node included (then starts the ranks here), and
+    fails with a traceback; the check launch.sh runs first names the node and the command to try.
+    127.0.0.9 runs no sshd."""
+    from training import hostfile
+
+    (tmp_path / "hosts").write_text("127.0.0.9 slots=2\n")
+    assert hostfile.main([str(tmp_path / "hosts")]) == 2
+    err = capsys.readouterr().err
+    assert "1 node(s) of the hostfile cannot be reached" in err and "127.0.0.9:" in err, err
+    assert "ssh -o BatchMode=yes 127.0.0.9 true" in err
+
+
+def test_a_full_disk_at_the_export_is_said_to_be_a_full_disk(small_tmpfs):
+    """safetensors reports ENOSPC in its own exception type, with the OS's words: the final export of a run
+    then stops with the disk-full message (naming the checkpoint that is complete), not a traceback."""
+    from common.disk import is_disk_full
+    from tiny_models import export_tiny
+
+    free = shutil.disk_usage(small_tmpfs).free
+    (small_tmpfs / "filler").write_bytes(bytes(free - (32 << 10)))  # 32 KB left; the tiny model needs ~110 KB
+    with pytest.raises(Exception) as raised:
+        export_tiny(small_tmpfs / "export")
+    assert is_disk_full(raised.value, small_tmpfs / "export"), repr(raised.value)
+
+
+def test_init_from_gpt2_onto_char_data_names_the_tokenizer_before_any_shape(gpt2_variants):
+    """The run states bias=false (tiny_test.json does) and GPT-2 has biases; but its weights are of no use on
+    other token ids at all, which is the problem to name first."""
+    from models.gpt import GPTConfig
+    from training.init_from import source_for_run
+
+    model = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=False)
+    with pytest.raises(ValueError, match=r"GPT-2 reads GPT-2 BPE ids.*prepared with the 'char' tokenizer"):
+        source_for_run(str(gpt2_variants["standard"]), model, {"model.bias"}, {"tokenizer": "char", "vocab_size": 31},
+                       "data/char")
+
+
 # ----------------------------------------------------------------------------- GPT-2 variants we cannot reproduce
 GPT2_VARIANTS = {
     "relu": ({"activation_function": "relu"}, r"activation_function='relu'"),
@@ -624,6 +832,33 @@ def test_from_pretrained_loads_a_standard_gpt2(gpt2_variants):
         torch.testing.assert_close(GPT.from_pretrained(str(gpt2_variants["standard"])).eval()(x),
                                    GPT2LMHeadModel.from_pretrained(gpt2_variants["standard"]).eval()(x).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+GPT2_DAMAGE = {  # what is done to model.safetensors, and the tensors the refusal names
+    "missing": ("transformer.h.0.mlp.c_fc.weight", r"missing \(transformers would fill them with random values\): "
+                r"\['transformer\.h\.0\.mlp\.c_fc\.weight'\]"),
+    "unexpected": ("transformer.h.0.mlp.extra.weight", r"unexpected: \['transformer\.h\.0\.mlp\.extra\.weight'\]"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(GPT2_DAMAGE))
+def test_a_gpt2_dir_whose_tensors_do_not_match_its_config_is_refused_naming_them(gpt2_variants, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    from models.gpt import GPT
+
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(gpt2_variants["standard"], hf_dir)
+    tensors = load_file(hf_dir / "model.safetensors")
+    key, named = GPT2_DAMAGE[damage]
+    if damage == "missing":
+        del tensors[key]
+    else:
+        tensors[key] = torch.zeros(2)
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{hf_dir}: the GPT-2 weights do not match its config\.json; "
+                                         rf"tensors {named}"):
+        GPT.from_pretrained(str(hf_dir))
 
 
 def test_sampling_a_gpt2_variant_exits_with_the_setting_named(gpt2_variants):

@@ -321,6 +321,18 @@ def test_cli_registers_the_model_and_reports_bad_input(char_models, tmp_path, ca
     assert e.value.code == 2 and "mc_samples must be an integer >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "no_such_task"], "Tasks not found: no_such_task (neither one of lm-eval's tasks nor one in "
+                                  f"{harness.TASKS_DIR}). List them with: python -m evaluation.harness ls tasks; "
+                                  "offline, use --tasks shakespeare_cloze,shakespeare_ppl"),
+    (["--tasks", "shakespeare_cloze", "--limit", "0"], "--limit 0 selects no documents: give a count (--limit 10)"),
+])
+def test_cli_refuses_an_unknown_task_or_a_limit_of_nothing_without_a_traceback(char_models, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        harness.main(["--model", "diffusiongpt", "--model_args", f"ckpt={char_models['ar']}", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_cli_says_how_to_use_a_local_task_when_the_data_needs_the_network(char_models, capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

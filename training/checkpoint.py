@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.unpickling import refusal_reason
+
 MANIFEST = "manifest.json"
 DS_CONFIG = "ds_config.json"
 ENGINE_CONFIGS = (DS_CONFIG, "fsdp_config.json")  # the resolved engine config: one of these per tag
@@ -308,13 +310,10 @@ def safe_torch_load(path, **kwargs):
     except OSError:  # missing or unreadable: not a question of trust
         raise
     except Exception as e:  # noqa: BLE001 - pickle.UnpicklingError, RuntimeError of a non-zip file, ...
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        # torch's first paragraph suggests weights_only=False: the line that names the culprit is what matters
-        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else type(e).__name__)
         raise UnsafeCheckpoint(
             f"refusing to load {path}: it is not plain tensor data that can be read without running code "
-            f"({first}). Loading never executes code from a file; a checkpoint written by diffusionGPT never "
-            f"needs it. Use checkpoints you trained yourself, or ask for an export (model.safetensors + "
+            f"({refusal_reason(e)}). Loading never executes code from a file; a checkpoint written by diffusionGPT "
+            f"never needs it. Use checkpoints you trained yourself, or ask for an export (model.safetensors + "
             f"config.json, which cannot hold code).") from None
 
 
@@ -322,11 +321,32 @@ def check_safe_to_load(tag_dir) -> None:
     """Read every pickle of a tag dir the safe way before DeepSpeed (which unpickles its files with
     weights_only=False) or torch.distributed.checkpoint (which pickle.loads its .metadata and byte items)
     touches it; UnsafeCheckpoint names the first that fails. The .pt files are memory-mapped, so only their
-    pickled structure is read, not the tensor data."""
-    for path in sorted(Path(tag_dir).rglob("*.pt")):
+    pickled structure is read, not the tensor data. Every file DeepSpeed unpickles is named *.pt (model and
+    optimizer states, and in universal/ the per-parameter fp32/exp_avg/exp_avg_sq/step files)."""
+    tag_dir = Path(tag_dir)
+    _refuse_links(tag_dir)
+    for path in sorted(tag_dir.rglob("*.pt")):
         safe_torch_load(path, mmap=True)
-    for metadata in sorted(Path(tag_dir).rglob(".metadata")):
+    for metadata in sorted(tag_dir.rglob(".metadata")):
         _check_dcp_dir(metadata.parent)
+
+
+def _refuse_links(tag_dir: Path) -> None:
+    """UnsafeCheckpoint for any symbolic link inside a tag dir (the tag dir itself may be one: that is where
+    the checkpoint lives). Neither DeepSpeed, DCP nor this module ever writes a link, and rglob does not
+    follow linked folders: a `universal/` linked to a folder of pickles would be skipped by the scan, then
+    taken as DeepSpeed's converted checkpoint and unpickled on a resume at another world size. Refusing
+    every link, rather than judging where each one leads, keeps the rule simple to check: every file any
+    loader opens under tag_dir is a plain file the scan has read."""
+    for root, dirs, files in os.walk(tag_dir):  # followlinks=False: a linked folder is listed, not entered
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            if path.is_symlink():
+                raise UnsafeCheckpoint(
+                    f"refusing to load {tag_dir}: {path.relative_to(tag_dir)} is a symbolic link (to "
+                    f"{os.readlink(path)}). Checkpoints never hold links, and the files behind one are not part of "
+                    f"the checkpoint that was verified; loading never executes code from a file. Replace the link "
+                    f"by the files themselves (cp -rL), or use an export (model.safetensors + config.json).")
 
 
 def _check_dcp_dir(dcp_dir: Path) -> None:

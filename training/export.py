@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 import torch
 
 from common.config import parse_cli
+from common.disk import free_bytes, human, is_disk_full
 from training import checkpoint as ckpt
 
 MODULE_PREFIX = "gpt."  # the engine wraps GPT in TrainingModule (training/engine.py)
@@ -144,6 +145,13 @@ def main(argv=None):
         out = export_checkpoint(args.ckpt, args.out)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"export: {e}")
+    except Exception as e:
+        if not is_disk_full(e, args.out):
+            raise
+        free = free_bytes(args.out)
+        sys.exit(f"export: disk full: could not write {args.out} ({human(free[0]) if free else 'unknown'} free on that "
+                 f"filesystem). The checkpoint is unchanged: free some space, or give --out on a larger disk, and "
+                 f"run this command again.")
     print(f"exported {args.ckpt} -> {out}/model.safetensors, {out}/config.json")
 
 

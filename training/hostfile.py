@@ -6,8 +6,9 @@ multi-node but is not.
 
 A hostfile has one node per line, `HOST slots=N` (`#` comments and blank lines allowed), as the DeepSpeed
 launcher reads it. The launcher itself only warns about a missing file (and then trains on this machine
-alone), and only tries ssh on the first node; these checks fail early instead, naming the file, the line
-or the node and the command that shows what is wrong.
+alone), and only tries ssh on the first node, with a traceback when it fails (also for a hostfile of one
+node, whose ranks it then starts here); these checks fail early instead, naming the file, the line or the
+node and the command that shows what is wrong.
 """
 from __future__ import annotations
 
@@ -60,8 +61,12 @@ def check_reachable(hosts, timeout_s: int = 10) -> None:
     """RuntimeError naming every node that `ssh NODE true` (no password, as pdsh runs it) cannot reach."""
     failed = []
     for host in hosts:
-        proc = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout_s}", host, "true"],
-                              capture_output=True, text=True)
+        try:
+            proc = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout_s}", host, "true"],
+                                  capture_output=True, text=True)
+        except FileNotFoundError:
+            raise RuntimeError("a hostfile launch reaches every node by ssh (pdsh), and this machine has no ssh "
+                               "client: install OpenSSH (apt-get install openssh-client)") from None
         if proc.returncode != 0:
             failed.append((host, (proc.stderr.strip().splitlines() or ["no error text"])[-1]))
     if failed:
@@ -134,7 +139,7 @@ def main(argv=None) -> int:
         hosts = parse(args.hostfile)
         if args.num_gpus is not None:
             check_slots(hosts, args.num_gpus, args.hostfile)
-        if len(hosts) > 1 and not args.no_ssh_check:
+        if not args.no_ssh_check:  # one node too: DeepSpeed runs `ssh NODE hostname` first for any hostfile
             check_reachable(hosts)
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -85,6 +85,16 @@ def read_source(spec: str) -> InitSource:
                      f"training checkpoint) nor a Hugging Face GPT-2 directory (config.json with model_type gpt2)")
 
 
+def source_for_run(spec: str, model: GPTConfig, explicit: set[str], data_tokenizer: dict, data_dir: str) -> InitSource:
+    """The weights `spec` names, checked against the run: first the token ids (weights trained on other ids
+    are of no use whatever their shape, so that is the problem to name), then the shape, which is adopted
+    into `model` (in place; the notes go to source.notes)."""
+    source = read_source(spec)
+    check_same_tokens(source, data_tokenizer, model.vocab_size, spec, data_dir)
+    source.notes = adopt_source_shape(model, explicit, source, spec)
+    return source
+
+
 def adopt_source_shape(model: GPTConfig, explicit: set[str], source: InitSource, spec: str) -> list[str]:
     """Take the source's network shape into the run's GPTConfig (in place). A key the config states
     explicitly must agree; returns notes for the log."""

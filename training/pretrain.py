@@ -16,7 +16,8 @@ Config: defaults (training/config.py) < --config FILE.json|.toml < --key=value /
 (nested keys with a dot: --model.n_layer=4, --objective.name=ar). The DeepSpeed JSON states the ZeRO
 stage; batch, clipping, optimizer, LR schedule and precision are "auto" there and come from the training
 config (training/ds_config.py); with --engine=fsdp everything comes from the training config, and
-giving --deepspeed_config is an error. --resume continues from the latest verified checkpoint in out_dir.
+giving --deepspeed_config is an error. --resume continues from the latest verified checkpoint in out_dir;
+without it, an out_dir that holds an earlier run is refused (--overwrite removes that run first).
 SIGTERM: every rank finishes its step, a checkpoint is written, and the run exits cleanly.
 """
 import argparse
@@ -53,8 +54,8 @@ from training.ds_config import load_ds_json, resolve, zero_stage  # noqa: E402
 from training.engine import TrainingModule, compile_blocks, init_process_group, make_engine  # noqa: E402
 from training.fsdp_engine import CONFIG_FILE as FSDP_CONFIG_FILE, resolve_fsdp  # noqa: E402
 from training.hostfile import launch_info, single_node_warning  # noqa: E402
-from training.init_from import adopt_source_shape, check_same_tokens, load_weights, read_source  # noqa: E402
-from training.run_lock import OutDirInUse, hold_out_dir  # noqa: E402
+from training.init_from import load_weights, source_for_run  # noqa: E402
+from training.run_lock import OutDirInUse, claim_out_dir, hold_out_dir  # noqa: E402
 from common.disk import DiskFull, disk_full_error, is_disk_full  # noqa: E402
 from training.metrics import LossWindow, Metrics, default_peak_flops, memory_mb, model_flops_utilization, provenance  # noqa: E402
 
@@ -69,6 +70,10 @@ def parse_args(argv=None):
         epilog="training config keys (override with --key=value):\n" + config_help())
     parser.add_argument("--config", help="training config file (.json or .toml); flags override it")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    # a command-line flag only, never a config key: a config file that says so would discard a run on every rerun
+    parser.add_argument("--overwrite", action="store_true",
+                        help="out_dir holds an earlier run: remove its checkpoints, export and metrics, then "
+                             "start anew")
     # --deepspeed, --deepspeed_config (default None: ds_configs/zero2.json for engine=deepspeed, an error for fsdp)
     parser = deepspeed.add_config_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
@@ -101,9 +106,7 @@ def setup_config(args, overrides, world):
         cfg.model.vocab_size = meta["padded_vocab_size"]
     source = None
     if cfg.init_from and not resume:  # a resumed run has the weights already (and the shape in its config)
-        source = read_source(cfg.init_from)
-        source.notes = adopt_source_shape(cfg.model, explicit, source, cfg.init_from)
-        check_same_tokens(source, tokenizer.to_meta(), cfg.model.vocab_size, cfg.init_from, cfg.data_dir)
+        source = source_for_run(cfg.init_from, cfg.model, explicit, tokenizer.to_meta(), cfg.data_dir)
         cfg.__post_init__()  # the adopted shape against the objective (and GPTConfig's own checks)
         cfg.model.__post_init__()
     check_compatible(meta, cfg.tokenizer or meta["tokenizer"], cfg.model.vocab_size, cfg.model.block_size)
@@ -176,6 +179,8 @@ def main(argv=None):
     rank, _, world = rank_and_world()
     try:
         cfg, resume, source, meta, tokenizer, resolved = setup_config(args, overrides, world)
+        # last, once every check has passed: a new run never lands on an earlier one unless told to replace it
+        claim_out_dir(cfg.out_dir, cfg.resume, args.overwrite, rank, log=lambda msg: print(msg, flush=True))
     except (ValueError, FileNotFoundError, OutDirInUse) as e:  # a config or data mistake: the message, not a traceback
         sys.exit(f"error: {e}")
     B, T, gas = cfg.batch_size, cfg.model.block_size, cfg.gradient_accumulation_steps

@@ -14,6 +14,12 @@ Who holds it: global rank 0, alone. A run over several nodes needs an out_dir ev
 write their shards into one checkpoint directory), so the one file catches a second run whichever nodes it
 runs on. (Per-node locks would add nothing there and would collide between two "nodes" of one machine.)
 
+One run per out_dir over time, too: a new run (no --resume) in an out_dir that holds an earlier run would
+overwrite its step_N checkpoints and export, move `latest` back to its own first save and append a second
+run to metrics.jsonl. `claim_out_dir` refuses that, naming what is there and the ways on: --resume, another
+out_dir, or --overwrite, which removes the earlier run's checkpoints, export and logs before the new run
+starts (after every other check has passed, so a typo never costs the earlier run).
+
     python -m training.run_lock OUT_DIR     # exit 1 naming the holder if a run holds OUT_DIR (launch.sh)
 
 Standard library only: launch.sh calls it before anything heavy is imported.
@@ -25,6 +31,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -170,6 +177,64 @@ def check_free(out_dir) -> None:
             raise OutDirInUse(RunLock(path)._refusal(_holder(fd))) from None
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------- an earlier run in out_dir
+# what a run leaves in its out_dir (launch.sh's train.log is not among them: it appends to it)
+RUN_PARTS = ("ckpt", "export", "metrics.jsonl", "tb", "wandb")
+
+
+class OutDirHoldsARun(ValueError):
+    """A new run was asked to start in an out_dir that holds an earlier one."""
+
+
+def earlier_run(out_dir) -> list[str]:
+    """What an earlier run left in out_dir, for a message ([] when there is none: a fresh run may start)."""
+    out = Path(out_dir)
+    found = []
+    ckpt_dir = out / "ckpt"
+    # complete checkpoints only (a manifest is written last): a tag a killed save left half-written holds nothing
+    tags = sorted(p.parent.name for p in ckpt_dir.glob("step_*/manifest.json")) if ckpt_dir.is_dir() else []
+    latest = ckpt_dir / "latest"
+    if tags or latest.is_file():
+        named = latest.read_text().strip() if latest.is_file() else None
+        found.append(f"checkpoints {', '.join(tags) or 'none'}" + (f" (latest: {named})" if named else ""))
+    if (out / "export").is_dir() and any((out / "export").iterdir()):
+        found.append(f"an export in {out / 'export'}")
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(f"{metrics}")
+    return found
+
+
+def claim_out_dir(out_dir, resume: bool, overwrite: bool, rank: int = 0, log=print) -> None:
+    """Where a run may start: OutDirHoldsARun when a new run (no --resume) would land on an earlier run
+    without --overwrite; with --overwrite, global rank 0 removes the earlier run first. Call it once every
+    other check has passed, before anything is written: the other ranks write nothing to out_dir before
+    they meet rank 0 in the engine's collective setup, so they never see a half-removed run."""
+    if resume and overwrite:
+        raise OutDirHoldsARun("--resume continues the run in out_dir and --overwrite discards it: give one of them")
+    if resume or rank != 0:
+        return
+    found = earlier_run(out_dir)
+    if not found:
+        return
+    if not overwrite:
+        ways = ["train into another directory (--out_dir=NEW_DIR; OUT_DIR=NEW_DIR for launch.sh)",
+                "discard the earlier run and start over with --overwrite"]
+        if (Path(out_dir) / "ckpt" / "latest").is_file():
+            ways.insert(0, "continue it with --resume")
+        raise OutDirHoldsARun(f"out_dir {out_dir} holds an earlier run ({'; '.join(found)}); a new run there would "
+                              f"overwrite its checkpoints, export and metrics. Either {', or '.join(ways)}.")
+    log(f"--overwrite: removing the earlier run in {out_dir} ({'; '.join(found)})")
+    for name in RUN_PARTS:
+        path = Path(out_dir) / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()  # a linked folder: the link goes, nothing behind it is deleted
+        elif path.is_dir():
+            if name == "ckpt":  # `latest` first: a removal cut short leaves no marker naming a half-deleted tag
+                (path / "latest").unlink(missing_ok=True)
+            shutil.rmtree(path)
 
 
 if __name__ == "__main__":
