@@ -129,7 +129,7 @@ class ARRows(RowSlots):
             r.steps += 1
             if r.length - r.gen_start >= r.gen_len or token == r.stop_id:
                 finished.append(s)
-        return slots, finished
+        return self._succeeded(slots, finished)
 
 
 def decode_autoregressive(model, layout: Layout, sampler: Sampler, generator, vocab_limit: int,

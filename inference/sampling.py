@@ -12,6 +12,7 @@ get -inf), done by slicing so the padded rows cost nothing; for an AR model it k
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,6 +31,8 @@ class Sampler:
     top_p: Optional[float] = None  # nucleus: smallest set with probability >= top_p; None = all
 
     def __post_init__(self):
+        if not math.isfinite(self.temperature):  # NaN would pass `< 0` and make every probability NaN
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -82,7 +85,10 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(dim=-1)  # (N, V)
     total = cdf[:, -1]
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total despite rounding
-    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # (N,)
+    # a row of NaN probabilities (a model whose output is not finite) finds no token: clamped to a real id, its
+    # confidence stays NaN, and the caller fails that row alone (`RowSlots._sample`)
+    index = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # (N,)
+    return index.clamp(max=probs.size(-1) - 1)
 
 
 def _chunks(n: int, generator, counts: Optional[list[int]]):

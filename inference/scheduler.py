@@ -154,6 +154,15 @@ class Row:
         self.strategy = ""
 
 
+def _tell(row: Row, kind: str, payload) -> None:
+    """The row's last event: a client whose callback fails now (its server loop closed) has nobody to tell,
+    and the rows beside it go on."""
+    try:
+        row.on_event(kind, payload)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 class RowModel:
     """What a row's decoder sees as its model: the real model's config and output layer, but every
     `hidden_states` call goes through the scheduler. Mode switches are no-ops (the real model is shared
@@ -264,7 +273,7 @@ class StepScheduler:
             while self._waiting:  # never started: tell their clients now
                 row = self._waiting.popleft()
                 row.cancelled = True
-                row.on_event("error", Cancelled())
+                _tell(row, "error", Cancelled())
             self._cond.notify_all()
             while self._running and time.monotonic() < deadline + 5.0:
                 self._cond.wait(timeout=0.1)
@@ -314,7 +323,7 @@ class StepScheduler:
                                            self.tokenizer, None)
             row.on_event("done", done)
         except BaseException as e:  # noqa: BLE001 - the row's client gets the error, the server lives on
-            row.on_event("error", e)
+            _tell(row, "error", e)
         finally:
             with self._cond:
                 self._running.discard(row)
@@ -326,14 +335,14 @@ class StepScheduler:
         while self._waiting and len(self._running) < self.max_rows:
             row = self._waiting.popleft()
             if row.cancelled:
-                row.on_event("error", Cancelled())
+                _tell(row, "error", Cancelled())
                 continue
             self._running.add(row)
             try:
                 options = row.spec.options.for_model(self.model)
             except ValueError as e:  # options this model cannot decode: the row's client hears why
                 self._running.discard(row)
-                row.on_event("error", e)
+                _tell(row, "error", e)
                 continue
             kind = self._rows_kind(options)
             if kind is not None:
@@ -387,7 +396,7 @@ class StepScheduler:
                 row.slot = rows.add(prompt_ids, n, rule, sampler, generator)
         except BaseException as e:  # noqa: BLE001 - the row's client gets the error, the server lives on
             self._running.discard(row)
-            row.on_event("error", e)
+            _tell(row, "error", e)
             return
         row.kind, row.prompt_ids, row.started = kind, prompt_ids, time.perf_counter()
         row.watch = StopWatch(spec.stop, self.tokenizer, options.stop_at_eot)
@@ -402,7 +411,7 @@ class StepScheduler:
         with self._cond:
             self._running.discard(row)
             self._cond.notify_all()
-        row.on_event(kind, payload)
+        _tell(row, kind, payload)
 
     def _rows_calls(self) -> dict[str, list[_Call]]:
         """This step's model calls of every RowSlots (prepare, its wide calls split by width where padding the
@@ -422,28 +431,36 @@ class StepScheduler:
         for kind, calls in calls_of.items():
             rows = self.row_sets[kind]
             stepped, finished = rows.commit([c.result for c in calls])
+            for slot, error in list(rows.failed.items()):  # rows that failed alone leave alone
+                self._leave_rows(self._by_slot[kind, slot], "error", error)
             by_slot = {s: self._by_slot[kind, s] for s in stepped}
             watched = [s for s in stepped if by_slot[s].spec.report_steps or by_slot[s].spec.stop]
             read = sorted(set(watched) | set(finished))
             ids = dict(zip(read, rows.generated(read)))  # one host copy for every row that needs its ids
-            done = set(finished)
             for slot in stepped:
-                row, state = by_slot[slot], rows.rows[slot]
-                if row.cancelled:
-                    continue  # leaves at the top of the next step
-                try:
-                    if slot in ids and row.spec.report_steps:
-                        row.on_event("step", StepInfo([0], [ids[slot]], [state.nfe]))
-                    if slot in ids:
-                        row.watch.check(ids[slot])
-                except _StopReached as hit:
-                    done.add(slot)
-                    ids[slot] = hit.ids
-                if slot in done:
-                    completion = completion_from_ids(row.spec.prompt, row.prompt_ids, ids[slot], row.strategy,
-                                                     state.nfe, state.steps, time.perf_counter() - row.started,
-                                                     self.tokenizer, row.watch.eot_id)
-                    self._leave_rows(row, "done", completion)
+                self._report(by_slot[slot], rows.rows[slot], ids.get(slot), slot in finished)
+
+    def _report(self, row: Row, state, ids: Optional[list[int]], finished: bool) -> None:
+        """After a row's step: its step event, its stop strings, its completion once it is done. Whatever fails
+        here (its client's callback, its text) fails this row alone."""
+        if row.cancelled:
+            return  # leaves at the top of the next step
+        try:
+            try:
+                if ids is not None and row.spec.report_steps:
+                    row.on_event("step", StepInfo([0], [ids], [state.nfe]))
+                if ids is not None:
+                    row.watch.check(ids)
+            except _StopReached as hit:
+                finished, ids = True, hit.ids
+            if finished:
+                completion = completion_from_ids(row.spec.prompt, row.prompt_ids, ids, row.strategy, state.nfe,
+                                                 state.steps, time.perf_counter() - row.started, self.tokenizer,
+                                                 row.watch.eot_id)
+                self._leave_rows(row, "done", completion)
+        except Exception as e:  # noqa: BLE001 - this row's failure is this row's
+            if row.slot is not None and (row.kind, row.slot) in self._by_slot:
+                self._leave_rows(row, "error", e)
 
     def _fail_rows(self, error: BaseException) -> None:
         """Every row of every RowSlots leaves with this error (its client gets it; the server goes on)."""

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import os
 import secrets
 import signal
@@ -123,12 +124,30 @@ def _int(body, name, default, lo=None, hi=None, hint=""):
     v = body.get(name, default)
     if v is None:
         v = default
+    if v is None:
+        return None
     if isinstance(v, bool) or not isinstance(v, int):
         raise BadRequest(f"{name} must be an integer, got {v!r}{hint}", param=name)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
         raise BadRequest(f"{name} must be {bounds}, got {v}{hint}", param=name)
     return v
+
+
+INT64 = (-2 ** 63, 2 ** 63 - 1)  # seeds, and the bound of every other integer (a tensor holds it)
+MAX_STEPS = 65536  # ancestral sampling walks every time step (the others cost nothing past L): a bound on its work
+
+
+def check_numbers(body: dict) -> None:
+    """The bounds this server adds to the decoding options' own checks (finite numbers, temperature >= 0,
+    top_p in (0, 1], a 64-bit seed: DecodeOptions): OpenAI's temperature range, and integers a tensor holds."""
+    temperature = body.get("temperature")
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and 2 < temperature < math.inf:
+        raise BadRequest(f"temperature must be <= 2 (OpenAI's range is 0 to 2; 0 = greedy), got {temperature}",
+                         param="temperature")
+    _int(body, "steps", None, 1, MAX_STEPS)
+    for name in ("tokens_per_step", "block_length", "top_k"):
+        _int(body, name, None, 1, INT64[1])
 
 
 def parse_completion_request(body: dict, loaded, cfg: ServerConfig) -> ParsedRequest:
@@ -154,6 +173,7 @@ def parse_completion_request(body: dict, loaded, cfg: ServerConfig) -> ParsedReq
         raise BadRequest("prompts as token ids are not supported; send the prompt as text", param="prompt")
     else:
         raise BadRequest("prompt is required: a string or a non-empty list of strings", param="prompt")
+    check_numbers(body)
     context = loaded.model.config.block_size
     max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, lo=1,
                       hint=f" (the number of tokens to generate; the model's context is {context} tokens)")
