@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -500,9 +501,10 @@ class CompletionStream:
                 "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": None, **choice}]}
 
     def handle(self, i: int, kind: str, payload) -> list[dict]:
-        if kind == "error":
+        if kind == "error":  # streamed: the choice ends here, saying how; the error event follows at the end
             self.errors[i] = payload
-            return []
+            reason = "cancelled" if isinstance(payload, Cancelled) else "error"
+            return [self._chunk({"index": i, "finish_reason": reason})] if self.req.stream else []
         if kind == "done":
             self.done[i] = payload
             return [self._chunk(self.final_choice(i, streaming=True))] if self.req.stream else []
@@ -588,6 +590,25 @@ def prepare_model(loaded, dtype: str):
     return lambda: torch.autocast("cuda", dtype=getattr(torch, dtype))
 
 
+ANSWER_MARGIN_S = 5.0  # after --grace_s, time for the cancelled rows to leave at their step and be answered
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server whose shutdown (SIGTERM, Ctrl-C) first drains the scheduler: the running rows get
+    grace_s to finish, the rest are cancelled at their next step and their requests answered (503, or a
+    stream's last choice with finish_reason "cancelled" and an error event), all before uvicorn's own wait
+    for open connections (grace_s + ANSWER_MARGIN_S) would cut them mid-answer."""
+
+    def __init__(self, config: uvicorn.Config, scheduler: StepScheduler, grace_s: float):
+        super().__init__(config)
+        self.scheduler, self.grace_s = scheduler, grace_s
+
+    async def shutdown(self, sockets=None) -> None:
+        drained = asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop, self.grace_s)
+        await super().shutdown(sockets)  # stops accepting, then waits for the answers to go out
+        await drained
+
+
 def default_model_id(ckpt: Optional[str], init_from: Optional[str]) -> str:
     if init_from:
         return Path(init_from).name or init_from
@@ -637,8 +658,6 @@ def parse_args(argv=None) -> ServeCommand:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import uvicorn
-
     from inference.loading import load_model
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -663,8 +682,9 @@ def main(argv=None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who reaches this port can use the "
               f"model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=max(1, int(args.grace_s))))
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=args.grace_s + ANSWER_MARGIN_S),
+                            scheduler, args.grace_s)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that exit 0
     signal.signal(signal.SIGTERM, lambda *_: None)
     print(f"serving {cfg.model_id} ({loaded.objective}, {model_kind(loaded.model)}) on http://{args.host}:{args.port}/ "

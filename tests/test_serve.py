@@ -728,6 +728,45 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(model_dirs):
         server.stop()
 
 
+def test_sigterm_past_the_grace_period_answers_each_request_with_an_error_it_can_read(model_dirs):
+    """Requests still decoding when --grace_s runs out are cancelled and answered, not cut: a streamed one
+    ends its choice with finish_reason "cancelled" and then an error event (the official client raises an
+    APIError naming the shutdown), a non-streamed one gets a 503 saying so. No traceback, exit 0."""
+    server = Server(model_dirs["mdlm"], "--step_delay_s", "0.05", "--grace_s", "1")
+    try:
+        client = server.client()
+        kw = dict(model="mdlm", prompt="a", max_tokens=60, extra_body={"strategy": "topk", "tokens_per_step": 1})
+
+        def streamed():  # 60 steps of >= 50 ms: 3 s if nobody stopped it
+            chunks = []
+            try:
+                for chunk in client.completions.create(stream=True, **kw):
+                    chunks.append(chunk)
+            except openai.APIError as e:
+                return chunks, e
+            return chunks, None
+        with ThreadPoolExecutor(4) as pool:
+            streams = [pool.submit(streamed) for _ in range(2)]
+            plain = [pool.submit(client.completions.create, **kw) for _ in range(2)]
+            deadline = time.monotonic() + 30
+            while server.metric("diffusiongpt_active_rows") < 4:
+                assert not any(f.done() for f in streams + plain), "a request ended before all four were decoding"
+                assert time.monotonic() < deadline, "the requests never started decoding"
+                time.sleep(0.02)
+            server.proc.send_signal(signal.SIGTERM)
+            for f in streams:
+                chunks, error = f.result(timeout=30)
+                assert isinstance(error, openai.APIError) and "shutting down" in str(error), error
+                assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "cancelled"
+            for f in plain:
+                with pytest.raises(openai.InternalServerError, match="shutting down"):  # 503
+                    f.result(timeout=30)
+        assert server.proc.wait(timeout=30) == 0, server.output()
+        assert "Traceback" not in server.output(), server.output()
+    finally:
+        server.stop()
+
+
 # ----------------------------------------------------------------------------- the playground, in a browser
 def find_chromium():
     for name in ("chromium", "chromium-browser", "google-chrome"):
