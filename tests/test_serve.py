@@ -536,9 +536,11 @@ BAD_REQUESTS = {
     # numbers: finite (Python's JSON and curl send NaN / Infinity), OpenAI's ranges, integers a tensor holds
     "temperature_nan": ({"prompt": "a", "temperature": float("nan")}, 400, "temperature must be a finite number"),
     "temperature_infinite": ({"prompt": "a", "temperature": float("inf")}, 400, "temperature must be a finite number"),
-    "temperature_above_2": ({"prompt": "a", "temperature": 2.5}, 400, "temperature must be <= 2"),
-    "top_p_nan": ({"prompt": "a", "top_p": float("nan")}, 400, "top_p must be in (0, 1]"),
-    "threshold_nan": ({"prompt": "a", "strategy": "threshold", "threshold": float("nan")}, 400, "threshold must be in"),
+    "temperature_above_2": ({"prompt": "a", "temperature": 2.5}, 400, "temperature must be >= 0 and <= 2"),
+    "top_p_nan": ({"prompt": "a", "top_p": float("nan")}, 400, "top_p must be a finite number in (0, 1]"),
+    "threshold_nan": ({"prompt": "a", "strategy": "threshold", "threshold": float("nan")}, 400,
+                      "threshold must be a finite number in [0, 1]"),
+    "integer_as_a_string": ({"prompt": "a", "max_tokens": "3"}, 400, "max_tokens must be >= 1, an integer"),
     "seed_past_64_bits": ({"prompt": "a", "seed": 2 ** 70}, 400, "seed must be a 64-bit signed integer"),
     "steps_past_bound": ({"prompt": "a", "steps": 10 ** 30}, 400, "steps must be between 1 and 65536"),
     "top_k_past_64_bits": ({"prompt": "a", "top_k": 2 ** 64}, 400, "top_k must be between 1 and"),
@@ -556,6 +558,44 @@ def test_bad_request_gets_an_openai_error_and_the_server_still_serves(mdlm_serve
     assert message in error["message"] and error["type"], error
     ok = httpx.post(mdlm_server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 3}, timeout=30)
     assert ok.status_code == 200 and len(ok.json()["choices"][0]["text"]) <= 3
+
+
+def test_a_body_sent_as_a_form_is_refused_saying_to_send_json(mdlm_server):
+    """curl -d sends Content-Type application/x-www-form-urlencoded: the answer says which header to send.
+    A body without a Content-Type is read as JSON."""
+    body = json.dumps({"prompt": "a", "max_tokens": 3}).encode()
+    r = httpx.post(mdlm_server.url + "/v1/completions", content=body, timeout=30,
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
+    assert httpx.post(mdlm_server.url + "/v1/completions", content=body, timeout=30).status_code == 200
+
+
+def test_openapi_schema_describes_the_completion_body(mdlm_server):
+    """GET /openapi.json: the body of POST /v1/completions is the model the server validates with (unknown
+    fields refused, OpenAI's ranges, the strategies), so generated clients and fuzzers see the real API."""
+    spec = httpx.get(mdlm_server.url + "/openapi.json", timeout=30).json()
+    ref = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    body = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert body["additionalProperties"] is False and body["required"] == ["prompt"]
+    fields = body["properties"]
+    temperature = next(t for t in fields["temperature"]["anyOf"] if t.get("type") == "number")
+    assert (temperature["minimum"], temperature["maximum"]) == (0, 2)
+    strategies = next(t for t in fields["strategy"]["anyOf"] if "enum" in t)["enum"]
+    assert strategies == ["ancestral", "topk", "random", "threshold", "blocks", "ar"]
+    assert {"prompt", "max_tokens", "seed", "stream", "steps", "block_length", "kv_cache"} <= set(fields)
+
+
+def test_metrics_are_prometheus_text_with_the_process_metrics(mdlm_server):
+    from prometheus_client.parser import text_string_to_metric_families
+    mdlm_server.client().completions.create(model="mdlm", prompt="a", max_tokens=3)
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(mdlm_server.url + "/metrics").text)}
+    kinds = {name: families[name].type for name in ("diffusiongpt_requests", "diffusiongpt_model_calls",
+                                                     "diffusiongpt_batch_rows", "diffusiongpt_active_rows",
+                                                     "diffusiongpt_request_latency_seconds", "process_cpu_seconds")}
+    assert kinds == {"diffusiongpt_requests": "counter", "diffusiongpt_model_calls": "counter",
+                     "diffusiongpt_batch_rows": "histogram", "diffusiongpt_active_rows": "gauge",
+                     "diffusiongpt_request_latency_seconds": "histogram", "process_cpu_seconds": "counter"}
+    assert any(s.labels == {"code": "200"} and s.value >= 1 for s in families["diffusiongpt_requests"].samples)
 
 
 def test_openai_client_raises_on_a_bad_request(mdlm_server):
