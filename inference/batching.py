@@ -257,10 +257,6 @@ class RowSlots:
     def active(self) -> int:
         return len(self.rows)
 
-    @property
-    def has_room(self) -> bool:
-        return bool(self._free)
-
     def _take_slot(self, canvas: list[int], prompt_len: int, gen_len: int) -> int:
         """A free slot holding `canvas` from column 0 (checked: it fits, it generates something)."""
         if not self._free:
