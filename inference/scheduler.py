@@ -1,13 +1,13 @@
 """Step-level continuous batching: many decodes, few model calls per step.
 
 Serving is decoding plus a scheduler, in two ways. Rows of a rule over the whole canvas of a bidirectional
-model (ancestral, the MDLM default; topk, random, threshold) and AR rows with their KV cache (the AR
-default) are rows of the scheduler's `RowSlots` of that kind (`AncestralRows`, `ConfidenceRows`, `ARRows`:
+model (ancestral, the MDLM default; topk, random, threshold) and AR rows (with their KV cache, the AR
+default, or without) are rows of the scheduler's `RowSlots` of that kind (`AncestralRows`, `ConfidenceRows`, `ARRows`:
 the classes `generate` decodes such batches with): each step the scheduler thread takes their calls from
 them and lets them commit every row at once, one output layer and sampling for all of them. Every other
 row (one choice of one request) runs the ordinary batch decoder, `inference.api.generate_with_stats`, on
-its own one-row canvas in its own thread, so every such rule (blocks, every rule of a block-causal model,
-uncached ar), its commit logic, its random generator, its KV cache and its stop rule are the decoder's
+its own one-row canvas in its own thread, so every such rule (blocks, every rule of a block-causal
+model), its commit logic, its random generator, its KV cache and its stop rule are the decoder's
 own: the scheduler adds no decoding logic. What it changes is the model the decoder sees. A `RowModel`
 stands in for the real model: when a decoder asks for hidden states it hands the call to the scheduler and
 waits. The scheduler waits until every thread row has either asked for its next call or finished, adds
@@ -355,11 +355,10 @@ class StepScheduler:
     def _rows_kind(self, options: DecodeOptions) -> Optional[str]:
         """Which RowSlots decodes these options (resolved for the model), or None (a thread of its own). Over the whole canvas of a
         bidirectional model, ancestral sampling (the MDLM default) runs in AncestralRows and topk / random /
-        threshold in ConfidenceRows; AR with its KV cache (the default) in ARRows. Block-wise rules (and
-        every rule of a block-causal model: block by block, with its KV cache) and uncached AR run in a
-        thread each."""
+        threshold in ConfidenceRows; AR, with its KV cache (the default) or without, in ARRows. Block-wise
+        rules (and every rule of a block-causal model: block by block, with its KV cache) run in a thread each."""
         if model_kind(self.model) == "ar":
-            return "ar" if options.kv_cache else None
+            return "ar"
         if block_alignment(self.model) or options.strategy == "blocks":
             return None
         return "ancestral" if options.strategy == "ancestral" else "confidence"
@@ -388,7 +387,7 @@ class StepScheduler:
             n, sampler = spec.max_new_tokens, options.sampler()
             if kind == "ar":
                 stop_id = self.tokenizer.eot_id if options.stop_at_eot else None
-                row.slot = rows.add(prompt_ids, n, sampler, generator, stop_id)
+                row.slot = rows.add(prompt_ids, n, sampler, generator, stop_id, options.kv_cache)
             elif kind == "ancestral":
                 row.slot = rows.add(prompt_ids, n, options.steps or n, NoiseSchedule(options.schedule), sampler, generator)
             else:
