@@ -136,4 +136,4 @@ class AncestralRows(MaskedRowSlots):
         for s in slots:
             self.rows[s].fresh = self.rows[s].committing = False
         left = self.todo[index].any(1).tolist()
-        return slots, [s for s, more in zip(slots, left) if not more]
+        return self._succeeded(slots, [s for s, more in zip(slots, left) if not more])

@@ -98,6 +98,8 @@ class DecodeOptions:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not -2 ** 63 <= self.seed < 2 ** 63:  # request i of a call draws from seed + i: torch takes < 2**64
+            raise ValueError(f"seed must be a 64-bit signed integer (from -2**63 to 2**63 - 1), got {self.seed}")
         self.sampler()  # temperature >= 0, top_k >= 1, top_p in (0, 1]
         NoiseSchedule(self.schedule)  # a known schedule
         if self.strategy == "threshold" or (self.strategy == "blocks" and self.block_rule == "threshold"):

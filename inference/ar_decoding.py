@@ -35,35 +35,35 @@ class _Row:
     gen_start: int  # the prompt's length
     gen_len: int  # tokens to generate at most
     stop_id: Optional[int]  # EOT: the row stops once it draws it
+    kv_cache: bool  # False: fed its whole canvas at every step
     cached: int = 0  # columns whose keys/values are in the cache (with the cache: length - 1 after the prefill)
     nfe: int = 0
     steps: int = 0
 
 
 class ARRows(RowSlots):
-    """AR rows (see the module docstring). kv_cache=False feeds every row its whole canvas at every step
-    (the reference the cache must reproduce)."""
+    """AR rows (see the module docstring). A row added with kv_cache=False is fed its whole canvas at every
+    step (the reference the cache must reproduce)."""
 
-    def __init__(self, model, vocab_limit: int, capacity: int, width: int, kv_cache: bool = True):
+    def __init__(self, model, vocab_limit: int, capacity: int, width: int):
         super().__init__(model, vocab_limit, capacity, width)
-        self.kv_cache = kv_cache
         self.kv: Optional[torch.Tensor] = None  # (N * W, 2 L, H, D): column c of slot s at s * W + c
 
     def add(self, prompt_ids: list[int], gen_len: int, sampler: Sampler, generator: Optional[torch.Generator],
-            stop_id: Optional[int] = None) -> int:
+            stop_id: Optional[int] = None, kv_cache: bool = True) -> int:
         """A new row: its prompt (at least one token: it predicts the first one), gen_len tokens at most."""
         if not prompt_ids:
             raise ValueError("autoregressive decoding needs at least one prompt token per request")
         slot = self._take_slot(list(prompt_ids), len(prompt_ids), gen_len)
-        self.rows[slot] = _Row(generator, sampler, len(prompt_ids), len(prompt_ids), gen_len, stop_id)
+        self.rows[slot] = _Row(generator, sampler, len(prompt_ids), len(prompt_ids), gen_len, stop_id, kv_cache)
         return slot
 
     def prepare(self, split: Optional[Callable[[list[int]], list[list[int]]]] = None) -> list[RowsCall]:
         """This step's calls: the rows with their cache feed their newest column (one call), the others
         (first step, or no cache) their whole canvas (one call, or as split(widths) groups them)."""
         slots = sorted(self.rows)
-        stepping = [s for s in slots if self.kv_cache and self.rows[s].cached]
-        whole = [s for s in slots if not (self.kv_cache and self.rows[s].cached)]
+        stepping = [s for s in slots if self.rows[s].kv_cache and self.rows[s].cached]
+        whole = [s for s in slots if not (self.rows[s].kv_cache and self.rows[s].cached)]
         self._calls = []
         if whole:
             self._calls += self._whole_calls(whole, split)
@@ -101,7 +101,7 @@ class ARRows(RowSlots):
             last = torch.tensor([self.rows[s].length - 1 for s in call.slots], device=dev) - fed  # (R,)
             fed_slots += call.slots
             states.append(h[torch.arange(len(call.slots), device=dev), last])  # (R, C) each row's newest state
-            if self.kv_cache:
+            if any(self.rows[s].kv_cache for s in call.slots):
                 new = torch.stack([t for kv in presents for t in kv], dim=2)  # (R, H, 2L, w, D)
                 new = new.permute(0, 3, 2, 1, 4)  # (R, w, 2L, H, D)
                 if self.kv is None:
@@ -129,7 +129,7 @@ class ARRows(RowSlots):
             r.steps += 1
             if r.length - r.gen_start >= r.gen_len or token == r.stop_id:
                 finished.append(s)
-        return slots, finished
+        return self._succeeded(slots, finished)
 
 
 def decode_autoregressive(model, layout: Layout, sampler: Sampler, generator, vocab_limit: int,
@@ -143,9 +143,9 @@ def decode_autoregressive(model, layout: Layout, sampler: Sampler, generator, vo
         raise ValueError("autoregressive decoding needs at least one prompt token per request")
     B, T = layout.x.shape
     generators = generator if isinstance(generator, (list, tuple)) else [generator] * B
-    rows = ARRows(model, vocab_limit, capacity=B, width=T, kv_cache=kv_cache)
+    rows = ARRows(model, vocab_limit, capacity=B, width=T)
     res = decode_rows(model, rows, layout, lambda b, prompt_ids: rows.add(
-        prompt_ids, layout.gen_lens[b], sampler, generators[b], stop_id), on_step)
+        prompt_ids, layout.gen_lens[b], sampler, generators[b], stop_id, kv_cache), on_step)
     # columns a row never reached (it stopped at EOT) hold the layout's filler; mark where it stopped
     gen = layout.gen & (torch.arange(T, device=res.x.device)[None, :]
                         < (layout.gen_starts + res.steps.to(res.x.device))[:, None])

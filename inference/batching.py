@@ -251,14 +251,11 @@ class RowSlots:
         self._free = list(range(capacity - 1, -1, -1))
         self._calls: list[RowsCall] = []  # prepare's calls, until commit
         self.calls = 0  # model calls asked for
+        self.failed: dict[int, Exception] = {}  # rows whose last step failed (slot -> why); the caller removes them
 
     @property
     def active(self) -> int:
         return len(self.rows)
-
-    @property
-    def has_room(self) -> bool:
-        return bool(self._free)
 
     def _take_slot(self, canvas: list[int], prompt_len: int, gen_len: int) -> int:
         """A free slot holding `canvas` from column 0 (checked: it fits, it generates something)."""
@@ -288,9 +285,16 @@ class RowSlots:
         return calls
 
     def remove(self, slot: int) -> None:
-        """The row leaves (finished or cancelled), between a commit and the next prepare."""
+        """The row leaves (finished, failed or cancelled), between a commit and the next prepare."""
         del self.rows[slot]
+        self.failed.pop(slot, None)
         self._free.append(slot)
+
+    def _succeeded(self, stepped: list[int], finished: list[int]) -> tuple[list[int], list[int]]:
+        """commit's (stepped, finished) without the rows that failed this step (`failed`)."""
+        if not self.failed:
+            return stepped, finished
+        return [s for s in stepped if s not in self.failed], [s for s in finished if s not in self.failed]
 
     def generated(self, slots: list[int]) -> list[list[int]]:
         """Each row's generated ids so far (columns gen_start to its length), one host copy for all."""
@@ -300,7 +304,22 @@ class RowSlots:
         return [c[self.rows[s].gen_start:self.rows[s].length] for s, c in zip(slots, canvases)]
 
     def _sample(self, slots: list[int], counts: list[int], states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """states (N, C): counts[i] positions of slots[i], row after row -> their tokens (N,) and confidences (N,)."""
+        """states (N, C): counts[i] positions of slots[i], row after row -> their tokens (N,) and confidences (N,).
+        A row whose model output is not finite (its confidences are NaN) fails alone: it is put in `failed`,
+        its tokens are placeholders, and every other row of the step is sampled as it would be without it."""
+        tokens, conf = self._sample_by_sampler(slots, counts, states)
+        finite = torch.isfinite(conf)
+        if not bool(finite.all()):
+            row = torch.repeat_interleave(torch.arange(len(slots), device=conf.device),
+                                          torch.tensor(counts, device=conf.device))  # (N,) each position's row
+            for i in sorted(set(row[~finite].tolist())):
+                self.failed[slots[i]] = FloatingPointError(
+                    "the model's output for this request is not a finite number (NaN or inf), so no token can be "
+                    "drawn from it: the checkpoint's weights hold NaN/inf, or a half-precision run overflowed "
+                    "(serve with --dtype float32)")
+        return tokens, conf
+
+    def _sample_by_sampler(self, slots: list[int], counts: list[int], states: torch.Tensor):
         groups: dict = {}
         for i, s in enumerate(slots):
             groups.setdefault(self.rows[s].sampler, []).append(i)
@@ -365,6 +384,8 @@ def decode_rows(model, rows: RowSlots, layout: Layout, add_row: Callable[[int, l
         results = [call.run(model) for call in rows.prepare()]
         calls += len(results)
         stepped, finished = rows.commit(results)
+        if rows.failed:  # a row the model gave no finite output for: the batch API has nobody else to tell
+            raise next(iter(rows.failed.values()))
         write_back(stepped if on_step is not None else finished)
         if on_step is not None:
             on_step(x, DecodeResult(x, nfe, steps, calls, layout))

@@ -116,4 +116,4 @@ class ConfidenceRows(MaskedRowSlots):
             self.rows[s].steps += 1
             self.rows[s].nfe += 1
         left = self.todo[index].any(1).tolist()
-        return slots, [s for s, more in zip(slots, left) if not more]
+        return self._succeeded(slots, [s for s, more in zip(slots, left) if not more])

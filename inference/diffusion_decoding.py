@@ -147,13 +147,12 @@ def decode_by_confidence(model, layout: Layout, rule, sampler: Sampler, generato
             if on_step is not None:
                 on_step(x, DecodeResult(x, runner.nfe, steps, runner.calls, layout))
 
-        if block_length is not None:
-            done |= layout.key_lengths <= hi  # generation over
-            if stop_id is not None:  # a finished block that holds EOT ends its row
-                hit = ((x == stop_id) & layout.gen & (cols < hi)[None, :]).any(1) & ~done
-                x[hit[:, None] & masked] = stop_id
-                masked &= ~hit[:, None]
-                done |= hit
+        done |= layout.key_lengths <= hi  # generation over
+        if stop_id is not None:  # a finished block that holds EOT ends its row
+            hit = ((x == stop_id) & layout.gen & (cols < hi)[None, :]).any(1) & ~done
+            x[hit[:, None] & masked] = stop_id
+            masked &= ~hit[:, None]
+            done |= hit
     return DecodeResult(x, runner.nfe, steps, runner.calls, layout)
 
 
@@ -200,12 +199,11 @@ def decode_ancestral(model, layout: Layout, num_steps, schedule: NoiseSchedule, 
     block_causal = runner.kind == "block_causal"
     shift = int(model.config.shift)
     cache = RowKVCache(B, T) if kv_cache else None
-    regions = [(0, T)] if block_length is None else [
-        (lo, min(lo + block_length, T)) for lo in range(layout.anchor, T, block_length)]
+    regions = [(lo, min(lo + block_length, T)) for lo in range(layout.anchor, T, block_length)]
     row_steps = (num_steps if isinstance(num_steps, torch.Tensor)
                  else torch.full((B,), int(num_steps), dtype=torch.long)).cpu()
     for lo, hi in regions:
-        fed = hi if (block_causal and block_length) else T  # columns a model call needs
+        fed = hi if block_causal else T  # columns a model call needs
         start = max(lo - shift, 0)  # the first column whose state predicts a candidate of this block
         region = masked & ((cols >= lo) & (cols < hi))[None, :]  # (B, T)
         for S in sorted(set(row_steps.tolist())):  # rows with the same step budget share one time grid

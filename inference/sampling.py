@@ -12,14 +12,17 @@ get -inf), done by slicing so the padded rows cost nothing; for an AR model it k
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-# lm_head rows are applied to at most this many positions at once: (chunk, V) fp32 logits stay
-# below ~800 MB even with GPT-2's 50k vocabulary.
+# lm_head rows are applied to at most this many positions at once. One (chunk, V) fp32 tensor is
+# 4096 x 50257 x 4 B = 0.82 GB with GPT-2's vocabulary, and sampling a chunk holds several at once (the
+# logits, the scaled and filtered logits, the probabilities, their cumulative sum; top-p also sorts them
+# and keeps the order as int64): a few GB at the peak on the device, counted from the code, not measured.
 PREDICT_CHUNK = 4096
 
 
@@ -30,6 +33,8 @@ class Sampler:
     top_p: Optional[float] = None  # nucleus: smallest set with probability >= top_p; None = all
 
     def __post_init__(self):
+        if not math.isfinite(self.temperature):  # NaN would pass `< 0` and make every probability NaN
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -82,7 +87,10 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(dim=-1)  # (N, V)
     total = cdf[:, -1]
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total despite rounding
-    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # (N,)
+    # a row of NaN probabilities (a model whose output is not finite) finds no token: clamped to a real id, its
+    # confidence stays NaN, and the caller fails that row alone (`RowSlots._sample`)
+    index = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # (N,)
+    return index.clamp(max=probs.size(-1) - 1)
 
 
 def _chunks(n: int, generator, counts: Optional[list[int]]):

@@ -1,13 +1,13 @@
 """Step-level continuous batching: many decodes, few model calls per step.
 
 Serving is decoding plus a scheduler, in two ways. Rows of a rule over the whole canvas of a bidirectional
-model (ancestral, the MDLM default; topk, random, threshold) and AR rows with their KV cache (the AR
-default) are rows of the scheduler's `RowSlots` of that kind (`AncestralRows`, `ConfidenceRows`, `ARRows`:
+model (ancestral, the MDLM default; topk, random, threshold) and AR rows (with their KV cache, the AR
+default, or without) are rows of the scheduler's `RowSlots` of that kind (`AncestralRows`, `ConfidenceRows`, `ARRows`:
 the classes `generate` decodes such batches with): each step the scheduler thread takes their calls from
 them and lets them commit every row at once, one output layer and sampling for all of them. Every other
 row (one choice of one request) runs the ordinary batch decoder, `inference.api.generate_with_stats`, on
-its own one-row canvas in its own thread, so every such rule (blocks, every rule of a block-causal model,
-uncached ar), its commit logic, its random generator, its KV cache and its stop rule are the decoder's
+its own one-row canvas in its own thread, so every such rule (blocks, every rule of a block-causal
+model), its commit logic, its random generator, its KV cache and its stop rule are the decoder's
 own: the scheduler adds no decoding logic. What it changes is the model the decoder sees. A `RowModel`
 stands in for the real model: when a decoder asks for hidden states it hands the call to the scheduler and
 waits. The scheduler waits until every thread row has either asked for its next call or finished, adds
@@ -154,6 +154,15 @@ class Row:
         self.strategy = ""
 
 
+def _tell(row: Row, kind: str, payload) -> None:
+    """The row's last event: a client whose callback fails now (its server loop closed) has nobody to tell,
+    and the rows beside it go on."""
+    try:
+        row.on_event(kind, payload)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 class RowModel:
     """What a row's decoder sees as its model: the real model's config and output layer, but every
     `hidden_states` call goes through the scheduler. Mode switches are no-ops (the real model is shared
@@ -264,7 +273,7 @@ class StepScheduler:
             while self._waiting:  # never started: tell their clients now
                 row = self._waiting.popleft()
                 row.cancelled = True
-                row.on_event("error", Cancelled())
+                _tell(row, "error", Cancelled())
             self._cond.notify_all()
             while self._running and time.monotonic() < deadline + 5.0:
                 self._cond.wait(timeout=0.1)
@@ -314,7 +323,7 @@ class StepScheduler:
                                            self.tokenizer, None)
             row.on_event("done", done)
         except BaseException as e:  # noqa: BLE001 - the row's client gets the error, the server lives on
-            row.on_event("error", e)
+            _tell(row, "error", e)
         finally:
             with self._cond:
                 self._running.discard(row)
@@ -326,14 +335,14 @@ class StepScheduler:
         while self._waiting and len(self._running) < self.max_rows:
             row = self._waiting.popleft()
             if row.cancelled:
-                row.on_event("error", Cancelled())
+                _tell(row, "error", Cancelled())
                 continue
             self._running.add(row)
             try:
                 options = row.spec.options.for_model(self.model)
             except ValueError as e:  # options this model cannot decode: the row's client hears why
                 self._running.discard(row)
-                row.on_event("error", e)
+                _tell(row, "error", e)
                 continue
             kind = self._rows_kind(options)
             if kind is not None:
@@ -346,11 +355,10 @@ class StepScheduler:
     def _rows_kind(self, options: DecodeOptions) -> Optional[str]:
         """Which RowSlots decodes these options (resolved for the model), or None (a thread of its own). Over the whole canvas of a
         bidirectional model, ancestral sampling (the MDLM default) runs in AncestralRows and topk / random /
-        threshold in ConfidenceRows; AR with its KV cache (the default) in ARRows. Block-wise rules (and
-        every rule of a block-causal model: block by block, with its KV cache) and uncached AR run in a
-        thread each."""
+        threshold in ConfidenceRows; AR, with its KV cache (the default) or without, in ARRows. Block-wise
+        rules (and every rule of a block-causal model: block by block, with its KV cache) run in a thread each."""
         if model_kind(self.model) == "ar":
-            return "ar" if options.kv_cache else None
+            return "ar"
         if block_alignment(self.model) or options.strategy == "blocks":
             return None
         return "ancestral" if options.strategy == "ancestral" else "confidence"
@@ -379,7 +387,7 @@ class StepScheduler:
             n, sampler = spec.max_new_tokens, options.sampler()
             if kind == "ar":
                 stop_id = self.tokenizer.eot_id if options.stop_at_eot else None
-                row.slot = rows.add(prompt_ids, n, sampler, generator, stop_id)
+                row.slot = rows.add(prompt_ids, n, sampler, generator, stop_id, options.kv_cache)
             elif kind == "ancestral":
                 row.slot = rows.add(prompt_ids, n, options.steps or n, NoiseSchedule(options.schedule), sampler, generator)
             else:
@@ -387,7 +395,7 @@ class StepScheduler:
                 row.slot = rows.add(prompt_ids, n, rule, sampler, generator)
         except BaseException as e:  # noqa: BLE001 - the row's client gets the error, the server lives on
             self._running.discard(row)
-            row.on_event("error", e)
+            _tell(row, "error", e)
             return
         row.kind, row.prompt_ids, row.started = kind, prompt_ids, time.perf_counter()
         row.watch = StopWatch(spec.stop, self.tokenizer, options.stop_at_eot)
@@ -402,7 +410,7 @@ class StepScheduler:
         with self._cond:
             self._running.discard(row)
             self._cond.notify_all()
-        row.on_event(kind, payload)
+        _tell(row, kind, payload)
 
     def _rows_calls(self) -> dict[str, list[_Call]]:
         """This step's model calls of every RowSlots (prepare, its wide calls split by width where padding the
@@ -422,28 +430,36 @@ class StepScheduler:
         for kind, calls in calls_of.items():
             rows = self.row_sets[kind]
             stepped, finished = rows.commit([c.result for c in calls])
+            for slot, error in list(rows.failed.items()):  # rows that failed alone leave alone
+                self._leave_rows(self._by_slot[kind, slot], "error", error)
             by_slot = {s: self._by_slot[kind, s] for s in stepped}
             watched = [s for s in stepped if by_slot[s].spec.report_steps or by_slot[s].spec.stop]
             read = sorted(set(watched) | set(finished))
             ids = dict(zip(read, rows.generated(read)))  # one host copy for every row that needs its ids
-            done = set(finished)
             for slot in stepped:
-                row, state = by_slot[slot], rows.rows[slot]
-                if row.cancelled:
-                    continue  # leaves at the top of the next step
-                try:
-                    if slot in ids and row.spec.report_steps:
-                        row.on_event("step", StepInfo([0], [ids[slot]], [state.nfe]))
-                    if slot in ids:
-                        row.watch.check(ids[slot])
-                except _StopReached as hit:
-                    done.add(slot)
-                    ids[slot] = hit.ids
-                if slot in done:
-                    completion = completion_from_ids(row.spec.prompt, row.prompt_ids, ids[slot], row.strategy,
-                                                     state.nfe, state.steps, time.perf_counter() - row.started,
-                                                     self.tokenizer, row.watch.eot_id)
-                    self._leave_rows(row, "done", completion)
+                self._report(by_slot[slot], rows.rows[slot], ids.get(slot), slot in finished)
+
+    def _report(self, row: Row, state, ids: Optional[list[int]], finished: bool) -> None:
+        """After a row's step: its step event, its stop strings, its completion once it is done. Whatever fails
+        here (its client's callback, its text) fails this row alone."""
+        if row.cancelled:
+            return  # leaves at the top of the next step
+        try:
+            try:
+                if ids is not None and row.spec.report_steps:
+                    row.on_event("step", StepInfo([0], [ids], [state.nfe]))
+                if ids is not None:
+                    row.watch.check(ids)
+            except _StopReached as hit:
+                finished, ids = True, hit.ids
+            if finished:
+                completion = completion_from_ids(row.spec.prompt, row.prompt_ids, ids, row.strategy, state.nfe,
+                                                 state.steps, time.perf_counter() - row.started, self.tokenizer,
+                                                 row.watch.eot_id)
+                self._leave_rows(row, "done", completion)
+        except Exception as e:  # noqa: BLE001 - this row's failure is this row's
+            if row.slot is not None and (row.kind, row.slot) in self._by_slot:
+                self._leave_rows(row, "error", e)
 
     def _fail_rows(self, error: BaseException) -> None:
         """Every row of every RowSlots leaves with this error (its client gets it; the server goes on)."""

@@ -11,9 +11,10 @@
 
 Endpoints: POST /v1/completions (OpenAI fields: prompt, max_tokens, temperature, top_p, n, stop, seed,
 stream; diffusion knobs as extra fields: strategy, steps, tokens_per_step, threshold, block_length,
-block_rule, top_k, kv_cache), GET /v1/models, GET /health, GET /metrics (Prometheus text), GET / (the playground).
+block_rule, top_k, kv_cache), GET /v1/models, GET /health, GET /metrics (Prometheus text, prometheus_client),
+GET /openapi.json (the schema: the body is `inference.protocol.CompletionRequest`), GET / (the playground).
 
-The server validates, enqueues and streams; decoding is `inference.api` and batching is
+The server validates (FastAPI against `CompletionRequest`, then what needs the model), enqueues and streams; decoding is `inference.api` and batching is
 `inference.scheduler.StepScheduler` (each step runs the calls of every active row together, KV caches
 included). Every bad request gets a 4xx with an OpenAI-style error body {"error": {"message", "type",
 "param", "code"}} that says what to fix, and the server keeps serving. A full queue answers 429.
@@ -38,33 +39,25 @@ if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, ProcessCollector, \
+    generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.config import knob, parse_cli
 from common.precision import autocast
-from inference.api import (DIFFUSION_STRATEGIES, Completion, DecodeOptions, encode_requests, model_kind)
+from inference.api import DIFFUSION_STRATEGIES, Completion, DecodeOptions, encode_requests, model_kind
+from inference.protocol import DECODING_FIELDS, DEFAULT_MAX_TOKENS, CompletionRequest, error_message
 from inference.scheduler import (Cancelled, QueueFull, RowSpec, ShuttingDown, StepScheduler, measure_call_overhead,
                                  server_options)
 from models.tokenizer import PLACEHOLDER
 
 PAGE = Path(__file__).with_name("playground.html")
 API_KEY_ENV = "DIFFUSIONGPT_API_KEY"
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-MAX_STOP = 4  # OpenAI: up to 4 stop sequences
-
-# body fields: OpenAI's, the diffusion knobs (DecodeOptions fields), and OpenAI fields accepted only at
-# the value that changes nothing (this server has no logprobs, echo, best_of, suffix or penalties)
-OPENAI_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
-                 "stream_options", "user")
-DECODING_FIELDS = ("strategy", "steps", "tokens_per_step", "threshold", "block_length", "block_rule", "top_k",
-                   "kv_cache")
-NO_OP_FIELDS = {"logprobs": (None,), "echo": (False, None), "best_of": (1, None), "suffix": (None,),
-                "frequency_penalty": (0, None), "presence_penalty": (0, None), "logit_bias": (None, {})}
-KNOWN_FIELDS = OPENAI_FIELDS + DECODING_FIELDS + tuple(NO_OP_FIELDS)
-
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -104,94 +97,35 @@ class ParsedRequest:
 
 
 # ----------------------------------------------------------------------------- request parsing
-def parse_body(raw: bytes) -> dict:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"the request body is not UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start}; "
-                         f"send the JSON body encoded as UTF-8") from None
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadRequest(f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                         f"send a JSON object such as {{\"prompt\": \"ROMEO:\", \"max_tokens\": 32}}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"the request body must be a JSON object of field: value, got a JSON {type(body).__name__}")
-    return body
-
-
-def _int(body, name, default, lo=None, hi=None, hint=""):
-    v = body.get(name, default)
-    if v is None:
-        v = default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise BadRequest(f"{name} must be an integer, got {v!r}{hint}", param=name)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise BadRequest(f"{name} must be {bounds}, got {v}{hint}", param=name)
-    return v
-
-
-def parse_completion_request(body: dict, loaded, cfg: ServerConfig) -> ParsedRequest:
-    """Every check of a /v1/completions body, before anything is queued (BadRequest names the fix)."""
-    unknown = sorted(set(body) - set(KNOWN_FIELDS))
-    if unknown:
-        raise BadRequest(f"unknown field(s) {', '.join(map(repr, unknown))}; this server accepts "
-                         f"{', '.join(OPENAI_FIELDS)} and the decoding fields {', '.join(DECODING_FIELDS)}",
-                         param=unknown[0])
-    for name, allowed in NO_OP_FIELDS.items():
-        if name in body and body[name] not in allowed:
-            raise BadRequest(f"{name} is not supported by this server; leave it out", param=name)
-    model_name = body.get("model")
-    if model_name is not None and model_name != cfg.model_id:
-        raise BadRequest(f"model {model_name!r} is not served here; this server serves {cfg.model_id!r} "
+def parse_completion_request(body: CompletionRequest, loaded, cfg: ServerConfig) -> ParsedRequest:
+    """The checks of a validated body that need the model and the server's limits, before anything is queued
+    (BadRequest names the fix): the model's id, n x prompts, the strategy and blocks the model can decode,
+    prompt + max_tokens within its context."""
+    if body.model is not None and body.model != cfg.model_id:
+        raise BadRequest(f"model {body.model!r} is not served here; this server serves {cfg.model_id!r} "
                          f"(GET /v1/models)", param="model", status=404, code="model_not_found")
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-        raise BadRequest("prompts as token ids are not supported; send the prompt as text", param="prompt")
-    else:
-        raise BadRequest("prompt is required: a string or a non-empty list of strings", param="prompt")
-    context = loaded.model.config.block_size
-    max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, lo=1,
-                      hint=f" (the number of tokens to generate; the model's context is {context} tokens)")
-    n = _int(body, "n", 1, lo=1)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    n = 1 if body.n is None else body.n
     if n * len(prompts) > cfg.max_n:
         raise BadRequest(f"n={n} completions for {len(prompts)} prompt(s) = {n * len(prompts)} exceeds this server's "
                          f"limit of {cfg.max_n} per request (--max_n); lower n or split the request", param="n")
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
-        raise BadRequest(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", param="stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest(f"stream must be true or false, got {stream!r}", param="stream")
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
-        raise BadRequest("stream_options must be an object with at most the field include_usage",
-                         param="stream_options")
-    seed = body.get("seed")
-    if seed is None:
-        seed = secrets.randbits(31)  # unseeded requests are random, as with OpenAI
-    knobs = {k: body[k] for k in DECODING_FIELDS + ("temperature", "top_p") if body.get(k) is not None}
-    knobs["seed"] = seed
+    stop = [] if body.stop is None else [body.stop] if isinstance(body.stop, str) else body.stop
+    knobs = {k: getattr(body, k) for k in DECODING_FIELDS + ("temperature", "top_p") if getattr(body, k) is not None}
+    knobs["seed"] = secrets.randbits(31) if body.seed is None else body.seed  # unseeded: random, as with OpenAI
     try:
         options = replace(DecodeOptions(schedule=loaded.schedule), **knobs).for_model(loaded.model)
     except ValueError as e:
         raise BadRequest(f"{e}", param=_param_of(str(e), knobs)) from None
-    except TypeError as e:
-        raise BadRequest(f"{e}") from None
     try:
         encode_requests(loaded.model, loaded.tokenizer, prompts, [max_tokens] * len(prompts))
     except ValueError as e:
         msg = str(e) if len(prompts) > 1 else str(e).replace("prompt 0 ", "the prompt ")
         raise BadRequest(msg.replace("max_new_tokens", "max_tokens"),
                          param="max_tokens" if "new tokens" in msg else "prompt") from None
-    return ParsedRequest(prompts, max_tokens, n, stop, stream, bool(stream_options.get("include_usage")),
-                         server_options(options, loaded.model, body.get("kv_cache")))
+    include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
+    return ParsedRequest(prompts, max_tokens, n, stop, bool(body.stream), include_usage,
+                         server_options(options, loaded.model, body.kv_cache))
 
 
 def _param_of(message: str, knobs: dict) -> Optional[str]:
@@ -219,97 +153,67 @@ def held_back(text: str, stop: list[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- metrics
-class Metrics:
-    """Prometheus text exposition, written by hand (counters, gauges, histograms)."""
+class ServerMetrics:
+    """The server's Prometheus metrics (prometheus_client, one registry per app). Requests, tokens and latency
+    are counted as answers go out; the scheduler's counters are read when /metrics is scraped
+    (`SchedulerCollector`); process_* are prometheus_client's (resident memory, CPU seconds, open files)."""
 
-    def __init__(self):
-        self.requests = {}  # status code -> count
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.latency = Histogram(LATENCY_BUCKETS_S)
+    def __init__(self, scheduler: StepScheduler, model_id: str):
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("diffusiongpt_requests", "HTTP requests answered, by status code", ["code"],
+                                registry=registry)
+        self.prompt_tokens = Counter("diffusiongpt_prompt_tokens", "prompt tokens of finished completions",
+                                     registry=registry)
+        self.completion_tokens = Counter("diffusiongpt_completion_tokens", "generated tokens of finished completions",
+                                         registry=registry)
+        self.latency = Histogram("diffusiongpt_request_latency_seconds", "time from arrival to the last byte of a "
+                                 "completion", buckets=LATENCY_BUCKETS_S, registry=registry)
+        Info("diffusiongpt_model", "the model served", registry=registry).info({"model": model_id})
+        ProcessCollector(registry=registry)
+        registry.register(SchedulerCollector(scheduler))
 
     def count_request(self, status: int) -> None:
-        self.requests[status] = self.requests.get(status, 0) + 1
+        self.requests.labels(code=str(status)).inc()
 
-    def render(self, scheduler: StepScheduler, model_id: str) -> str:
-        out = []
-
-        def metric(name, kind, help_, samples):
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(samples)
-
-        metric("diffusiongpt_requests_total", "counter", "HTTP requests answered, by status code",
-               [f'diffusiongpt_requests_total{{code="{c}"}} {n}' for c, n in sorted(self.requests.items())]
-               or ['diffusiongpt_requests_total{code="200"} 0'])
-        metric("diffusiongpt_prompt_tokens_total", "counter", "prompt tokens of finished completions",
-               [f"diffusiongpt_prompt_tokens_total {self.prompt_tokens}"])
-        metric("diffusiongpt_completion_tokens_total", "counter", "generated tokens of finished completions",
-               [f"diffusiongpt_completion_tokens_total {self.completion_tokens}"])
-        metric("diffusiongpt_model_calls_total", "counter", "merged model calls (scheduler steps)",
-               [f"diffusiongpt_model_calls_total {scheduler.calls}"])
-        metric("diffusiongpt_row_calls_total", "counter", "rows run over all model calls",
-               [f"diffusiongpt_row_calls_total {scheduler.row_calls}"])
-        metric("diffusiongpt_cached_row_calls_total", "counter", "rows run with their KV cache (past keys/values)",
-               [f"diffusiongpt_cached_row_calls_total {scheduler.cached_row_calls}"])
-        metric("diffusiongpt_mixed_past_calls_total", "counter",
-               "merged model calls whose rows had past keys/values of different lengths",
-               [f"diffusiongpt_mixed_past_calls_total {scheduler.mixed_past_calls}"])
-        metric("diffusiongpt_model_seconds_total", "counter", "time spent in model calls",
-               [f"diffusiongpt_model_seconds_total {scheduler.forward_s:.6f}"])
-        rows = Histogram(ROWS_BUCKETS)
-        for n_rows, count in list(scheduler.rows_per_call.items()):
-            rows.observe(n_rows, count)
-        metric("diffusiongpt_batch_rows", "histogram", "rows per model call (the batch size of each step)",
-               rows.samples("diffusiongpt_batch_rows"))
-        metric("diffusiongpt_queue_depth", "gauge", "rows waiting for a slot", [f"diffusiongpt_queue_depth {scheduler.queued}"])
-        metric("diffusiongpt_active_rows", "gauge", "rows being decoded", [f"diffusiongpt_active_rows {scheduler.active}"])
-        metric("diffusiongpt_call_overhead_tokens", "gauge", "what a separate model call costs, in row-columns "
-               "(measured at startup unless given)",
-               [f"diffusiongpt_call_overhead_tokens {scheduler.call_overhead_tokens:.6g}"])
-        metric("diffusiongpt_max_rows", "gauge", "rows per model call at most (--max_rows)",
-               [f"diffusiongpt_max_rows {scheduler.max_rows}"])
-        metric("diffusiongpt_request_latency_seconds", "histogram", "time from arrival to the last byte of a completion",
-               self.latency.samples("diffusiongpt_request_latency_seconds"))
-        metric("process_resident_memory_bytes", "gauge", "resident memory of the server process",
-               [f"process_resident_memory_bytes {resident_memory_bytes()}"])
-        out.append(f'diffusiongpt_model_info{{model="{model_id}"}} 1')
-        return "\n".join(out) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
-class Histogram:
-    def __init__(self, buckets):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.total = 0
-        self.sum = 0.0
+class SchedulerCollector:
+    """The scheduler's own counters and gauges, read at scrape time."""
 
-    def observe(self, value: float, count: int = 1) -> None:
-        for i, b in enumerate(self.buckets):
-            if value <= b:
-                self.counts[i] += count
-        self.total += count
-        self.sum += value * count
+    def __init__(self, scheduler: StepScheduler):
+        self.scheduler = scheduler
 
-    def samples(self, name: str) -> list[str]:
-        lines = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        return lines + [f'{name}_bucket{{le="+Inf"}} {self.total}', f"{name}_sum {self.sum:.6f}",
-                        f"{name}_count {self.total}"]
-
-
-def resident_memory_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    def collect(self):
+        s = self.scheduler
+        for name, help_, value in [
+                ("diffusiongpt_model_calls", "model calls (a step runs one or a few)", s.calls),
+                ("diffusiongpt_row_calls", "rows run over all model calls", s.row_calls),
+                ("diffusiongpt_cached_row_calls", "rows run with their KV cache (past keys/values)", s.cached_row_calls),
+                ("diffusiongpt_mixed_past_calls", "model calls whose rows had past keys/values of different lengths",
+                 s.mixed_past_calls),
+                ("diffusiongpt_model_seconds", "time spent in model calls", s.forward_s)]:
+            yield CounterMetricFamily(name, help_, value=value)
+        counts = dict(s.rows_per_call)
+        buckets = [(str(b), sum(c for n, c in counts.items() if n <= b)) for b in ROWS_BUCKETS]
+        yield HistogramMetricFamily("diffusiongpt_batch_rows", "rows per model call (the batch size of each step)",
+                                    buckets=buckets + [("+Inf", sum(counts.values()))],
+                                    sum_value=sum(n * c for n, c in counts.items()))
+        for name, help_, value in [
+                ("diffusiongpt_queue_depth", "rows waiting for a slot", s.queued),
+                ("diffusiongpt_active_rows", "rows being decoded", s.active),
+                ("diffusiongpt_call_overhead_tokens", "what a separate model call costs, in row-columns (measured at "
+                 "startup unless given)", s.call_overhead_tokens),
+                ("diffusiongpt_max_rows", "rows per model call at most (--max_rows)", s.max_rows)]:
+            yield GaugeMetricFamily(name, help_, value=value)
 
 
 # ----------------------------------------------------------------------------- the app
 def build_app(loaded, scheduler: StepScheduler, cfg: ServerConfig):
     tokenizer, model = loaded.tokenizer, loaded.model
     kind = model_kind(model)
-    metrics = Metrics()
+    metrics = ServerMetrics(scheduler, cfg.model_id)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -317,7 +221,9 @@ def build_app(loaded, scheduler: StepScheduler, cfg: ServerConfig):
         yield
         await asyncio.get_running_loop().run_in_executor(None, scheduler.stop, min(cfg.grace_s, 2.0))
 
-    app = FastAPI(title="diffusionGPT", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="diffusionGPT", summary="OpenAI-compatible completions by diffusion (or AR) decoding",
+                  lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  strict_content_type=False)  # a body without a Content-Type header is read as JSON too
     app.state.metrics, app.state.scheduler = metrics, scheduler
 
     def error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
@@ -327,14 +233,19 @@ def build_app(loaded, scheduler: StepScheduler, cfg: ServerConfig):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI could not read the body as text
+            e = exc.__cause__
+            return error(400, f"the request body is not UTF-8: byte 0x{e.object[e.start]:02x} at offset {e.start}; "
+                              f"send the JSON body encoded as UTF-8")
         hint = {404: f"{request.url.path} does not exist; the endpoints are POST /v1/completions, GET /v1/models, "
-                     f"GET /health, GET /metrics and GET / (the playground)",
+                     f"GET /health, GET /metrics, GET /openapi.json and GET / (the playground)",
                 405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
         return error(exc.status_code, hint, code="not_found" if exc.status_code == 404 else None)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc):
-        return error(400, f"bad request: {exc.errors()}")
+    async def validation_error(request, exc: RequestValidationError):
+        message, param = error_message(exc.errors(), exc.body)
+        return error(400, message, param=param)
 
     @app.exception_handler(BadRequest)
     async def bad_request(request, exc: BadRequest):
@@ -350,7 +261,7 @@ def build_app(loaded, scheduler: StepScheduler, cfg: ServerConfig):
 
     @app.get("/metrics")
     async def get_metrics():
-        return PlainTextResponse(metrics.render(scheduler, cfg.model_id), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def model_card() -> dict:
         strategies = ["ar"] if kind == "ar" else list(DIFFUSION_STRATEGIES)
@@ -371,9 +282,9 @@ def build_app(loaded, scheduler: StepScheduler, cfg: ServerConfig):
         return model_card()
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def completions(body: CompletionRequest, request: Request):
         t0 = time.perf_counter()
-        req = parse_completion_request(parse_body(await request.body()), loaded, cfg)
+        req = parse_completion_request(body, loaded, cfg)
         specs = row_specs(req)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -434,7 +345,7 @@ class AuthAndCount:
 
     OPEN_PATHS = ("/", "/health")
 
-    def __init__(self, app, api_key: Optional[str], metrics: Metrics):
+    def __init__(self, app, api_key: Optional[str], metrics: ServerMetrics):
         self.app, self.api_key, self.metrics = app, api_key, metrics
 
     async def __call__(self, scope, receive, send):
@@ -481,9 +392,10 @@ class CompletionStream:
                 "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": None, **choice}]}
 
     def handle(self, i: int, kind: str, payload) -> list[dict]:
-        if kind == "error":
+        if kind == "error":  # streamed: the choice ends here, saying how; the error event follows at the end
             self.errors[i] = payload
-            return []
+            reason = "cancelled" if isinstance(payload, Cancelled) else "error"
+            return [self._chunk({"index": i, "finish_reason": reason})] if self.req.stream else []
         if kind == "done":
             self.done[i] = payload
             return [self._chunk(self.final_choice(i, streaming=True))] if self.req.stream else []
@@ -544,10 +456,10 @@ class CompletionStream:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_id,
                 "choices": [self.final_choice(i) for i in range(len(self.specs))], "usage": self.usage()}
 
-    def account(self, metrics: Metrics, elapsed_s: float) -> None:
+    def account(self, metrics: ServerMetrics, elapsed_s: float) -> None:
         u = self.usage()
-        metrics.prompt_tokens += u["prompt_tokens"]
-        metrics.completion_tokens += u["completion_tokens"]
+        metrics.prompt_tokens.inc(u["prompt_tokens"])
+        metrics.completion_tokens.inc(u["completion_tokens"])
         metrics.latency.observe(elapsed_s)
 
 
@@ -563,6 +475,25 @@ def prepare_model(loaded, dtype: str):
     if device.type != "cuda" and dtype in ("bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype} needs a GPU; on CPU use float32 (or float64)")
     return lambda: autocast(device, dtype)
+
+
+ANSWER_MARGIN_S = 5.0  # after --grace_s, time for the cancelled rows to leave at their step and be answered
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server whose shutdown (SIGTERM, Ctrl-C) first drains the scheduler: the running rows get
+    grace_s to finish, the rest are cancelled at their next step and their requests answered (503, or a
+    stream's last choice with finish_reason "cancelled" and an error event), all before uvicorn's own wait
+    for open connections (grace_s + ANSWER_MARGIN_S) would cut them mid-answer."""
+
+    def __init__(self, config: uvicorn.Config, scheduler: StepScheduler, grace_s: float):
+        super().__init__(config)
+        self.scheduler, self.grace_s = scheduler, grace_s
+
+    async def shutdown(self, sockets=None) -> None:
+        drained = asyncio.get_running_loop().run_in_executor(None, self.scheduler.stop, self.grace_s)
+        await super().shutdown(sockets)  # stops accepting, then waits for the answers to go out
+        await drained
 
 
 def default_model_id(ckpt: Optional[str], init_from: Optional[str]) -> str:
@@ -614,8 +545,6 @@ def parse_args(argv=None) -> ServeCommand:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import uvicorn
-
     from inference.loading import load_model
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -640,8 +569,9 @@ def main(argv=None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print(f"warning: serving on {args.host} without an API key: anyone who reaches this port can use the "
               f"model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=max(1, int(args.grace_s))))
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=args.grace_s + ANSWER_MARGIN_S),
+                            scheduler, args.grace_s)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that exit 0
     signal.signal(signal.SIGTERM, lambda *_: None)
     print(f"serving {cfg.model_id} ({loaded.objective}, {model_kind(loaded.model)}) on http://{args.host}:{args.port}/ "

@@ -146,7 +146,7 @@ def test_ancestral_rows_at_different_steps_each_decode_what_they_decode_alone():
     rows = AncestralRows(model, TOK.mask_id, TOK.vocab_size, capacity=3, width=64)
     waiting, slot_case, got, most_calls, step = list(enumerate(cases)), {}, {}, 0, 0
     while waiting or rows.active:
-        while waiting and rows.has_room and step >= 3 * waiting[0][0]:  # case k joins at step 3k (or later)
+        while waiting and rows.active < 3 and step >= 3 * waiting[0][0]:  # case k joins at step 3k (or later)
             k, (prompt, n, steps, knobs, schedule) = waiting.pop(0)
             slot = rows.add(TOK.encode(prompt), n, steps, NoiseSchedule(schedule), Sampler(**knobs),
                             torch.Generator().manual_seed(k))
@@ -176,7 +176,7 @@ def test_ar_rows_of_different_lengths_each_decode_what_they_decode_alone():
     rows = ARRows(model, TOK.vocab_size, capacity=3, width=64)
     waiting, slot_case, got, step, mixed = list(enumerate(cases)), {}, {}, 0, False
     while waiting or rows.active:
-        while waiting and rows.has_room and step >= 3 * waiting[0][0]:  # case k joins at step 3k (or later)
+        while waiting and rows.active < 3 and step >= 3 * waiting[0][0]:  # case k joins at step 3k (or later)
             k, (prompt, n, knobs) = waiting.pop(0)
             slot_case[rows.add(TOK.encode(prompt), n, Sampler(**knobs), torch.Generator().manual_seed(k),
                                stop_id=TOK.eot_id)] = k

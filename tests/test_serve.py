@@ -21,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+import hypothesis
+import hypothesis.strategies as st
 import openai
 import pytest
 import torch
@@ -339,6 +341,30 @@ def test_a_failing_model_call_fails_its_rows_and_the_scheduler_goes_on():
     assert scheduler.active == 0
 
 
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_a_row_whose_model_output_is_not_finite_fails_alone(attention):
+    """A prompt whose characters make the model's output NaN (here one embedding row is NaN: a corrupted
+    checkpoint, or an overflow) fails its own request, saying so; the rows decoded in the same model calls
+    finish with exactly what they decode alone."""
+    model = tiny(attention)
+    with torch.no_grad():  # untie the output layer first: only this character's embedding is broken
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
+        model.transformer.wte.weight[TOK.encode("z")[0]] = float("nan")
+    options = server_options(DecodeOptions(temperature=0, seed=0).for_model(model), model)  # the default rule
+    # greedy rows that never write a "z", and a sampled row with one in its prompt (its NaN probabilities
+    # are sampled beside the greedy rows' in the same step)
+    specs = [RowSpec("the cat", 12, options), RowSpec("xyz", 12, replace(options, temperature=0.9, top_k=20)),
+             RowSpec("why not", 12, options)]
+    with pytest.raises(FloatingPointError, match="not a finite number"):
+        generate_with_stats(model, TOK, [specs[1].prompt], 12, options=specs[1].options)
+    alone = [generate_with_stats(model, TOK, [specs[i].prompt], 12, options=specs[i].options)[0] for i in (0, 2)]
+    got, scheduler = decode_together(model, specs, max_rows=3)
+    assert isinstance(got[1], FloatingPointError) and "not a finite number" in str(got[1])
+    assert [getattr(got[i], "token_ids", got[i]) for i in (0, 2)] == [a.token_ids for a in alone]
+    assert scheduler.rows_per_call[3] > 0  # the failing row shared its calls with the others
+    assert scheduler.active == 0
+
+
 def test_partition_by_width_pays_padding_only_where_it_is_cheaper_than_a_call():
     from inference.scheduler import _Call, partition_by_width
 
@@ -507,6 +533,17 @@ BAD_REQUESTS = {
     "char_not_in_vocabulary": ({"prompt": "ROMEO"}, 400, "not in the char vocabulary"),
     "unsupported_logprobs": ({"prompt": "a", "logprobs": 3}, 400, "logprobs is not supported"),
     "unknown_model": ({"prompt": "a", "model": "gpt-4"}, 404, "this server serves 'mdlm'"),
+    # numbers: finite (Python's JSON and curl send NaN / Infinity), OpenAI's ranges, integers a tensor holds
+    "temperature_nan": ({"prompt": "a", "temperature": float("nan")}, 400, "temperature must be a finite number"),
+    "temperature_infinite": ({"prompt": "a", "temperature": float("inf")}, 400, "temperature must be a finite number"),
+    "temperature_above_2": ({"prompt": "a", "temperature": 2.5}, 400, "temperature must be >= 0 and <= 2"),
+    "top_p_nan": ({"prompt": "a", "top_p": float("nan")}, 400, "top_p must be a finite number in (0, 1]"),
+    "threshold_nan": ({"prompt": "a", "strategy": "threshold", "threshold": float("nan")}, 400,
+                      "threshold must be a finite number in [0, 1]"),
+    "integer_as_a_string": ({"prompt": "a", "max_tokens": "3"}, 400, "max_tokens must be >= 1, an integer"),
+    "seed_past_64_bits": ({"prompt": "a", "seed": 2 ** 70}, 400, "seed must be a 64-bit signed integer"),
+    "steps_past_bound": ({"prompt": "a", "steps": 10 ** 30}, 400, "steps must be between 1 and 65536"),
+    "top_k_past_64_bits": ({"prompt": "a", "top_k": 2 ** 64}, 400, "top_k must be between 1 and"),
 }
 
 
@@ -523,10 +560,105 @@ def test_bad_request_gets_an_openai_error_and_the_server_still_serves(mdlm_serve
     assert ok.status_code == 200 and len(ok.json()["choices"][0]["text"]) <= 3
 
 
+def test_a_body_sent_as_a_form_is_refused_saying_to_send_json(mdlm_server):
+    """curl -d sends Content-Type application/x-www-form-urlencoded: the answer says which header to send.
+    A body without a Content-Type is read as JSON."""
+    body = json.dumps({"prompt": "a", "max_tokens": 3}).encode()
+    r = httpx.post(mdlm_server.url + "/v1/completions", content=body, timeout=30,
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
+    assert httpx.post(mdlm_server.url + "/v1/completions", content=body, timeout=30).status_code == 200
+
+
+def test_openapi_schema_describes_the_completion_body(mdlm_server):
+    """GET /openapi.json: the body of POST /v1/completions is the model the server validates with (unknown
+    fields refused, OpenAI's ranges, the strategies), so generated clients and fuzzers see the real API."""
+    spec = httpx.get(mdlm_server.url + "/openapi.json", timeout=30).json()
+    ref = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    body = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert body["additionalProperties"] is False and body["required"] == ["prompt"]
+    fields = body["properties"]
+    temperature = next(t for t in fields["temperature"]["anyOf"] if t.get("type") == "number")
+    assert (temperature["minimum"], temperature["maximum"]) == (0, 2)
+    strategies = next(t for t in fields["strategy"]["anyOf"] if "enum" in t)["enum"]
+    assert strategies == ["ancestral", "topk", "random", "threshold", "blocks", "ar"]
+    assert {"prompt", "max_tokens", "seed", "stream", "steps", "block_length", "kv_cache"} <= set(fields)
+
+
+def test_metrics_are_prometheus_text_with_the_process_metrics(mdlm_server):
+    from prometheus_client.parser import text_string_to_metric_families
+    mdlm_server.client().completions.create(model="mdlm", prompt="a", max_tokens=3)
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(mdlm_server.url + "/metrics").text)}
+    kinds = {name: families[name].type for name in ("diffusiongpt_requests", "diffusiongpt_model_calls",
+                                                     "diffusiongpt_batch_rows", "diffusiongpt_active_rows",
+                                                     "diffusiongpt_request_latency_seconds", "process_cpu_seconds")}
+    assert kinds == {"diffusiongpt_requests": "counter", "diffusiongpt_model_calls": "counter",
+                     "diffusiongpt_batch_rows": "histogram", "diffusiongpt_active_rows": "gauge",
+                     "diffusiongpt_request_latency_seconds": "histogram", "process_cpu_seconds": "counter"}
+    assert any(s.labels == {"code": "200"} and s.value >= 1 for s in families["diffusiongpt_requests"].samples)
+
+
 def test_openai_client_raises_on_a_bad_request(mdlm_server):
     with pytest.raises(openai.BadRequestError, match="lower max_tokens"):
         mdlm_server.client().completions.create(model="mdlm", prompt="abc", max_tokens=100)
     assert httpx.get(mdlm_server.url + "/nowhere").json()["error"]["code"] == "not_found"
+
+
+FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
+          "strategy", "steps", "tokens_per_step", "threshold", "block_length", "block_rule", "top_k", "kv_cache",
+          "logprobs", "echo", "best_of", "temprature"]
+EDGES = st.sampled_from([float("nan"), float("inf"), -float("inf"), 2 ** 63, 2 ** 64, -2 ** 63 - 1, 10 ** 30, 1e300,
+                         -1, 0, 0.0, -0.0, 2.0000001, 1e-300, True, None, "", "1", [], {}, [1, "a"], "\u00e9\x00"])
+DECODABLE = st.fixed_dictionaries(  # bodies that decode (a few tokens: fast), each field of a valid type
+    {"prompt": st.text(alphabet="abc xyz", max_size=10), "max_tokens": st.integers(1, 12)},
+    optional={"temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "seed": st.integers(-2 ** 63, 2 ** 63 - 1),
+              "n": st.integers(1, 3), "stop": st.sampled_from(["a", ["b", " "]]), "stream": st.booleans(),
+              "strategy": st.sampled_from(["ancestral", "topk", "random", "threshold", "blocks"]),
+              "steps": st.integers(1, 20), "threshold": st.floats(0, 1), "block_length": st.integers(1, 16),
+              "block_rule": st.sampled_from(["topk", "random", "threshold"]), "top_k": st.integers(1, 40)})
+NUMERIC_FIELDS = ["max_tokens", "temperature", "top_p", "n", "seed", "steps", "tokens_per_step", "threshold",
+                  "block_length", "top_k"]
+FUZZED_BODY = st.one_of(
+    st.builds(lambda body, edits: json.dumps({**body, **edits}).encode(),  # decodable but for a number or two
+              DECODABLE, st.dictionaries(st.sampled_from(NUMERIC_FIELDS), EDGES, min_size=1, max_size=2)),
+    st.builds(lambda body, edits: json.dumps({**body, **edits}).encode(),  # ... or any field or two
+              DECODABLE, st.dictionaries(st.sampled_from(FIELDS), EDGES, max_size=2)),
+    st.dictionaries(st.sampled_from(FIELDS), EDGES, max_size=5).map(lambda d: json.dumps(d).encode()),
+    st.binary(max_size=24),  # not JSON, not UTF-8
+    EDGES.map(lambda v: json.dumps(v).encode()))  # not an object
+GOOD_REQUESTS = [dict(prompt="the cat", max_tokens=12, temperature=0, extra_body={"strategy": "topk", "steps": 6}),
+                 dict(prompt="hello", max_tokens=10, temperature=0.9, seed=11),  # ancestral, sampled
+                 dict(prompt="xyz", max_tokens=16, temperature=0.7, seed=5,
+                      extra_body={"strategy": "blocks", "block_length": 8, "block_rule": "random"})]
+
+
+def test_fuzzed_bodies_get_4xx_and_never_disturb_the_requests_decoding_beside_them(mdlm_server):
+    """Random and malformed bodies (hypothesis: a fixed, bounded set of examples) sent at once with good
+    requests: each fuzzed body is answered 200 or 4xx with an OpenAI error, never 5xx, and each good request
+    is answered exactly as when it was sent alone."""
+    client = mdlm_server.client()
+    alone = [client.completions.create(model="mdlm", **r).choices[0].text for r in GOOD_REQUESTS]
+    sent = [0]
+
+    @hypothesis.settings(max_examples=30, deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.lists(FUZZED_BODY, min_size=1, max_size=4))
+    @hypothesis.example([json.dumps({"prompt": "a", "max_tokens": 8, "temperature": v}).encode()
+                         for v in (float("nan"), float("inf"))] + [b'{"prompt": "a", "seed": 1180591620717411303424}'])
+    def fuzzed_beside_a_good_request(bodies):
+        k = sent[0] % len(GOOD_REQUESTS)
+        sent[0] += 1
+        with ThreadPoolExecutor(len(bodies) + 1) as pool:
+            good = pool.submit(client.completions.create, model="mdlm", **GOOD_REQUESTS[k])
+            answers = list(pool.map(lambda b: httpx.post(mdlm_server.url + "/v1/completions", content=b, timeout=30,
+                                                         headers={"Content-Type": "application/json"}), bodies))
+            assert good.result().choices[0].text == alone[k]
+        for body, r in zip(bodies, answers):
+            assert r.status_code < 500, (body, r.status_code, r.text)
+            if r.status_code >= 400:
+                assert r.json()["error"]["message"], (body, r.text)
+    fuzzed_beside_a_good_request()
+    assert sent[0] >= 30
 
 
 # ----------------------------------------------------------------------------- load and lifecycle
@@ -632,6 +764,45 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(model_dirs):
         assert server.proc.wait(timeout=20) == 0, server.output()
         with pytest.raises(httpx.ConnectError):
             httpx.get(server.url + "/health", timeout=2)
+    finally:
+        server.stop()
+
+
+def test_sigterm_past_the_grace_period_answers_each_request_with_an_error_it_can_read(model_dirs):
+    """Requests still decoding when --grace_s runs out are cancelled and answered, not cut: a streamed one
+    ends its choice with finish_reason "cancelled" and then an error event (the official client raises an
+    APIError naming the shutdown), a non-streamed one gets a 503 saying so. No traceback, exit 0."""
+    server = Server(model_dirs["mdlm"], "--step_delay_s", "0.05", "--grace_s", "1")
+    try:
+        client = server.client()
+        kw = dict(model="mdlm", prompt="a", max_tokens=60, extra_body={"strategy": "topk", "tokens_per_step": 1})
+
+        def streamed():  # 60 steps of >= 50 ms: 3 s if nobody stopped it
+            chunks = []
+            try:
+                for chunk in client.completions.create(stream=True, **kw):
+                    chunks.append(chunk)
+            except openai.APIError as e:
+                return chunks, e
+            return chunks, None
+        with ThreadPoolExecutor(4) as pool:
+            streams = [pool.submit(streamed) for _ in range(2)]
+            plain = [pool.submit(client.completions.create, **kw) for _ in range(2)]
+            deadline = time.monotonic() + 30
+            while server.metric("diffusiongpt_active_rows") < 4:
+                assert not any(f.done() for f in streams + plain), "a request ended before all four were decoding"
+                assert time.monotonic() < deadline, "the requests never started decoding"
+                time.sleep(0.02)
+            server.proc.send_signal(signal.SIGTERM)
+            for f in streams:
+                chunks, error = f.result(timeout=30)
+                assert isinstance(error, openai.APIError) and "shutting down" in str(error), error
+                assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "cancelled"
+            for f in plain:
+                with pytest.raises(openai.InternalServerError, match="shutting down"):  # 503
+                    f.result(timeout=30)
+        assert server.proc.wait(timeout=30) == 0, server.output()
+        assert "Traceback" not in server.output(), server.output()
     finally:
         server.stop()
 
