@@ -232,6 +232,10 @@ def _check_reproducible_gpt2(name, hc, hf) -> None:
 
 
 class GPT(nn.Module):
+    # the ancestral steps these weights were distilled to sample in (models/distillation.py); set by
+    # models.weights.load_consolidated from an export that records it, None for every other model
+    distilled_steps: Optional[int] = None
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
