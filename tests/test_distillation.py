@@ -274,7 +274,7 @@ def distill_runs(tiny_data, teacher_export, tmp_path_factory) -> dict:  # noqa: 
     shutil.copytree(one / "ckpt" / "step_000006", resumed / "ckpt" / "step_000006")
     (resumed / "ckpt" / "latest").write_text("step_000006")
     shutil.copytree(one / "rounds", resumed / "rounds")  # round 1's student: round 2's teacher
-    proc = python_run(*common, f"--out_dir={resumed}", "--resume")
+    proc = python_run(*common, f"--out_dir={resumed}", "--resume", "--gradient_accumulation_steps=2")
     check_finished(proc, resumed)
     return {"two": two, "one": one, "resumed": resumed, "resumed_log": proc.stdout + proc.stderr}
 
