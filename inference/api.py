@@ -12,7 +12,8 @@ Decoding options are one dataclass, `DecodeOptions` (the CLI's defaults; checked
 against the model by `for_model`); each strategy is one entry of `DECODERS`.
 
 Strategies (see inference/diffusion_decoding.py and inference/ar_decoding.py for the maths):
-  ancestral  MDLM ancestral sampling, `steps` time steps (default: the generation length L)
+  ancestral  MDLM ancestral sampling, `steps` time steps (default: the generation length L, or for a
+             distilled model the steps it was distilled for)
   topk       commit the k most confident per step: `tokens_per_step`=k, or `steps` (default k = 1)
   random     commit k randomly chosen masked positions per step (LLaDA random remasking); k = 1 is
              exact sampling from the model, the one-token-per-step baseline
@@ -59,7 +60,8 @@ class DecodeOptions:
     """
 
     strategy: Optional[str] = None  # one of STRATEGIES; None = "ar" for AR models, "ancestral" otherwise
-    steps: Optional[int] = None  # ancestral: time steps (default L); topk/random: spread L over them;
+    steps: Optional[int] = None  # ancestral: time steps (default L, or what a distilled model was distilled for);
+    #                              topk/random: spread L over them;
     #                              threshold: cap on calls; blocks: steps over all blocks
     tokens_per_step: Optional[int] = None  # topk / random / blocks: commit k per step (default 1 unless steps)
     threshold: float = 0.9  # threshold rule: confidence tau in [0, 1]
@@ -108,7 +110,8 @@ class DecodeOptions:
     def for_model(self, model) -> "DecodeOptions":
         """These options for `model`: the strategy must suit it (diffusion rules for diffusion models,
         'ar' for AR ones), the default strategy and block length are filled in, and a block-causal
-        model's decoding blocks must be a multiple of its own."""
+        model's decoding blocks must be a multiple of its own. A distilled model (models.weights: its export
+        records `distillation`) decodes ancestrally in the steps it was distilled for unless steps are given."""
         strategy = self.strategy or ("ar" if model_kind(model) == "ar" else "ancestral")
         check_strategy(model, strategy)
         block_length = self.block_length
@@ -119,7 +122,10 @@ class DecodeOptions:
             if align and block_length % align:
                 raise ValueError(f"this block-causal model was trained with blocks of {align}; decoding blocks "
                                  f"must be a multiple of it (got block_length={block_length})")
-        return replace(self, strategy=strategy, block_length=block_length)
+        steps = self.steps
+        if strategy == "ancestral" and steps is None and self.tokens_per_step is None:
+            steps = getattr(model, "distilled_steps", None)
+        return replace(self, strategy=strategy, block_length=block_length, steps=steps)
 
     def sampler(self) -> Sampler:
         return Sampler(self.temperature, self.top_k, self.top_p)

@@ -87,7 +87,8 @@ class SampleConfig:
     # decoding (inference/api.py DecodeOptions)
     strategy: Optional[str] = knob(DEFAULTS.strategy, "decoding rule (none: ancestral for diffusion models, ar "
                                                        "for AR models)", choices=STRATEGIES)
-    steps: Optional[int] = knob(DEFAULTS.steps, "ancestral: time steps (none: L = max_new_tokens); topk: steps to "
+    steps: Optional[int] = knob(DEFAULTS.steps, "ancestral: time steps (none: L = max_new_tokens, or the steps a "
+                                                 "distilled model was distilled for); topk: steps to "
                                                  "spread the L tokens over; threshold: cap on calls; blocks: steps "
                                                  "over all blocks (none: one token per step)")
     tokens_per_step: Optional[int] = knob(DEFAULTS.tokens_per_step, "topk / random / blocks(topk): commit this "

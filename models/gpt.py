@@ -263,6 +263,10 @@ def _load_hf_gpt2(model_class, name_or_dir):
 
 
 class GPT(nn.Module):
+    # the ancestral steps these weights were distilled to sample in (models/distillation.py); set by
+    # models.weights.load_consolidated from an export that records it, None for every other model
+    distilled_steps: Optional[int] = None
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config

@@ -3,7 +3,8 @@
 A model directory holds
     model.safetensors   the GPT state dict (fp32; lm_head.weight omitted: it is tied to wte)
     config.json         {"format": "diffusiongpt", "model": GPTConfig, "objective": ObjectiveConfig,
-                         "tokenizer": tokenizer meta (name + what rebuilds it), "mask_id", "eot_id", ...}
+                         "tokenizer": tokenizer meta (name + what rebuilds it), "mask_id", "eot_id", ...,
+                         "distillation" for a distilled student: its teacher and the steps it samples in}
 Both files are written to temporary names and renamed, so a crash never leaves a half-written model.
 """
 from __future__ import annotations
@@ -87,4 +88,5 @@ def load_consolidated(model_dir, device="cpu", **config_overrides) -> tuple[GPT,
     if missing or unexpected:
         raise ValueError(f"{model_dir}: weights do not match config.json (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
+    model.distilled_steps = (info.get("distillation") or {}).get("steps")  # decoding's default step count
     return model.to(device).eval(), info

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from common.config import help_text, load
 from models.diffusion import ObjectiveConfig
 from models.gpt import GPTConfig
+from training.distillation import check_config as check_distillation_config
 
 
 ENGINES = ("deepspeed", "fsdp")
@@ -47,6 +48,11 @@ class TrainConfig:
     tokenizer: str = field(default="", metadata={"help": "expected tokenizer of the data ('' = whatever the data was prepared with)"})
     init_from: str = field(default="", metadata={"help": "start from these weights (training/init_from.py): a run's out_dir, its export/, a ckpt/step_N dir, gpt2 | gpt2-medium | ... or a Hugging Face GPT-2 dir; the shape comes from it, the optimizer starts fresh ('' = random init)"})
     anneal_attention_iters: int = field(default=0, metadata={"help": "attention annealing (DiffuGPT, diffusion objectives): over the first N steps each query sees each later key with probability step/N, from causal to the model's own mask (0 = off)"})
+    # distillation through time (training/distillation.py): a student that samples in fewer steps than its teacher
+    distill_from: str = field(default="", metadata={"help": "distil this mdlm teacher (an export, a run's out_dir or a ckpt/step_N dir) into a student that samples in distill_steps ancestral steps; the student starts from the teacher's weights ('' = ordinary training)"})
+    distill_steps: int = field(default=0, metadata={"help": "the steps the final student samples in (required with distill_from)"})
+    distill_rounds: int = field(default=0, metadata={"help": "rounds, each halving the steps; the first teacher samples in distill_steps * 2^rounds steps; max_iters is split evenly over them (0 = from the teacher: one token per step of model.block_size, or the steps it was distilled for)"})
+    distill_divergence: str = field(default="kl", metadata={"help": "kl (KL(teacher || student)) | reverse_kl | tvd | mse (of log-probabilities)"})
     verify_data: bool = field(default=False, metadata={"help": "check the data's sha256 and every token id against meta.json before training (a full read)"})
     # batch: stated here or in the DeepSpeed JSON, not both (ds_config.py)
     batch_size: int = field(default=32, metadata={"help": "micro batch per rank (DeepSpeed train_micro_batch_size_per_gpu)"})
@@ -108,6 +114,7 @@ class TrainConfig:
         if self.model.shift and self.objective.name == "ar":
             raise ValueError("model.shift is for diffusion objectives (an AR model always predicts the next token): "
                              "drop --model.shift or pick --objective=mdlm|bd3lm")
+        check_distillation_config(self)
         allowed = self.objective.required_attention()
         if self.model.attention not in allowed:
             raise ValueError(

@@ -29,6 +29,7 @@ import torch
 from common.config import parse_cli
 from common.disk import free_bytes, human, is_disk_full
 from training import checkpoint as ckpt
+from training.distillation import distillation_record
 
 MODULE_PREFIX = "gpt."  # the engine wraps GPT in TrainingModule (training/engine.py)
 
@@ -123,6 +124,9 @@ def checkpoint_weights(ckpt_path) -> tuple[dict[str, torch.Tensor], dict]:
         "train_config": train_config,
         "source_checkpoint": str(tag_dir),
     }
+    record = distillation_record(train_config, info["step"])  # a distilled student: its teacher and steps
+    if record is not None:
+        info["distillation"] = record
     return consolidated_state_dict(tag_dir), info
 
 

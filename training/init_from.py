@@ -39,12 +39,13 @@ class InitSource:
     state: dict = field(repr=False, default_factory=dict)
     step: Optional[int] = None
     notes: list = field(default_factory=list)  # for the run's log (adopt_source_shape)
+    distillation: Optional[dict] = None  # what a distilled model was distilled for (training/distillation.py)
 
     @classmethod
     def ours(cls, path: str, kind: str, state: dict, info: dict) -> "InitSource":
         """From our weights and the info an export records (models/weights.py, training/export.py)."""
         return cls(path, kind, GPTConfig.from_dict(info["model"]), (info.get("objective") or {}).get("name", "mdlm"),
-                   info.get("tokenizer"), state, info.get("step"))
+                   info.get("tokenizer"), state, info.get("step"), distillation=info.get("distillation"))
 
     def describe(self) -> str:
         m = self.model

@@ -50,8 +50,9 @@ from training import checkpoint as ckpt  # noqa: E402
 from training.checkpointer import Checkpointer, ResumePoint  # noqa: E402
 from training.config import config_help, load_config  # noqa: E402
 from training.data import CorruptData, TokenDataset, check_compatible, load_meta, verify_dataset  # noqa: E402
+from training.distillation import check_distillation, training_module  # noqa: E402
 from training.ds_config import load_ds_json, resolve, zero_stage  # noqa: E402
-from training.engine import TrainingModule, compile_blocks, init_process_group, make_engine  # noqa: E402
+from training.engine import compile_blocks, init_process_group, make_engine  # noqa: E402
 from training.fsdp_engine import CONFIG_FILE as FSDP_CONFIG_FILE, resolve_fsdp  # noqa: E402
 from training.hostfile import launch_info, single_node_warning  # noqa: E402
 from training.init_from import load_weights, source_for_run  # noqa: E402
@@ -104,6 +105,8 @@ def setup_config(args, overrides, world):
         resume.check_same_data(tokenizer.to_meta(), cfg.data_dir)  # the same token ids
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["padded_vocab_size"]
+    if cfg.distill_from:  # the teacher: an mdlm model of these token ids; fills in the rounds
+        check_distillation(cfg, tokenizer.to_meta(), explicit)
     source = None
     if cfg.init_from and not resume:  # a resumed run has the weights already (and the shape in its config)
         source = source_for_run(cfg.init_from, cfg.model, explicit, tokenizer.to_meta(), cfg.data_dir)
@@ -195,7 +198,8 @@ def main(argv=None):
     num_params, flops_per_token = gpt.num_params(), gpt.flops_per_token(T)  # before ZeRO-3 partitions them
     if cfg.compile:
         compile_blocks(gpt)
-    engine = make_engine(cfg.engine, TrainingModule(gpt, cfg.objective, meta["mask_id"]), resolved)
+    module, distillation = training_module(cfg, gpt, meta["mask_id"], rank)  # the objective, or a teacher's steps
+    engine = make_engine(cfg.engine, module, resolved)
     data_meta = {"tokenizer": tokenizer.to_meta(), "mask_id": meta["mask_id"], "eot_id": meta["eot_id"],
                  "data_dir": cfg.data_dir}
     checkpointer = Checkpointer(cfg.out_dir, rank, cfg.checkpoint_interval, cfg.keep_checkpoints,
@@ -248,6 +252,8 @@ def main(argv=None):
         if validator.should_validate(step) and not (resume and step == start_step):  # its writer evaluated it
             validator.validate(engine, step, tokens_seen)
             window_t0 = time.perf_counter()  # tokens/s counts training time only
+        if distillation is not None:  # each round's student is the next round's teacher
+            distillation.begin_step(step, engine, checkpointer, metrics, tokens_seen)
         lr = engine.lr
         # attention annealing (DiffuGPT): from causal (0) to the model's own mask (1) over the first N steps
         future = min(1.0, step / cfg.anneal_attention_iters) if cfg.anneal_attention_iters else 1.0
