@@ -250,6 +250,7 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(l) for l in lines])
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): tests call run() in their own process
 def run(args, log=print) -> dict:
     if args.gen_length < 1:
         raise ValueError(f"--gen_length must be >= 1, got {args.gen_length}")
@@ -282,7 +283,6 @@ def run(args, log=print) -> dict:
     L = args.gen_length
     if args.random_init:
         log(RANDOM_WARNING)
-    torch.set_grad_enabled(False)
 
     rows = bench_rows(args, L, diffusion)
     if ar is not None:
