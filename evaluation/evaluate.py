@@ -31,13 +31,12 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import parse_cli
-from models.diffusion import NoiseSchedule, diffusion_nelbo
+from models.diffusion import NoiseSchedule, diffusion_nelbo, next_token_nll
 from inference import loading
 from training.data import load_meta, read_split
 from training.metrics import resolve_wandb_mode
@@ -186,9 +185,7 @@ def ar_window_nll(model, windows: torch.Tensor, batch_size: int = 8, num_tokens:
     out = []
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size].to(next(model.parameters()).device)
-        logits = model(w[:, :-1])[..., :num_tokens]  # (B, L, V) -> (B, L, num_tokens)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="none")  # (B*L,)
-        out.append(nll.view(w.size(0), -1).mean(1).cpu())
+        out.append(next_token_nll(model, w[:, :-1], w[:, 1:], num_tokens).mean(1).cpu())  # (B,)
     return torch.cat(out)
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from models.diffusion import next_token_nll
 
 
 @dataclass
@@ -77,8 +78,7 @@ def generative_perplexity(judge, judge_tokenizer, completions, generator_tokeniz
                 x[r, :len(ids)] = torch.tensor(ids)
                 scored[r, len(ids) - n:len(ids)] = True  # positions whose token is scored
             x, scored = x.to(device), scored.to(device)
-            logits = judge(x[:, :-1])[..., :judge_tokenizer.vocab_size].float()  # (B, T-1, V): i predicts i+1
-            nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (B, T-1)
+            nll = next_token_nll(judge, x[:, :-1], x[:, 1:], judge_tokenizer.vocab_size)  # (B, T-1): i predicts i+1
             keep = scored[:, 1:].to(nll.dtype)
             total_nll += float((nll * keep).sum())
             total_tokens += int(keep.sum())

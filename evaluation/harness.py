@@ -62,7 +62,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from inference.api import generate_with_stats
 from inference.loading import load_model, resolve_device
 from kernels.attention import AttentionMask
-from models.diffusion import align_predictions, block_diffusion_predictions, subs_logits
+from models.diffusion import align_predictions, block_diffusion_states, next_token_logits, subs_logits
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ class DiffusionGPTLM(TemplateLM):
             x = torch.full((len(chunk), width), self.eot_token_id, dtype=torch.long)
             for r, ids in enumerate(inputs):
                 x[r, :len(ids)] = torch.tensor(ids)
-            logp = F.log_softmax(self.model(x.to(self._device))[..., :vocab].float(), dim=-1)  # (B, T, V)
+            logp = F.log_softmax(next_token_logits(self.model, x.to(self._device), vocab), dim=-1)  # (B, T, V)
             for r, i in enumerate(chunk):
                 cont = torch.tensor(pairs[i][1], device=self._device)
                 end = len(inputs[r])
@@ -407,10 +407,7 @@ class DiffusionGPTLM(TemplateLM):
         x0, masked = x0.to(self._device), masked.to(self._device)
         xt = torch.where(masked, tok.mask_id, x0)  # (R, W)
         if b:  # BD3-LM: one pass over [x_t ; x_0], each noised block sees itself and the clean blocks before it
-            positions = torch.arange(width, device=self._device).repeat(2)
-            h, _ = self.model.hidden_states(torch.cat([xt, x0], dim=1), positions=positions, max_position=width - 1,
-                                            mask=AttentionMask("block_diffusion", block_length=b))
-            h = block_diffusion_predictions(h, b, self.model.config.shift)  # (R, W, C), read at the noised half
+            h = block_diffusion_states(self.model, xt, x0, b)  # (R, W, C), read at the noised half
         else:
             mask = None if self.pad_to_context else AttentionMask(
                 self.model.config.attention, block_length=self.model.config.block_length,

@@ -94,18 +94,30 @@ def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- losses
-def ar_loss(model, x: torch.Tensor, y: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
-    """Next-token cross-entropy, nats per token; targets of -1 are ignored (padding).
+def next_token_logits(model, x: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """(B, T) ids -> (B, T, V) fp32 logits of the next token at each position, over the real ids only.
 
     num_tokens: the tokenizer's real ids 0 .. num_tokens-1 (= the mask id, docs/design.md). The softmax runs
     over those rows only: the MASK row and the padding rows of the embedding are not text, so no
-    probability goes to them, and the loss equals the exported Hugging Face model's (which has only the
-    real rows). None: every row (a model without extra rows, e.g. OpenAI's GPT-2)."""
-    logits = model(x)  # (B, T, V)
+    probability goes to them, and a loss equals the exported Hugging Face model's (which has only the
+    real rows). None: every row (a model without extra rows, e.g. OpenAI's GPT-2). In fp32 as the diffusion
+    losses: a bf16 loss is quantised (steps of 2^-7 ~ 0.008 near 1.5 nats)."""
+    logits = model(x)  # (B, T, V_emb)
     if num_tokens is not None and num_tokens < logits.size(-1):
         logits = logits[..., :num_tokens]  # (B, T, num_tokens)
-    # in fp32 as the diffusion losses: a bf16 loss is quantised (steps of 2^-7 ~ 0.008 near 1.5 nats)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-1)
+    return logits.float()
+
+
+def next_token_nll(model, x: torch.Tensor, y: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """-log p(y | x) of each position, (B, T) nats, 0 where the target is -1 (padding); see next_token_logits.
+    Every AR score (training loss, the bound evaluator, the generative-perplexity judge) is this."""
+    logits = next_token_logits(model, x, num_tokens)
+    return F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none")  # (B, T)
+
+
+def ar_loss(model, x: torch.Tensor, y: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy, nats per token over the targets that are not -1 (padding)."""
+    return next_token_nll(model, x, y, num_tokens).sum() / (y != -1).sum()
 
 
 def is_diffusion(objective: str) -> bool:
@@ -167,6 +179,20 @@ def block_diffusion_predictions(h: torch.Tensor, block_length: int, shift: bool)
         return noised
     block_start = (torch.arange(L, device=h.device) % block_length == 0)[None, :, None]  # (1, L, 1)
     return torch.where(block_start, align_predictions(h[:, L:], shift), noised)  # (B, L, C)
+
+
+def block_diffusion_states(model, xt: torch.Tensor, x0: torch.Tensor, block_length: int,
+                           mask: Optional[AttentionMask] = None) -> torch.Tensor:
+    """The one BD3-LM pass: the model on [x_t ; x_0] (B, 2L), positions 0..L-1 twice, under the
+    "block_diffusion" mask (a noised block sees itself and the clean blocks before it; the clean half is
+    block-causal) -> (B, L, C) the state predicting each noised position (block_diffusion_predictions).
+    mask: another "block_diffusion" mask (attention annealing); None: the model's."""
+    L = x0.size(1)
+    positions = torch.arange(L, device=x0.device).repeat(2)  # (2L,): x_t and x_0 share positions
+    mask = mask or AttentionMask("block_diffusion", block_length=block_length)
+    h, _ = model.hidden_states(torch.cat([xt, x0], dim=1), mask=mask, positions=positions,
+                               max_position=L - 1)  # (B, 2L, C)
+    return block_diffusion_predictions(h, block_length, model.config.shift)  # (B, L, C)
 
 
 def keep_clean_prefix(x0: torch.Tensor, xt: torch.Tensor, token_weight: torch.Tensor, n: int):
@@ -265,15 +291,9 @@ def block_diffusion_loss(model, x0: torch.Tensor, schedule: NoiseSchedule, mask_
     n = _prefix_for(model, clean_prefix)
     xt, token_weight = keep_clean_prefix(x0, xt_rows.view(B, L), weight_rows.view(B, L), n)
 
-    def run_model():
-        positions = torch.arange(L, device=x0.device).repeat(2)  # (2L,): x_t and x_0 share positions
-        mask = (anneal_mask("block_diffusion", block_length, future_attention, int(seed) + 2)
-                or AttentionMask("block_diffusion", block_length=block_length))
-        h, _ = model.hidden_states(torch.cat([xt, x0], dim=1), mask=mask, positions=positions,
-                                   max_position=L - 1)  # (B, 2L, C)
-        return block_diffusion_predictions(h, block_length, model.config.shift)  # (B, L, C)
-
-    return _subs_nelbo(model, x0, xt, token_weight, mask_id, run_model, n)
+    mask = anneal_mask("block_diffusion", block_length, future_attention, int(seed) + 2)
+    return _subs_nelbo(model, x0, xt, token_weight, mask_id,
+                       lambda: block_diffusion_states(model, xt, x0, block_length, mask), n)
 
 
 def diffusion_nelbo(model, x0: torch.Tensor, objective: str, schedule: NoiseSchedule, mask_id: int, seed: int,

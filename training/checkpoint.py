@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from common.unpickling import refusal_reason
+from training.ds_config import zero_stage
 
 MANIFEST = "manifest.json"
 DS_CONFIG = "ds_config.json"
@@ -398,7 +399,7 @@ UNIVERSAL = "universal"  # in a tag dir: DeepSpeed's universal form of that chec
 def saved_world_and_stage(engine_config: dict) -> tuple[int, int]:
     """(ranks, ZeRO stage) of the run that wrote a checkpoint, from its saved ds_config.json."""
     per_rank = engine_config["train_micro_batch_size_per_gpu"] * engine_config["gradient_accumulation_steps"]
-    return engine_config["train_batch_size"] // per_rank, int(engine_config.get("zero_optimization", {}).get("stage", 0))
+    return engine_config["train_batch_size"] // per_rank, zero_stage(engine_config)
 
 
 def check_convertible(tag_dir, verified: bool = False) -> None:

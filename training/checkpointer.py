@@ -26,6 +26,7 @@ from common.disk import disk_full_error, is_disk_full
 from models.gpt import GPTConfig
 from training import checkpoint as ckpt
 from training.distributed import all_gather_object, all_mean, barrier, broadcast_object
+from training.ds_config import zero_stage
 from training.engine import Engine
 
 # model keys that may change when a run is resumed: they do not change the parameters
@@ -112,7 +113,7 @@ class ResumePoint:
         and tell DeepSpeed so in engine_config (its `checkpoint.load_universal`). ZeRO-0 keeps the optimizer
         state whole: it resumes on any number of ranks, but is no ZeRO-1/2/3 state (nor the reverse)."""
         saved_world, saved_stage = ckpt.saved_world_and_stage(self.engine_config)
-        stage = int(engine_config.get("zero_optimization", {}).get("stage", 0))
+        stage = zero_stage(engine_config)
         if (saved_world, saved_stage) == (world, stage) or (saved_stage == 0 and stage == 0):
             return
         if 0 in (saved_stage, stage):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from training.ds_config import zero_stage
 from training.engine import Engine, TrainingModule
 from training.optim import build_lr_scheduler, build_optimizer
 
@@ -48,7 +49,7 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed reports the grad norm from its ZeRO / bf16 / fp16 optimizers, but its plain fp32 ZeRO-0
         # path computes it for clipping and throws it away: there we clip ourselves (same maths, one
         # pass over the already all-reduced grads) and keep the norm
-        self._own_clipping = (int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 0
+        self._own_clipping = (zero_stage(ds_config) == 0
                               and not ds_config.get("bf16", {}).get("enabled") and not ds_config.get("fp16", {}).get("enabled"))
         self._grad_clip = float(ds_config.get("gradient_clipping", 0.0))
         if self._own_clipping:

@@ -243,4 +243,5 @@ def _find_auto(d, prefix="") -> list[str]:
 
 
 def zero_stage(ds: dict) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 when it names none): the one place that reads it."""
     return int(ds.get("zero_optimization", {}).get("stage", 0))
