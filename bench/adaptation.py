@@ -178,7 +178,7 @@ def report(a: AdaptationConfig) -> dict:
 
 
 def headline(table: dict, objectives) -> list[str]:
-    """The issue's two targets, per objective, on the equal-terms score (tokens 1.. given token 0)."""
+    """The two headline comparisons, per objective, on the equal-terms score (tokens 1.. given token 0)."""
     out = []
     ar = [g["given_first"] for g in table.get(("ar_half", "ar"), [])]
     for obj in objectives:
@@ -191,7 +191,7 @@ def headline(table: dict, objectives) -> list[str]:
             gap_scratch = mean_se(get("scratch_half"))[0] - mean_se(ar)[0]
             gap_adapt = mean_se(get("adapt_shift"))[0] - mean_se(ar)[0]
             out.append(f"{obj}: gap to the AR start at equal adaptation steps: scratch {gap_scratch:.3f}, adapted + "
-                       f"shift {gap_adapt:.3f} nats ({gap_adapt / gap_scratch:.0%} of scratch's; target <= 50%)")
+                       f"shift {gap_adapt:.3f} nats ({gap_adapt / gap_scratch:.0%} of scratch's)")
     return out
 
 

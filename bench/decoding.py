@@ -15,7 +15,7 @@ rewards with a low perplexity):
   ancestral with T in {L/4, L/2, L}, random order k=4, top-k k=4, threshold tau in {0.7, 0.9},
   blocks (threshold 0.9 inside, Fast-dLLM) with and without the KV cache, and AR with and without the
   KV cache (the --ar model, else the judge).
-Targets checked at the end: >= 4x fewer model calls than one-token-per-step at a generative perplexity
+Checked at the end (`targets` in the JSON): >= 4x fewer model calls than one-token-per-step at a generative perplexity
 within 10% of the one-token-per-step baseline of the same family; KV-cached blocks >= 2x the tokens/s
 of uncached blocks with the same output.
 Every rule generates exactly L tokens per prompt (EOT does not stop it, unless --stop_at_eot), with the
@@ -103,7 +103,7 @@ class BenchConfig:
                                          "a busy CPU)")
     dtype: str = knob("auto", "autocast dtype on GPU (auto: bfloat16 where supported); CPU runs float32",
                        choices=("auto", "float32", "bfloat16", "float16"))
-    out: str = knob("", "write the rows and targets as JSON here")
+    out: str = knob("", "write the rows and the checks as JSON here")
 
 
 def parse_args(argv=None) -> BenchConfig:
@@ -315,14 +315,14 @@ def run(args, log=print) -> dict:
     t1, t2 = targets["fewer_calls_same_quality"], targets["kv_cache_blocks"]
     best = ", ".join(f"{c['rule']} ({c['calls_fewer']}x fewer, PPL x{c['gen_ppl_ratio']} of {c['baseline']})"
                      for c in t1["candidates"])
-    log(f"target 1 ({t1['target']}): {'MET' if t1['met'] else 'NOT MET'}; candidates: {best or 'none'}")
-    log(f"target 2 ({t2['target']}): {'MET' if t2['met'] else 'NOT MET'}; speedup {t2['speedup']}x, "
+    log(f"fewer calls at the same quality ({t1['target']}): {'yes' if t1['met'] else 'no'}; rules: {best or 'none'}")
+    log(f"KV-cached blocks ({t2['target']}): {'yes' if t2['met'] else 'no'}; speedup {t2['speedup']}x, "
         f"same output {t2['same_output']}")
     if "kv_cache_ar" in targets:
         log(f"AR KV cache: {targets['kv_cache_ar']['speedup']}x tokens/s, same output "
             f"{targets['kv_cache_ar']['same_output']}")
     if args.random_init:
-        log("(random-init models: the perplexity-based target says nothing; run with trained checkpoints)")
+        log("(random-init models: the perplexity-based check says nothing; run with trained checkpoints)")
     result = {"header": header, "random_init": args.random_init, "meaningless_quality": args.random_init,
               "config": asdict(args), "rows": [{k: v for k, v in asdict(r).items() if k != "token_ids"} for r in rows],
               "targets": targets}

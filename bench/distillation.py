@@ -13,9 +13,9 @@ Rows: the teacher decoded ancestrally (T steps: at most T calls, fewer when a st
 top-k confidence (L / T tokens per call, exactly T calls; LLaDA's low-confidence rule, the best confidence
 rule of bench.decoding at these budgets), and every round's student decoded ancestrally; plus real val
 text scored the same way. Each cell is the mean over the seeds +- their standard deviation.
-Targets, against the teacher's ancestral sampler at T = L (the sampler round 1 distils): the student
-distilled for L/4 steps within 10% of its gen PPL at L/4 calls, the one for L/8 within 20% at L/8, and
-their entropy within 5% of its entropy.
+Checked at the end (`targets` in the JSON), against the teacher's ancestral sampler at T = L (the sampler
+round 1 distils): the student distilled for L/4 steps within 10% of its gen PPL at L/4 calls, the one for
+L/8 within 20% at L/8, and their entropy within 5% of its entropy.
 `--distilled RUN` reads the run's rounds (RUN/rounds/round_k, the last round in RUN/export) and the
 distillation record each export carries (teacher, steps, divergence) with the run's learning rate.
 """
@@ -57,7 +57,7 @@ class BenchConfig:
     gen_length: int = knob(0, "L: tokens per sample (0 = the teacher's whole context)")
     batch_size: int = knob(64, "samples decoded together")
     threads: Optional[int] = knob(None, "torch CPU threads (none: torch's choice)")
-    out: str = knob("", "write the rows and targets as JSON here")
+    out: str = knob("", "write the rows and the checks as JSON here")
     plot: str = knob("", "write the gen PPL / entropy plot (PNG) here")
 
 

@@ -1,19 +1,19 @@
-"""The Python half of bench/gpu_check.sh (run that; these are its steps):
+"""The Python half of bench/gpu_check.sh, the GPU acceptance run (run that; these are its steps):
 
-    python -m bench.gpu_check prepare DIR              # here: wheels the GPU image lacks, GPT-2 BPE Shakespeare,
+    python -m bench.gpu_check prepare DIR              # optional offline bundle: wheels, GPT-2 BPE Shakespeare,
                                                        #       the quickstart models' exports
     python -m bench.gpu_check env OUT.json [--data DIR] [--dry-run]   # versions, GPU, DeepSpeed, data
     python -m bench.gpu_check guard OUT.json [--dry-run]              # the kernels' first-use checks
     python -m bench.gpu_check launch OUT.json [--dry-run]             # huge batch x heads grids, a second GPU
     python -m bench.gpu_check report RAW_DIR OUT_DIR [--mode M] [--elapsed S]  # gpu_check.json + .md
 
-The GPU machine has no network and its own Python 3.12 image (torch, triton, transformers, pytest-xdist;
-no DeepSpeed, no pydantic, no FastAPI / uvicorn / openai, no bundled corpus), and at most 64 MiB travel
-with the code. `prepare` fills a folder (default .gpu_check/, ignored by git) with what it lacks: wheels at
-the versions of this environment (DeepSpeed, the server and the `openai` client and their missing
-requirements; pydantic-core and jiter as cp312 manylinux wheels), the bundled Shakespeare prepared with the
-GPT-2 tokenizer, and the exports of the quickstart models (out/shakespeare_mdlm, out/shakespeare_ar, made
-by `bash launch.sh`) for the serving load step.
+`prepare` is for air-gapped GPU machines, whose CUDA PyTorch image may lack what the run needs: run it where
+there is network (or a pip cache), then carry the folder (default .gpu_check/, ignored by git) beside the
+code. It holds wheels at the versions of this environment (DeepSpeed, the server and the `openai` client and
+their requirements that such an image may lack; pydantic-core and jiter as cp312 manylinux wheels), the
+bundled Shakespeare prepared with the GPT-2 tokenizer, and the exports of the quickstart models
+(out/shakespeare_mdlm, out/shakespeare_ar, made by `bash launch.sh`) for the serving load steps. It fails
+when the bundle outgrows CARRY_LIMIT_MB (code included).
 """
 from __future__ import annotations
 
@@ -33,18 +33,18 @@ if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
-# what DeepSpeed needs that the GPU image does not have (the image has torch, numpy, packaging, psutil,
+# what DeepSpeed needs beyond a CUDA PyTorch image (one that has torch, numpy, packaging, psutil,
 # py-cpuinfo, tqdm, einops, msgpack, ninja, typing-extensions; typing-extensions travels too, for pydantic)
 PURE_WHEELS = ("deepspeed", "hjson", "pydantic", "annotated-types", "typing-inspection", "typing-extensions",
-               # the server (inference/serve.py) and the load benchmark's `openai` client; the image's anyio
+               # the server (inference/serve.py) and the load benchmark's `openai` client; an image's anyio
                # may be older than openai needs, so it travels too
                "fastapi", "starlette", "uvicorn", "opentelemetry-api", "openai", "httpx2", "httpcore2", "sniffio",
                "truststore", "anyio")
 BINARY_WHEELS = ("pydantic-core", "jiter")  # cp312 manylinux x86_64
-# the quickstart models the serving step loads: MDLM (the issue's load goal is on it) and AR
+# the quickstart models the serving steps load: MDLM and AR
 SERVING_MODELS = {"shakespeare_mdlm": "bash launch.sh",
                   "shakespeare_ar": "CONFIG=training/configs/shakespeare_ar.json OUT_DIR=out/shakespeare_ar bash launch.sh"}
-CARRY_LIMIT_MB = 64
+CARRY_LIMIT_MB = 64  # MiB: the bundle and the code together stay below this (one small copy to carry)
 STEP_TITLES = {
     "env": "environment", "gpu-tests": "GPU-only tests + first-use check tests", "guard": "first-use kernel checks",
     "multi-gpu": "multi-GPU DeepSpeed training and resume on fewer GPUs",
@@ -90,7 +90,7 @@ def prepare(out: Path) -> int:
             continue
         shutil.copytree(source, target)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2 ** 20
-    print(f"prepare: {out} holds {size:.1f} MiB (the carry limit is {CARRY_LIMIT_MB} MiB with the code):")
+    print(f"prepare: {out} holds {size:.1f} MiB (the bundle's limit is {CARRY_LIMIT_MB} MiB with the code):")
     for f in sorted(out.rglob("*")):
         if f.is_file():
             print(f"  {f.relative_to(out)}  {f.stat().st_size / 2 ** 20:.2f} MiB")

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# One GPU check, ready before a GPU is: everything diffusionGPT must run on a CUDA GPU, in one command, in
-# at most ~7.5 minutes, recorded to OUT_DIR as gpu_check.json + gpu_check.md (+ raw.tar.gz: every log and raw
-# JSON). Each step runs under `timeout`; a failed or timed-out step is recorded and the next one runs.
+# The GPU acceptance run: the GPU tests and the GPU benchmarks of diffusionGPT in one command on a CUDA
+# machine, recorded to OUT_DIR as gpu_check.json + gpu_check.md (+ raw.tar.gz: every log and raw JSON).
+# Each step runs under `timeout`; a failed or timed-out step is recorded and the next one runs.
 #
-#   bash bench/gpu_check.sh --prepare               # HERE (network / pip cache): wheels + GPT-2 BPE data -> .gpu_check/
-#   bash bench/gpu_check.sh OUT_DIR                 # on the GPU machine (carry .gpu_check/ along)
+#   bash bench/gpu_check.sh OUT_DIR                 # on the GPU machine
+#   bash bench/gpu_check.sh --prepare [DIR]         # optional, where there is network: an offline bundle for
+#                                                   #   air-gapped machines (wheels, GPT-2 BPE data, the
+#                                                   #   quickstart models) -> .gpu_check/, carried beside the code
 #   bash bench/gpu_check.sh --dry-run OUT_DIR       # CPU: every step's plumbing, tiny, Triton in the interpreter (CI)
-#   bash bench/gpu_check.sh --only attention,training OUT_DIR   # a second try at some steps
+#   bash bench/gpu_check.sh --only attention,training OUT_DIR   # some steps again
 #
-# Steps, in order (budget in seconds; the whole run stops starting steps after GPU_CHECK_TOTAL_S=450):
-#   env          Python, torch, CUDA, Triton, GPU, DeepSpeed (carried wheels installed into a temp path), data
+# Steps, in order (each with a default time limit; no step starts after GPU_CHECK_TOTAL_S seconds):
+#   env          Python, torch, CUDA, Triton, GPU, DeepSpeed (bundled wheels installed into a temp path), data
 #   gpu-tests    the GPU-only tests (bf16 kernels, compiled kernels, long sequences) + the first-use check tests
 #   guard        the first-use check (kernels/attention.py) of every mask kind in bf16 (d 64, 128), fp32, fp16
 #   multi-gpu    python -m bench.multi_gpu_check: DeepSpeed ZeRO-2 bf16 on 2 GPUs (NCCL), resumed on 1 GPU; with
@@ -21,8 +23,8 @@
 #   training     python -m bench.training: GPT-2 124M, bf16, --compile, ZeRO-0/2, Triton vs attn_impl=torch,
 #                on GPT-2 BPE Shakespeare, tokens/s and MFU
 #   decoding     python -m bench.decoding --random_init: tokens/s per rule, KV cache on/off
-#   serving      python -m bench.serve_load on the MDLM quickstart model (carried export): the official openai
-#                client at concurrency 1/4/16/64, tokens/s vs one at a time (the server's >= 4x goal at 16)
+#   serving      python -m bench.serve_load on the MDLM quickstart model (bundled export): the official openai
+#                client at concurrency 1/4/16/64, tokens/s vs one at a time
 #   serving-ar   the same on the AR quickstart model
 #   kernel-tests the whole kernel test files (tests/test_attention_kernel.py, tests/test_masking_kernel.py)
 #   kernel-compile  python -m bench.kernel_compile: every kernel, dtype, mask and config the pruner keeps, compiled
@@ -35,13 +37,14 @@
 #   --models DIR       the quickstart models' exports for the serving steps (default .gpu_check/models)
 #   --only a,b         run only these steps (env always runs)
 #   PYTHON             interpreter (default .venv/bin/python when there is one, else python3)
-#   GPU_CHECK_TOTAL_S  overall budget (default 450); GPU_CHECK_BUDGET_<STEP> one step's (e.g. _TRAINING=120)
-#   GPU_CHECK_DIR      the carried folder (default .gpu_check)
+#   GPU_CHECK_TOTAL_S  no step starts after this many seconds (default 450)
+#   GPU_CHECK_BUDGET_<STEP>  one step's time limit in seconds (e.g. GPU_CHECK_BUDGET_TRAINING=120)
+#   GPU_CHECK_DIR      the bundle folder (default .gpu_check)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 DRY=0; PREPARE=0; ONLY=""; OUT_DIR=""
 CARRY_DIR="${GPU_CHECK_DIR:-.gpu_check}"
 WHEELS=""; DATA=""; MODELS=""
@@ -96,7 +99,7 @@ fi
 echo "== gpu_check: $MODE; output $OUT_DIR; work $WORK; python $PYTHON"
 
 # carried wheels -> a temporary site dir first on PYTHONPATH (nothing is installed into the image)
-# (a dry run installs only wheels it is given: the prepared ones are for the GPU image's Python 3.12)
+# (a dry run installs only wheels it is given: the prepared binary ones are cp312 wheels)
 if { [ "$DRY" = 0 ] || [ -n "$WHEELS_GIVEN" ]; } && compgen -G "$WHEELS/*.whl" >/dev/null; then
   echo "== installing carried wheels from $WHEELS into $WORK/site"
   if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \

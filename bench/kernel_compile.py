@@ -1,5 +1,5 @@
 """Compile every Triton kernel for A100 (sm_80) and H100 (sm_90) without a GPU, and check that the autotune
-pruner never has to run a config that spills registers or needs more shared memory than the target has.
+pruner never has to run a config that spills registers or needs more shared memory than the GPU has.
 
     python -m bench.kernel_compile                   # everything (see below), all cores
     python -m bench.kernel_compile --subset          # the representative cases tests/test_attention_kernel.py runs
@@ -53,7 +53,7 @@ LONG = 8192  # the lengths the pruner sees: long enough that no tile is pruned f
 
 @dataclass
 class Case:
-    """One compile: a kernel, a target, a dtype / precision, a mask, a head dim, one config."""
+    """One compile: a kernel, an architecture, a dtype / precision, a mask, a head dim, one config."""
     kernel: str  # fwd | dkdv | dq | masking
     arch: int
     dtype: str

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# the model: what nanoGPT's shakespeare_char example trains, shrunk to a CPU
+# the model: what nanoGPT's shakespeare_char example trains, shrunk to a CPU
 BASE = {"model": {"block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0, "bias": False,
                   "pos_emb": "learned", "attention": "causal"},
         "objective": {"name": "ar"}, "batch_size": 16, "gradient_accumulation_steps": 1, "dtype": "fp32",
