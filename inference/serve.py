@@ -15,8 +15,8 @@ block_rule, top_k, kv_cache), GET /v1/models, GET /health, GET /metrics (Prometh
 GET /openapi.json (the schema: the body is `inference.protocol.CompletionRequest`), GET / (the playground).
 
 The server validates (FastAPI against `CompletionRequest`, then what needs the model), enqueues and streams; decoding is `inference.api` and batching is
-`inference.scheduler.StepScheduler` (each step runs the calls of every active row together, KV caches
-included). Every bad request gets a 4xx with an OpenAI-style error body {"error": {"message", "type",
+`inference.scheduler.StepScheduler` (each step steps every active row, rows of a kind sharing their model
+calls, KV caches included). Every bad request gets a 4xx with an OpenAI-style error body {"error": {"message", "type",
 "param", "code"}} that says what to fix, and the server keeps serving. A full queue answers 429.
 SIGTERM: stop accepting, let in-flight requests finish for --grace_s seconds, cancel the rest, exit 0.
 """
