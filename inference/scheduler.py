@@ -267,10 +267,10 @@ class StepScheduler:
             self._running.add(row)
             self._add(row)
 
-    def _rows_of(self, kind: type):
-        """The RowSlots of this kind, created on first use (max_rows rows of the model's context)."""
+    def _rows_of(self, strategy: str):
+        """The RowSlots that decode this strategy, created on first use (max_rows rows of the model's context)."""
+        kind = DECODERS[strategy]
         if kind not in self.row_sets:
-            strategy = next(s for s, k in DECODERS.items() if k is kind)
             self.row_sets[kind] = new_rows(self.model, self.tokenizer, strategy, self.max_rows,
                                            self.model.config.block_size)
         return self.row_sets[kind]
@@ -281,7 +281,7 @@ class StepScheduler:
         spec = row.spec
         try:
             options = spec.options.for_model(self.model)  # options this model cannot decode: ValueError
-            rows = self._rows_of(DECODERS[options.strategy])
+            rows = self._rows_of(options.strategy)
             prompt_ids = encode_requests(self.model, self.tokenizer, [spec.prompt], [spec.max_new_tokens])[0].prompt_ids
             generator = torch.Generator(device=rows.device).manual_seed(options.seed)
             stop_id = self.tokenizer.eot_id if options.stop_at_eot else None
