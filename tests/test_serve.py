@@ -1,4 +1,4 @@
-"""Specification of the server (inference/serve.py) and its step-level scheduler (inference/scheduler.py).
+"""Specification of the server (inference/serving/app.py) and its scheduler (inference/serving/scheduler.py).
 
 Tiny random models (2 layers, 32 wide, context 64) served in float64 by real `python -m inference.serve`
 subprocesses on free loopback ports, driven by the official `openai` client and raw HTTP. Every server a
@@ -32,7 +32,7 @@ from inference.ancestral_rows import AncestralRows
 from inference.api import DecodeOptions, generate_with_stats
 from inference.ar_decoding import ARRows
 from inference.loading import load_model
-from inference.scheduler import RowSpec, StepScheduler, server_options
+from inference.serving.scheduler import RowSpec, StepScheduler, server_options
 from models.gpt import GPT, GPTConfig
 from models.tokenizer import PLACEHOLDER
 from models.weights import save_consolidated
@@ -366,7 +366,7 @@ def test_a_row_whose_model_output_is_not_finite_fails_alone(attention):
 
 
 def test_partition_widths_pays_padding_only_where_it_is_cheaper_than_a_call():
-    from inference.scheduler import partition_widths
+    from inference.serving.scheduler import partition_widths
 
     widths = [64, 1, 60, 1, 2, 64]  # one row each
 
@@ -681,7 +681,7 @@ def test_the_cost_of_a_call_is_measured_at_startup_unless_given(mdlm_server, sma
 
 @pytest.mark.parametrize("value", ["-1", "nan"])
 def test_a_negative_call_overhead_is_refused_saying_what_to_give(value, capsys):
-    from inference.serve import parse_args
+    from inference.serving.app import parse_args
     with pytest.raises(SystemExit) as exit_:
         parse_args(["--ckpt", "out/x", "--call_overhead_tokens", value])
     assert exit_.value.code == 2
@@ -693,7 +693,7 @@ def test_a_negative_call_overhead_is_refused_saying_what_to_give(value, capsys):
 def test_measure_call_overhead_is_a_call_over_the_cost_of_a_row_column(fixed_s, per_column_s, want):
     """The real model runs; only the clock is simulated, so that every call of R rows x W columns takes
     fixed_s + per_column_s x R x W: the overhead is then (fixed_s + per_column_s) / per_column_s exactly."""
-    from inference.scheduler import measure_call_overhead
+    from inference.serving.scheduler import measure_call_overhead
     model = tiny("bidirectional")
     now = [0.0]
     hidden_states = model.hidden_states

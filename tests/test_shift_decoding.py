@@ -188,7 +188,7 @@ def test_server_rows_of_a_shifted_model_decode_like_the_api(model_name):
     """The server decodes each row in the RowSlots of its kind, added as generate_with_stats adds it (the
     real model's config, shift included); its shared calls must give what the API gives alone, an empty
     prompt included."""
-    from inference.scheduler import RowSpec, server_options
+    from inference.serving.scheduler import RowSpec, server_options
     from tests.test_serve import decode_together
 
     model = MODELS[model_name]()
