@@ -84,7 +84,8 @@ class ConfidenceRows(DiffusionRows):
         slots = sorted(s for call in calls for s in call.slots)
         index = torch.tensor(slots, device=dev)
         cand = self.todo[index]  # (R, W)
-        tokens, conf = self._sample(slots, cand.sum(1).tolist(), self.h[index][cand])  # row-major: row by row
+        rows, cols = cand.nonzero(as_tuple=True)  # row-major: each row's candidates together, rows in order
+        tokens, conf = self._sample(slots, cand.sum(1).tolist(), self.h[index[rows], cols])
         conf_full = torch.full(cand.shape, float("-inf"), dtype=conf.dtype, device=dev)
         conf_full[cand] = conf
         proposal = torch.zeros(cand.shape, dtype=torch.long, device=dev)
