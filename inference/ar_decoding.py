@@ -10,8 +10,9 @@ Each row keeps the keys/values of its first P_r columns (`RowSlots`' KV cache). 
 newest column. Rows of different lengths share the call (`RowSlots._past_call`): each row's past is read
 RIGHT-aligned into a window of the longest past Q, so every row's new column sits at key Q, the one
 q_offset of the call, and the columns before row r's past are hidden by key_starts = Q - P_r; a causal
-query at Q then sees exactly the row's own P_r keys and itself, as alone. A row's first call (the prefill) feeds its whole prompt; rows in
-their prefill are called apart from one-column steps (or split further by width, as the caller likes).
+query at Q then sees exactly the row's own P_r keys and itself, as alone. A row's first call (the
+prefill) feeds its whole prompt; rows in their prefill are called apart from one-column steps (or split
+further by width, as the caller likes).
 A row stops at its own max_new_tokens or at EOT and leaves; finished rows cost nothing.
 """
 from __future__ import annotations
