@@ -1,8 +1,10 @@
 """MDLM ancestral sampling of many independent rows, each at its own point of its own decode.
 
-`decode_ancestral` (over the whole canvas: the MDLM default) and the server's scheduler both decode
-through `AncestralRows`. Each row is a canvas of its own (its prompt, then L MASKs, from column 0) with
-its own time grid t_j = j / S and its own random generator. Everything a step does is one tensor
+`generate` and the server's scheduler decode ancestral sampling through `AncestralRows`: over the whole
+canvas (the MDLM default), or block by block (BD3-LM's sampler, on a block-causal model: each block by an
+ancestral chain of its own, conditioned on the finished blocks before it, with their exact KV cache; see
+`inference.diffusion_rows`). Each row is a canvas of its own (its prompt, then L MASKs, from column 0)
+with its own time grid t_j = j / S (in each block) and its own random generator. Everything a step does is one tensor
 operation over all rows (commit decisions, the model call, the cache of hidden states, the output
 layer, sampling, writing tokens), except the random draws: each row takes them from its own generator,
 in the order it would alone. So a row decodes exactly what it decodes alone, whatever else is in the
@@ -13,21 +15,23 @@ A step is `prepare`, its model calls (at most one, unless the caller splits it b
   prepare   each row walks its grid from t_j to t_(j-1), drawing which of its masked tokens are committed
             (each with probability (alpha_(j-1) - alpha_j) / (1 - alpha_j), `ancestral_commit_probability`),
             until a step commits something. The rows whose canvas changed since their last call need the
-            model: prepare returns that call (their canvases from column 0, right-padded to the longest).
+            model: prepare returns their calls.
   commit    keeps the states of the rows just called (our GPT has no time input, so an unchanged canvas
             gives the same prediction and a row calls the model at most once per change), draws the tokens
-            of every committing row from them and writes them; rows with nothing left masked are finished.
+            of every committing row from them and writes them; a row whose block is done goes on to its
+            next block, and with nothing left masked it is finished.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from inference.batching import MaskedRowSlots, RowsCall
+from inference.batching import RowsCall
+from inference.diffusion_rows import DiffusionRow, DiffusionRows, Split
 from inference.sampling import Sampler
-from models.diffusion import NoiseSchedule, align_predictions
+from models.diffusion import NoiseSchedule
 
 
 def ancestral_commit_probability(schedule: NoiseSchedule, t: float, s: float) -> float:
@@ -40,22 +44,16 @@ def ancestral_commit_probability(schedule: NoiseSchedule, t: float, s: float) ->
     return (a_s - a_t) / (1.0 - a_t)
 
 
-@dataclass
-class _Row:
-    generator: Optional[torch.Generator]
-    sampler: Sampler
-    length: int  # canvas columns: prompt + generation
-    gen_start: int  # first generated column
-    gen_len: int
+@dataclass(kw_only=True)
+class _Row(DiffusionRow):
+    num_steps: int  # time steps of each block
     grid: list[float]  # grid[j]: commit probability from t_j to t_(j-1); index 0 unused
-    j: int  # the next time step to take (counts down to 1)
-    steps: int = 0  # time steps taken (the ones that committed nothing too)
-    nfe: int = 0  # model calls the row took part in
+    j: int = 0  # the next time step to take in the block (counts down to 1)
     fresh: bool = False  # the kept states match the canvas
     committing: bool = False  # prepare found a step that commits something, commit has not run yet
 
 
-class AncestralRows(MaskedRowSlots):
+class AncestralRows(DiffusionRows):
     """Ancestral rows (see the module docstring): add() a row at any time, it takes part from the next
     prepare; remove() it between a commit and the next prepare (finished or cancelled)."""
 
@@ -63,20 +61,27 @@ class AncestralRows(MaskedRowSlots):
         super().__init__(model, mask_id, vocab_limit, capacity, width)
         dev = self.device
         self.chosen = torch.zeros(capacity, width, dtype=torch.bool, device=dev)  # committed by this step
-        self.u = torch.ones(capacity, width, device=dev)  # this step's draws (1: never below a probability)
-        self.h: Optional[torch.Tensor] = None  # (N, W, C) the state predicting each column, from the last call
+        self.u = torch.ones(capacity, width, device=dev)  # this step's draws (read only in `todo` columns)
         self._grids: dict[tuple, list[float]] = {}
 
     def add(self, prompt_ids: list[int], gen_len: int, num_steps: int, schedule: NoiseSchedule, sampler: Sampler,
-            generator: Optional[torch.Generator]) -> int:
-        """A new row: prompt_ids then gen_len MASKs, sampled on a grid of num_steps time steps of `schedule`,
-        its tokens drawn by `sampler` from `generator`. Returns its slot."""
+            generator: Optional[torch.Generator], block_length: Optional[int] = None, kv_cache: bool = False) -> int:
+        """A new row: prompt_ids then gen_len MASKs, sampled on a grid of num_steps time steps of `schedule`
+        (in each block of block_length; None: the whole generation), its tokens drawn by `sampler` from
+        `generator`; kv_cache: the exact cache of the finished blocks (block-causal models). Returns its slot."""
         if num_steps < 1:
             raise ValueError(f"an ancestral row needs at least 1 time step, got {num_steps}")
-        slot = self._take_masked_slot(prompt_ids, gen_len)
-        self.rows[slot] = _Row(generator, sampler, len(prompt_ids) + gen_len, len(prompt_ids), gen_len,
-                               self._grid(schedule, num_steps), num_steps)
-        return slot
+        if kv_cache and not (block_length and self.block_causal):
+            raise ValueError("the ancestral sampler's KV cache is exact only block by block on a block-causal "
+                             "(BD3-LM) model; decode without it (kv_cache=False)")
+        return self._place(prompt_ids, _Row(generator=generator, sampler=sampler, length=len(prompt_ids) + gen_len,
+                                            gen_start=len(prompt_ids), gen_len=gen_len,
+                                            block_length=block_length or 0, kv_cache=kv_cache,
+                                            num_steps=num_steps, grid=self._grid(schedule, num_steps)))
+
+    def _begin_block(self, slot: int) -> None:
+        r = self.rows[slot]
+        r.j = r.num_steps
 
     def _grid(self, schedule: NoiseSchedule, num_steps: int) -> list[float]:
         key = (schedule.name, schedule.eps, num_steps)
@@ -85,16 +90,17 @@ class AncestralRows(MaskedRowSlots):
                                         for j in range(1, num_steps + 1)]
         return self._grids[key]
 
-    def prepare(self, split: Optional[Callable[[list[int]], list[list[int]]]] = None) -> list[RowsCall]:
+    def prepare(self, split: Split = None) -> list[RowsCall]:
         """Draw every row's commit decisions up to its next step that commits something; return the model
         calls the stale rows need (none: every committing row still has its states). One call, or as
-        many as split(row lengths) returns groups of indices (a scheduler that weighs padding against calls)."""
+        many as split(row widths) returns groups of indices (a scheduler that weighs padding against calls)."""
         pending = [s for s, r in self.rows.items() if not r.committing]
         while pending:  # rows whose step committed nothing take their next step (no model call)
             p = []
             for s in pending:
                 r = self.rows[s]
-                torch.rand(r.gen_len, generator=r.generator, out=self.u[s, r.gen_start:r.length])
+                lo = max(r.lo, r.gen_start)
+                torch.rand(r.hi - lo, generator=r.generator, out=self.u[s, lo:r.hi])
                 p.append(r.grid[r.j] if r.j >= 1 else 1.0)  # past the grid (never, while tokens are masked): all
                 r.j -= 1
                 r.steps += 1
@@ -108,22 +114,17 @@ class AncestralRows(MaskedRowSlots):
                     again.append(s)
             pending = again
         stale = sorted(s for s, r in self.rows.items() if not r.fresh)  # every row commits now: stale ones call
-        self._calls = self._whole_calls(stale, split)
-        self.calls += len(self._calls)
+        self._calls = self._model_calls(stale, split)
         return self._calls
 
     def commit(self, results: list[tuple]) -> tuple[list[int], list[int]]:
-        """results: what each of prepare's calls returned (RowsCall.run: final hidden states (R, W, C) and
-        keys/values, unused). Commits the drawn tokens; returns (the rows that committed, the rows now
-        finished), slots in order."""
+        """results: what each of prepare's calls returned (RowsCall.run: final hidden states and keys/values).
+        Commits the drawn tokens; returns (the rows that committed, the rows now finished), slots in order."""
         calls, self._calls = self._calls, []
-        for call, (h, _) in zip(calls, results):
-            if self.h is None:
-                self.h = h.new_zeros(self.x.size(0), self.x.size(1), h.size(-1))
-            self.h[torch.tensor(call.slots, device=self.device), :h.size(1)] = align_predictions(h, self.shift)
+        self._take_states(calls, results)
+        for call in calls:
             for s in call.slots:
                 self.rows[s].fresh = True
-                self.rows[s].nfe += 1
         slots = sorted(self.rows)  # after prepare, every row commits this step
         if not slots:
             return [], []
@@ -135,5 +136,4 @@ class AncestralRows(MaskedRowSlots):
         self.todo[index[rows], cols] = False
         for s in slots:
             self.rows[s].fresh = self.rows[s].committing = False
-        left = self.todo[index].any(1).tolist()
-        return self._succeeded(slots, [s for s, more in zip(slots, left) if not more])
+        return self._succeeded(slots, self._end_blocks(slots))

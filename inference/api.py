@@ -9,9 +9,13 @@
     done = generate_with_stats(loaded.model, loaded.tokenizer, prompts, 64, options=opts)
 
 Decoding options are one dataclass, `DecodeOptions` (the CLI's defaults; checked when built, and
-against the model by `for_model`); each strategy is one entry of `DECODERS`.
+against the model by `for_model`); each strategy is one entry of `DECODERS`: the rows (`RowSlots`) that
+decode it, every request a row of its own at steps of its own, drawing from its own generator (seed + its
+index in the call), so a request decodes the same whatever else is in the batch. `add_request` turns a
+request's options into its row (the server's scheduler adds its rows the same way).
 
-Strategies (see inference/diffusion_decoding.py and inference/ar_decoding.py for the maths):
+Strategies (see inference/ancestral_rows.py, inference/confidence_rows.py, inference/diffusion_rows.py and
+inference/ar_decoding.py for the maths):
   ancestral  MDLM ancestral sampling, `steps` time steps (default: the generation length L, or for a
              distilled model the steps it was distilled for)
   topk       commit the k most confident per step: `tokens_per_step`=k, or `steps` (default k = 1)
@@ -36,10 +40,12 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from inference.ar_decoding import decode_autoregressive
-from inference.batching import DecodeResult, Layout, Request, StepHook, build_layout, plan_batches
+from inference.ancestral_rows import AncestralRows
+from inference.ar_decoding import ARRows
+from inference.batching import DecodeResult, Request, RowSlots, build_layout, decode_rows, plan_batches
 from inference.commit_rules import CommitRandom, CommitThreshold, CommitTopK
-from inference.diffusion_decoding import decode_ancestral, decode_by_confidence, steps_per_block
+from inference.confidence_rows import ConfidenceRows
+from inference.diffusion_rows import steps_per_block
 from inference.sampling import Sampler
 from models.diffusion import NoiseSchedule
 
@@ -284,12 +290,9 @@ def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens
     options = options.for_model(model)
     check_model_and_tokenizer(model, tokenizer)
     requests = encode_requests(model, tokenizer, prompts, lengths)
-    decode = DECODERS[options.strategy]
 
     kind, align = model_kind(model), block_alignment(model)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(options.seed)
-    sampler, noise = options.sampler(), NoiseSchedule(options.schedule)
     stop_id = tokenizer.eot_id if options.stop_at_eot else None
     fill_id = tokenizer.mask_id if kind == "diffusion" else tokenizer.eot_id
     batches = plan_batches(requests, options.batch_size, model.config.block_size, 0 if kind == "ar" else align)
@@ -306,13 +309,12 @@ def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens
             for batch_index, batch in enumerate(batches):
                 layout = build_layout([requests[i] for i in batch], fill_id, tokenizer.eot_id,
                                       0 if kind == "ar" else align, device)
-                job = DecodeJob(model, layout, options, sampler, generator, noise, tokenizer.mask_id,
-                                vocab_limit=tokenizer.vocab_size, stop_id=stop_id, align=align,
-                                default_steps=max(lengths),
-                                on_step=_make_hook(batch, layout, options.strategy, tokenizer.mask_id, bar, on_step),
-                                request_ids=batch)
+                rows = new_rows(model, tokenizer, options.strategy, len(batch), layout.x.size(1))
+                generators = [torch.Generator(device=device).manual_seed(options.seed + i) for i in batch]
                 t0 = time.perf_counter()
-                res = decode(job)
+                res = decode_rows(model, rows, layout, lambda b, prompt_ids: add_request(
+                    rows, options, prompt_ids, layout.gen_lens[b], generators[b], stop_id, default_steps=max(lengths)),
+                    on_step=_make_hook(batch, layout, options.strategy, tokenizer.mask_id, bar, on_step))
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - t0
@@ -332,27 +334,26 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: Union[int
     return [c.text for c in generate_with_stats(model, tokenizer, prompts, max_new_tokens, strategy, **knobs)]
 
 
-# ----------------------------------------------------------------------------- one table: strategy -> decoder
-@dataclass
-class DecodeJob:
-    """Everything a decoder needs to decode one batch."""
-
-    model: torch.nn.Module
-    layout: Layout
-    options: DecodeOptions  # resolved for the model (DecodeOptions.for_model)
-    sampler: Sampler
-    generator: torch.Generator  # one per generate call, shared by its batches
-    noise: NoiseSchedule
-    mask_id: int
-    vocab_limit: int  # SUBS: never MASK, never padding ids
-    stop_id: Optional[int]  # EOT when stop_at_eot
-    align: int  # block-causal models: their block length (they decode block by block); else 0
-    default_steps: int  # ancestral: T = L, the longest generation of the call (independent of batching)
-    on_step: Optional[StepHook]
-    request_ids: list[int]  # each row's index among the call's prompts
+# ----------------------------------------------------------------------------- one table: strategy -> rows
+DECODERS: dict[str, type[RowSlots]] = {
+    "ancestral": AncestralRows,
+    "topk": ConfidenceRows,
+    "random": ConfidenceRows,
+    "threshold": ConfidenceRows,
+    "blocks": ConfidenceRows,
+    "ar": ARRows,
+}
 
 
-def commit_rule(name: str, steps, tokens_per_step, threshold, generator):
+def new_rows(model, tokenizer, strategy: str, capacity: int, width: int) -> RowSlots:
+    """Empty rows of the kind that decodes `strategy`: capacity rows of at most width columns."""
+    kind = DECODERS[strategy]
+    if kind is ARRows:
+        return ARRows(model, tokenizer.vocab_size, capacity, width)
+    return kind(model, tokenizer.mask_id, tokenizer.vocab_size, capacity, width)
+
+
+def commit_rule(name: str, steps, tokens_per_step, threshold, generator=None):
     """The commit rule of a confidence / random strategy with its step budget."""
     if name == "threshold":
         return CommitThreshold(threshold, steps)
@@ -360,60 +361,33 @@ def commit_rule(name: str, steps, tokens_per_step, threshold, generator):
     return CommitRandom(generator, **budget) if name == "random" else CommitTopK(**budget)
 
 
-def request_generators(job: DecodeJob) -> list[torch.Generator]:
-    """One generator per request, seeded seed + its index in the call: rules that decode rows at steps of
-    their own (AR, and ancestral / topk / random / threshold over the whole canvas) draw each request's
-    numbers from its own, so its output does not depend on batch_size or on the other requests (decode it
-    alone with seed + index)."""
-    device = job.layout.x.device
-    return [torch.Generator(device=device).manual_seed(job.options.seed + i) for i in job.request_ids]
+def add_request(rows: RowSlots, options: DecodeOptions, prompt_ids: list[int], gen_len: int,
+                generator: torch.Generator, stop_id: Optional[int], default_steps: int) -> int:
+    """Add one request to `rows` (of its kind: `new_rows(..., options.strategy, ...)`) as its options (resolved
+    for the model) ask; returns its slot. stop_id: EOT when stop_at_eot (AR rows stop at it, a finished block
+    holding it ends a block row). default_steps: the ancestral time steps when options.steps is None.
 
-
-def _decode_ar(job: DecodeJob) -> DecodeResult:
-    return decode_autoregressive(job.model, job.layout, job.sampler, request_generators(job), job.vocab_limit,
-                                 job.options.kv_cache, job.stop_id, job.on_step)
-
-
-def _decode_ancestral(job: DecodeJob) -> DecodeResult:
-    o = job.options
-    steps = o.steps or job.default_steps
-    if job.align:  # BD3-LM: one ancestral chain per block, the steps spread over a row's blocks
-        return decode_ancestral(job.model, job.layout, steps_per_block(job.layout, steps, o.block_length), job.noise,
-                                job.sampler, job.generator, job.mask_id, job.vocab_limit,
-                                block_length=o.block_length, kv_cache=o.kv_cache, on_step=job.on_step)
-    return decode_ancestral(job.model, job.layout, steps, job.noise, job.sampler, request_generators(job),
-                            job.mask_id, job.vocab_limit, on_step=job.on_step)
-
-
-def _decode_by_confidence(job: DecodeJob) -> DecodeResult:
-    """topk / random / threshold over the whole generation; block by block for block-causal models."""
-    o = job.options
-    if job.align:
-        return _decode_blocks(job, rule=o.strategy)
-    return decode_by_confidence(job.model, job.layout, commit_rule(o.strategy, o.steps, o.tokens_per_step,
-                                                                   o.threshold, job.generator),
-                                job.sampler, request_generators(job), job.mask_id, job.vocab_limit,
-                                on_step=job.on_step)
-
-
-def _decode_blocks(job: DecodeJob, rule: Optional[str] = None) -> DecodeResult:
-    """Semi-autoregressive blocks of block_length with `rule` (default: block_rule) inside each block."""
-    o = job.options
-    return decode_by_confidence(job.model, job.layout, commit_rule(rule or o.block_rule, None, o.tokens_per_step,
-                                                                   o.threshold, job.generator),
-                                job.sampler, job.generator, job.mask_id, job.vocab_limit,
-                                block_length=o.block_length, kv_cache=o.kv_cache, block_steps=o.steps,
-                                stop_id=job.stop_id, on_step=job.on_step)
-
-
-DECODERS: dict[str, Callable[[DecodeJob], DecodeResult]] = {
-    "ancestral": _decode_ancestral,
-    "topk": _decode_by_confidence,
-    "random": _decode_by_confidence,
-    "threshold": _decode_by_confidence,
-    "blocks": _decode_blocks,
-    "ar": _decode_ar,
-}
+    Block by block: the `blocks` strategy and every rule of a block-causal model (block_length, with the KV
+    cache of the finished blocks when kv_cache), `steps` spread over a row's blocks."""
+    o, sampler = options, options.sampler()
+    if isinstance(rows, ARRows):
+        return rows.add(prompt_ids, gen_len, sampler, generator, stop_id, o.kv_cache)
+    block_length = o.block_length if (o.strategy == "blocks" or rows.align) else None
+    kv_cache = o.kv_cache and block_length is not None
+    blocks = rows.blocks(len(prompt_ids), gen_len, block_length)
+    if isinstance(rows, AncestralRows):
+        steps = steps_per_block(o.steps or default_steps, blocks)
+        return rows.add(prompt_ids, gen_len, steps, NoiseSchedule(o.schedule), sampler, generator, block_length,
+                        kv_cache)
+    if block_length is None:
+        rule = commit_rule(o.strategy, o.steps, o.tokens_per_step, o.threshold)
+    else:
+        rule = commit_rule(o.block_rule if o.strategy == "blocks" else o.strategy, None, o.tokens_per_step,
+                           o.threshold)
+        if o.steps:
+            rule = rule.with_steps(steps_per_block(o.steps, blocks))
+    return rows.add(prompt_ids, gen_len, rule, sampler, generator, block_length, kv_cache,
+                    stop_id if block_length else None)
 
 
 def generated_ids(res: DecodeResult, row: int) -> list[int]:

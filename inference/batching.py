@@ -1,21 +1,22 @@
-"""A batch of requests laid out on one canvas, and the one way decoders call the model on it.
+"""Requests, the rows that decode them, and the one way decoders call the model.
 
-Every request is a prompt (fixed ids) plus a number of tokens to generate. A batch puts them on one
-(B, T) canvas with LEFT padding, so that all rows start generating in the same column (or, for
-block-causal models, in the same block):
+Every request is a prompt (fixed ids) plus a number of tokens to generate. Every decoder is a `RowSlots`
+(`ARRows`, `AncestralRows`, `ConfidenceRows`): up to `capacity` rows, each a canvas of its own from column
+0, each at its own step of its own decode, rows joining and leaving at any step. `generate` adds a
+batch's requests as rows and steps them to the end (`decode_rows`); the server's scheduler adds requests
+as they come. A step is `prepare` (the step's model calls, `RowsCall`), running the calls, and `commit`
+(every row's tokens at once). Each row draws its random numbers from its own generator, in the order it
+draws them alone, so a row decodes exactly what it decodes alone, whatever else is in the batch.
+
+A batch's result is shown on one (B, T) canvas with LEFT padding (`Layout`), so that all rows start
+generating in the same column (or, for block-causal models, in the same block):
 
     row 0   [pad pad p p p | g g g g g g . .]      g: generated, MASK until committed
     row 1   [p p p p p p p | g g g g . . . .]      .: right padding (a shorter generation)
              ^ key_starts               ^ key_lengths (both index the canvas)
 
-Each row carries its own position ids (position 0 at its first real token), and the attention mask
-hides the left padding (key_starts) and everything after the row's own end (key_lengths). A row
-therefore computes exactly what it would compute alone, which is what makes batched decoding equal
-to one-by-one decoding.
-
-Block-causal models see blocks by canvas index (`kernels.attention.dense_mask`), so for them the left
-padding is a multiple of the model's block length: the canvas blocks then coincide with each row's
-own blocks, and the first generated position of every row falls in the same canvas block.
+Block-causal models see blocks by index from each row's column 0, so for them the left padding is a
+multiple of the model's block length: the canvas blocks then coincide with each row's own blocks.
 """
 from __future__ import annotations
 
@@ -128,95 +129,6 @@ def build_layout(requests: list[Request], fill_id: int, pad_id: int, align: int,
                   prompt_lens=prompt_lens, gen_lens=gen_lens)
 
 
-class ModelRunner:
-    """Runs the Transformer body on some rows and columns of a canvas and counts the calls.
-
-    `hidden(rows, q_lo, q_hi, past_kv)` feeds canvas columns [q_lo, q_hi) of `rows` as queries; past_kv,
-    if given, must hold the keys/values of columns [0, q_lo) of the same rows. Returns the final hidden
-    states (R, q_hi - q_lo, C) and this call's KV (one (k, v) per layer, (R, H, q_hi - q_lo, D)).
-    Output layer and sampling are applied by the caller, only where a token is needed. A call whose rows
-    have no padding among its keys (no left padding, nothing past a row's end before q_hi: one request,
-    or requests of equal length) passes no key_lengths / key_starts, so attention takes its unpadded
-    path (on a CPU, SDPA without a materialised mask: ~10% of a one-row MDLM call of the quickstart model).
-    """
-
-    def __init__(self, model, layout: Layout, x: torch.Tensor):
-        self.model = model
-        self.layout = layout
-        self.x = x  # the canvas being decoded (updated in place by the decoder)
-        self.kind = model.config.attention
-        self.block_length = model.config.block_length
-        self.calls = 0  # model calls for the whole batch
-        self.nfe = torch.zeros(layout.batch_size, dtype=torch.long)  # calls each row took part in
-        self._starts, self._ends = layout.key_starts.tolist(), layout.key_lengths.tolist()  # host copies
-
-    def hidden(self, rows: torch.Tensor, q_lo: int, q_hi: int, past_kv: Optional[list] = None):
-        if (q_lo > 0) != (past_kv is not None):
-            raise AssertionError("queries from column q_lo > 0 need the KV cache of columns [0, q_lo)")
-        lay = self.layout
-        padded = any(self._starts[r] > 0 or self._ends[r] < q_hi for r in rows.tolist())  # keys are [0, q_hi)
-        mask = AttentionMask(kind=self.kind, block_length=self.block_length, q_offset=q_lo,
-                             key_lengths=lay.key_lengths[rows] if padded else None,
-                             key_starts=lay.key_starts[rows] if padded else None)
-        h, presents = self.model.hidden_states(self.x[rows, q_lo:q_hi], mask=mask, past_kv=past_kv,
-                                               positions=lay.positions[rows, q_lo:q_hi])
-        self.calls += 1
-        self.nfe[rows.cpu()] += 1
-        return h, presents
-
-
-class RowKVCache:
-    """Keys/values of the first columns of each row of a batch's canvas: row r holds columns
-    [0, lengths[r]), one (k, v) per layer, in (B, H, T, D) buffers allocated on the first write.
-
-    A model call feeds columns from one q_lo for all its rows, so the rows of a call must hold the same
-    number of columns (`length`). Rows may differ between calls: an ancestral row that has not yet run
-    in the current block still holds the blocks before the previous one's end, while the rows that have
-    run hold one more finished block."""
-
-    def __init__(self, batch_size: int, width: int):
-        self.width = width  # canvas columns T
-        self.kv: Optional[list] = None  # [(k, v)] per layer, each (B, H, T, D)
-        self.lengths = [0] * batch_size  # columns held by each row
-
-    def length(self, rows: torch.Tensor) -> int:
-        return self._held(rows.tolist())
-
-    def _held(self, ids: list[int]) -> int:
-        held = {self.lengths[r] for r in ids}
-        if len(held) > 1:
-            raise AssertionError(f"rows of one call hold different numbers of cached columns: {sorted(held)}")
-        return held.pop() if held else 0
-
-    @staticmethod
-    def _index(rows: torch.Tensor, ids: list[int]):
-        """A run of consecutive rows (a one-row batch, or every row) as a slice: views, not copies."""
-        return slice(ids[0], ids[-1] + 1) if ids and ids == list(range(ids[0], ids[-1] + 1)) else rows
-
-    def get(self, rows: torch.Tensor) -> Optional[list]:
-        """These rows' cached keys/values (R, H, length, D), or None when they hold nothing."""
-        ids = rows.tolist()
-        n = self._held(ids)
-        if n == 0:
-            return None
-        index = self._index(rows, ids)
-        return [(k[index, :, :n], v[index, :, :n]) for k, v in self.kv]
-
-    def write(self, rows: torch.Tensor, presents: list, q_lo: int, n: int) -> None:
-        """Store the first n columns of `presents` (a call's keys/values of `rows`, fed from column q_lo)
-        as columns [q_lo, q_lo + n): the rows then hold q_lo + n columns (q_lo = 0 replaces the cache)."""
-        if self.kv is None:
-            B = len(self.lengths)
-            self.kv = [tuple(t.new_zeros(B, t.size(1), self.width, t.size(3)) for t in kv) for kv in presents]
-        ids = rows.tolist()
-        index = self._index(rows, ids)
-        for (k, v), (nk, nv) in zip(self.kv, presents):
-            k[index, :, q_lo:q_lo + n] = nk[:, :, :n]
-            v[index, :, q_lo:q_lo + n] = nv[:, :, :n]
-        for r in ids:
-            self.lengths[r] = q_lo + n
-
-
 # ----------------------------------------------------------------------------- rows at steps of their own
 @dataclass
 class RowsCall:
@@ -227,6 +139,7 @@ class RowsCall:
     mask: Optional[AttentionMask] = None  # None: the model's own (no padding, no past)
     past_kv: Optional[list] = None  # one (k, v) per layer, (R, H, P, D)
     positions: Optional[torch.Tensor] = None  # (R, W); None: P, P + 1, ...
+    starts: Optional[list[int]] = None  # each row's first fed column (its cached past); None: column 0
 
     def run(self, model):
         return model.hidden_states(self.idx, mask=self.mask, past_kv=self.past_kv, positions=self.positions)
@@ -236,8 +149,8 @@ class RowSlots:
     """Up to `capacity` independent rows, each a canvas of its own of at most `width` columns (from column
     0), decoded step by step, every row at its own point of its own decode: what a server runs, rows
     joining and leaving at any step. A subclass (`AncestralRows`, `ConfidenceRows`, `ARRows`) holds a rule:
-    `prepare` returns a step's model calls (`RowsCall`, run by the caller, merged with others if it likes)
-    and `commit` takes their results, commits every row's tokens and says which rows finished.
+    `prepare` returns a step's model calls (`RowsCall`, run by the caller) and `commit` takes their
+    results, commits every row's tokens and says which rows finished.
 
     Each row has its own sampler and random generator: `_sample` samples the positions of many rows in one
     output layer and sampling call per sampler, each row drawing from its generator exactly what it would
@@ -252,6 +165,7 @@ class RowSlots:
         self._calls: list[RowsCall] = []  # prepare's calls, until commit
         self.calls = 0  # model calls asked for
         self.failed: dict[int, Exception] = {}  # rows whose last step failed (slot -> why); the caller removes them
+        self.kv: Optional[torch.Tensor] = None  # (N * W, 2 L, H, D) every row's KV cache (`_past_call`)
 
     @property
     def active(self) -> int:
@@ -267,11 +181,12 @@ class RowSlots:
         self.x[slot, :len(canvas)] = torch.tensor(canvas, dtype=torch.long).to(self.device)
         return slot
 
-    def _whole_calls(self, slots: list[int], split: Optional[Callable[[list[int]], list[list[int]]]]) -> list[RowsCall]:
-        """Calls feeding these rows their whole canvas (columns [0, length), right-padded to the longest and
-        hidden by key_lengths): one call, or one per group of split(their lengths) (a scheduler that weighs
-        padding against calls)."""
-        lengths = [self.rows[s].length for s in slots]
+    def _whole_calls(self, slots: list[int], split: Optional[Callable[[list[int]], list[list[int]]]],
+                     ends: Optional[list[int]] = None) -> list[RowsCall]:
+        """Calls feeding these rows columns [0, ends[i]) (default: their whole canvas), right-padded to the
+        longest and hidden by key_lengths: one call, or one per group of split(their widths) (a scheduler
+        that weighs padding against calls)."""
+        lengths = ends if ends is not None else [self.rows[s].length for s in slots]
         groups = split(lengths) if (split is not None and len(slots) > 1) else [list(range(len(slots)))]
         cfg, calls = self.model.config, []
         for group in groups:
@@ -283,6 +198,52 @@ class RowSlots:
                 kind=cfg.attention, block_length=cfg.block_length, key_lengths=torch.tensor(widths, device=self.device))
             calls.append(RowsCall(part, self.x[torch.tensor(part, device=self.device), :width], mask))
         return calls
+
+    # ------------------------------------------------------------------ each row's KV cache
+    # The KV cache of all rows is one buffer, `kv`: (rows x width) columns of every layer's keys and values,
+    # column c of slot s at s * W + c, allocated on the first write. A row holds the keys/values of its first
+    # columns (`_keep_kv`); a call feeds each row the columns after them (`_past_call`).
+
+    def _past_call(self, slots: list[int], starts: list[int], ends: list[int]) -> RowsCall:
+        """One call feeding row i columns [starts[i], ends[i]) after its cached keys/values of [0, starts[i]).
+
+        The pasts are read RIGHT-aligned into a window of the longest, Q (one gather for every row and layer),
+        so every row's first fed column sits at key Q, the one q_offset of the call; the columns before row
+        i's past are hidden by key_starts = Q - starts[i], and its queries are right-padded to the widest
+        (hidden by key_lengths). A query then sees exactly the keys it sees alone. A block-causal model sees
+        blocks by key index: the pasts of one call must differ by whole blocks (the caller groups them)."""
+        dev, W = self.device, self.x.size(1)
+        index = torch.tensor(slots, device=dev)
+        past = torch.tensor(starts, device=dev)  # (R,)
+        Q, width = max(starts), max(e - s for s, e in zip(starts, ends))
+        lead = Q - past  # (R,) hidden columns before each row's past
+        cols = (torch.arange(Q, device=dev)[None, :] - lead[:, None]).clamp(min=0)  # (R, Q)
+        window = self.kv[index[:, None] * W + cols]  # (R, Q, 2L, H, D): one gather for every row and layer
+        past_kv = [(window[:, :, 2 * i].transpose(1, 2), window[:, :, 2 * i + 1].transpose(1, 2))
+                   for i in range(window.size(2) // 2)]  # per layer (R, H, Q, D)
+        fed = (past[:, None] + torch.arange(width, device=dev)[None, :]).clamp(max=W - 1)  # (R, w) columns fed
+        widths = [e - s for s, e in zip(starts, ends)]
+        cfg = self.model.config
+        mask = AttentionMask(kind=cfg.attention, block_length=cfg.block_length, q_offset=Q,
+                             key_starts=lead if min(starts) < Q else None,
+                             key_lengths=(torch.tensor(widths, device=dev) + Q) if min(widths) < width else None)
+        return RowsCall(slots, self.x[index[:, None], fed], mask, past_kv, fed, list(starts))
+
+    def _keep_kv(self, call: RowsCall, presents: list, keep: list[int]) -> None:
+        """Store the keys/values of the first keep[i] columns a call fed row i (`presents`: the call's, one
+        (k, v) per layer, (R, H, w, D)); the row then holds its columns up to starts[i] + keep[i]."""
+        if not any(keep):
+            return
+        dev, W = self.device, self.x.size(1)
+        new = torch.stack([t for kv in presents for t in kv], dim=2)  # (R, H, 2L, w, D)
+        new = new.permute(0, 3, 2, 1, 4)  # (R, w, 2L, H, D)
+        if self.kv is None:
+            self.kv = new.new_zeros(self.x.size(0) * W, *new.shape[2:])
+        starts = torch.tensor(call.starts or [0] * len(call.slots), device=dev)  # (R,)
+        cols = starts[:, None] + torch.arange(new.size(1), device=dev)[None, :]  # (R, w)
+        kept = torch.arange(new.size(1), device=dev)[None, :] < torch.tensor(keep, device=dev)[:, None]  # (R, w)
+        index = torch.tensor(call.slots, device=dev)
+        self.kv[(index[:, None] * W + cols)[kept]] = new[kept]
 
     def remove(self, slot: int) -> None:
         """The row leaves (finished, failed or cancelled), between a commit and the next prepare."""
@@ -342,43 +303,24 @@ class RowSlots:
         return tokens, conf
 
 
-class MaskedRowSlots(RowSlots):
-    """RowSlots of a diffusion rule: a row's canvas is its prompt then gen_len MASKs, and `todo` marks the
-    columns still masked. A shifted model (GPTConfig.shift) predicts column c from the state of column
-    c - 1, so its rows need a prompt token."""
-
-    def __init__(self, model, mask_id: int, vocab_limit: int, capacity: int, width: int):
-        super().__init__(model, vocab_limit, capacity, width)
-        self.mask_id = mask_id
-        self.shift = int(model.config.shift)
-        self.todo = torch.zeros(capacity, width, dtype=torch.bool, device=self.device)  # (N, W) still masked
-
-    def _take_masked_slot(self, prompt_ids: list[int], gen_len: int) -> int:
-        if self.shift and not prompt_ids:
-            raise ValueError("a shifted model predicts each token from the column before it: give the row at "
-                             "least one prompt token")
-        slot = self._take_slot(list(prompt_ids) + [self.mask_id] * gen_len, len(prompt_ids), gen_len)
-        self.todo[slot] = False
-        self.todo[slot, len(prompt_ids):len(prompt_ids) + gen_len] = True
-        return slot
-
-
 def decode_rows(model, rows: RowSlots, layout: Layout, add_row: Callable[[int, list[int]], int],
                 on_step: Optional[StepHook] = None) -> DecodeResult:
     """Decode every row of a layout as a row of `rows` (add_row(b, prompt ids) adds row b and returns its
-    slot) to the end; the result on the layout's (left-padded) canvas, as the batch decoders return it."""
+    slot) to the end; the result on the layout's (left-padded) canvas. Columns a row never reached (an AR row
+    stopped at EOT) keep the layout's filler and leave the result's `gen`."""
     B = layout.batch_size
     starts, gen_starts = layout.key_starts.tolist(), layout.gen_starts.tolist()
     row_of = {add_row(b, layout.x[b, starts[b]:gen_starts[b]].tolist()): b for b in range(B)}
     x = layout.x.clone()
     nfe, steps = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    made = [0] * B  # generated columns of each row
     calls = 0
 
     def write_back(slots):  # the rows' tokens into the layout's canvas
         for s, ids in zip(slots, rows.generated(slots)):
             b = row_of[s]
             x[b, gen_starts[b]:gen_starts[b] + len(ids)] = torch.tensor(ids, dtype=torch.long, device=x.device)
-            nfe[b], steps[b] = rows.rows[s].nfe, rows.rows[s].steps
+            nfe[b], steps[b], made[b] = rows.rows[s].nfe, rows.rows[s].steps, len(ids)
 
     while rows.active:
         results = [call.run(model) for call in rows.prepare()]
@@ -391,4 +333,6 @@ def decode_rows(model, rows: RowSlots, layout: Layout, add_row: Callable[[int, l
             on_step(x, DecodeResult(x, nfe, steps, calls, layout))
         for s in finished:
             rows.remove(s)
-    return DecodeResult(x, nfe, steps, calls, layout)
+    ends = layout.gen_starts + torch.tensor(made, device=x.device)  # (B,)
+    gen = layout.gen & (torch.arange(x.size(1), device=x.device)[None, :] < ends[:, None])
+    return DecodeResult(x, nfe, steps, calls, Layout(**{**layout.__dict__, "gen": gen}))

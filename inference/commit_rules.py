@@ -3,8 +3,8 @@
 Every rule sees conf (R, T): the confidence of each still-masked position's proposed token, -inf where
 nothing may be committed, and commits at least one token per row and step, so decoding terminates.
 `rows` index the rule's per-row state (a region's total of masked tokens, per-row step budgets) and
-`step` is each row's step within its region. Used by `inference.diffusion_decoding.decode_by_confidence`
-(a batch in lockstep) and `inference.confidence_rows.ConfidenceRows` (rows at steps of their own).
+`step` is each row's step within its region (its block). Used by `inference.confidence_rows.ConfidenceRows`,
+whose rows (at steps of their own) share one rule object per rule and budget, its state indexed by slot.
 """
 from __future__ import annotations
 

@@ -134,6 +134,22 @@ def test_sampled_requests_decode_the_same_in_any_batch(strategy, attention, knob
         assert (batched[i].token_ids, batched[i].nfe, batched[i].steps) == (alone.token_ids, alone.nfe, alone.steps)
 
 
+@pytest.mark.parametrize("strategy,attention,knobs", [
+    ("blocks", "bidirectional", dict(block_length=8)),  # the approximate prefix cache
+    ("blocks", "bidirectional", dict(block_length=8, block_rule="random", kv_cache=False, steps=6)),
+    ("ancestral", "block_causal", dict(steps=8)),  # BD3-LM's sampler with the exact cache
+    ("threshold", "block_causal", dict(threshold=0.3, kv_cache=False))])
+def test_sampled_block_requests_decode_the_same_in_any_batch(strategy, attention, knobs):
+    """Block by block too (blocks, every rule of a block-causal model), request i of a call draws from its
+    own generator, seeded seed + i: sampled, it decodes the same in a batch of five as alone with seed + i."""
+    model = tiny_model(attention, block_length=4 if attention == "block_causal" else 0)
+    kw = dict(temperature=0.9, top_k=20, stop_at_eot=False, **knobs)
+    batched = generate_with_stats(model, TOK, PROMPTS, LENGTHS, strategy, batch_size=5, seed=3, **kw)
+    for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS)):
+        alone = generate_with_stats(model, TOK, [p], n, strategy, seed=3 + i, **kw)[0]
+        assert (batched[i].token_ids, batched[i].nfe, batched[i].steps) == (alone.token_ids, alone.nfe, alone.steps)
+
+
 def test_ancestral_rows_at_different_steps_each_decode_what_they_decode_alone():
     """AncestralRows as a server drives it: rows join while others are mid-way (and when a slot frees up),
     some steps split their call by width, samplers, schedules and step counts differ between rows, and

@@ -100,7 +100,7 @@ def _run_catching(fn, errors):
 
 
 def test_the_scheduler_waits_for_the_models_gpu_not_the_current_one(monkeypatch):
-    from inference.scheduler import device_synchronizer
+    from inference.serving.scheduler import device_synchronizer
     waited = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
     device_synchronizer(torch.device("cuda", 1))()

@@ -1,4 +1,4 @@
-"""Specification of the server (inference/serve.py) and its step-level scheduler (inference/scheduler.py).
+"""Specification of the server (inference/serving/app.py) and its scheduler (inference/serving/scheduler.py).
 
 Tiny random models (2 layers, 32 wide, context 64) served in float64 by real `python -m inference.serve`
 subprocesses on free loopback ports, driven by the official `openai` client and raw HTTP. Every server a
@@ -32,7 +32,7 @@ from inference.ancestral_rows import AncestralRows
 from inference.api import DecodeOptions, generate_with_stats
 from inference.ar_decoding import ARRows
 from inference.loading import load_model
-from inference.scheduler import RowSpec, StepScheduler, server_options
+from inference.serving.scheduler import RowSpec, StepScheduler, server_options
 from models.gpt import GPT, GPTConfig
 from models.tokenizer import PLACEHOLDER
 from models.weights import save_consolidated
@@ -202,13 +202,13 @@ def test_rows_decoded_together_equal_each_row_decoded_alone(attention):
 
 
 def test_rows_run_one_at_a_time_between_model_calls():
-    """Between two merged calls the scheduler resumes rows one by one (each until its next call), so a
-    row's own work (sampling, committing, its step hook) never runs beside another row's: 16 rows
-    contending for the GIL cost twice their work done one by one. Every step hook here lingers 2 ms
-    inside; had two rows been let go together, their hooks would have overlapped."""
+    """Every row's step (sampling, committing, its step hook) runs in the scheduler's one thread, so a row's
+    own work never runs beside another row's: 16 rows contending for the GIL cost twice their work done one
+    by one. Every step hook here lingers 2 ms inside; had two rows been let go together, their hooks would
+    have overlapped."""
     model = tiny("bidirectional")
     inside, most, lock, finished = [0], [0], threading.Lock(), threading.Event()
-    blocks = DecodeOptions(strategy="blocks", block_length=4, temperature=0)  # a rule decoded in a thread per row
+    blocks = DecodeOptions(strategy="blocks", block_length=4, temperature=0)  # rows of blocks, at their own steps
     specs = [RowSpec("the cat", 8, server_options(blocks.for_model(model))) for _ in range(8)]
     done = []
 
@@ -320,7 +320,7 @@ def test_a_failing_model_call_fails_its_rows_and_the_scheduler_goes_on():
     model.hidden_states = fails_the_third_call
     options = {s: server_options(DecodeOptions(strategy=s, temperature=0).for_model(model)) for s in ("ancestral", "blocks")}
     scheduler = StepScheduler(model, TOK, max_rows=4, max_queue=4, call_overhead_tokens=1000).start()
-    try:  # an ancestral row (decoded by the scheduler's AncestralRows) and a blocks row (in a thread)
+    try:  # an ancestral row (in the scheduler's AncestralRows) and a blocks row (in its ConfidenceRows)
         for specs in ([RowSpec("the cat", 12, options["ancestral"]), RowSpec("the cat", 12, options["blocks"])],
                       [RowSpec("a", 9, options["ancestral"])]):
             ends, finished = {}, threading.Event()
@@ -332,7 +332,7 @@ def test_a_failing_model_call_fails_its_rows_and_the_scheduler_goes_on():
                         finished.set()
             scheduler.submit(specs, on_event)
             assert finished.wait(60), "the scheduler did not finish"
-            if len(specs) == 2:  # both rows were in the third (merged) call: both hear why they failed
+            if len(specs) == 2:  # the third call failed a step of both rows: both hear why they failed
                 assert all(k == "error" and "device lost" in str(e) for k, e in ends.values()), ends
     finally:
         scheduler.stop(1.0)
@@ -365,17 +365,16 @@ def test_a_row_whose_model_output_is_not_finite_fails_alone(attention):
     assert scheduler.active == 0
 
 
-def test_partition_by_width_pays_padding_only_where_it_is_cheaper_than_a_call():
-    from inference.scheduler import _Call, partition_by_width
+def test_partition_widths_pays_padding_only_where_it_is_cheaper_than_a_call():
+    from inference.serving.scheduler import partition_widths
 
-    def call(w):
-        return _Call(torch.zeros(1, w, dtype=torch.long), None, None, None)
-    calls = [call(64), call(1), call(60), call(1), call(2), call(64)]
-    parts = partition_by_width(calls, overhead_tokens=16)
-    assert [[c.idx.size(1) for c in p] for p in parts] == [[1, 1, 2], [60, 64, 64]]
-    assert len(partition_by_width(calls, overhead_tokens=1000)) == 1  # calls dear: always one call
-    free = partition_by_width(calls, overhead_tokens=0)  # calls free: never pad
-    assert all(len({c.idx.size(1) for c in p}) == 1 for p in free)
+    widths = [64, 1, 60, 1, 2, 64]  # one row each
+
+    def parts(overhead_tokens):
+        return [[widths[i] for i in part] for part in partition_widths(widths, [1] * len(widths), overhead_tokens)]
+    assert parts(overhead_tokens=16) == [[1, 1, 2], [60, 64, 64]]
+    assert len(parts(overhead_tokens=1000)) == 1  # calls dear: always one call
+    assert all(len(set(part)) == 1 for part in parts(overhead_tokens=0))  # calls free: never pad
 
 
 # ----------------------------------------------------------------------------- the OpenAI API
@@ -671,7 +670,7 @@ def test_api_key_is_checked_on_every_request(small_server):
 
 
 def test_the_cost_of_a_call_is_measured_at_startup_unless_given(mdlm_server, small_server):
-    """The scheduler's padding-vs-separate-call trade (partition_by_width) uses what a call costs on the
+    """The scheduler's padding-vs-separate-call trade (partition_widths) uses what a call costs on the
     device it runs on: measured when the server starts, or --call_overhead_tokens."""
     measured = mdlm_server.metric("diffusiongpt_call_overhead_tokens")  # a timing: its value is tested above
     logged = re.search(r"costs about (\d+) row-columns of work on cpu \(measured\)", mdlm_server.output())
@@ -682,7 +681,7 @@ def test_the_cost_of_a_call_is_measured_at_startup_unless_given(mdlm_server, sma
 
 @pytest.mark.parametrize("value", ["-1", "nan"])
 def test_a_negative_call_overhead_is_refused_saying_what_to_give(value, capsys):
-    from inference.serve import parse_args
+    from inference.serving.app import parse_args
     with pytest.raises(SystemExit) as exit_:
         parse_args(["--ckpt", "out/x", "--call_overhead_tokens", value])
     assert exit_.value.code == 2
@@ -694,7 +693,7 @@ def test_a_negative_call_overhead_is_refused_saying_what_to_give(value, capsys):
 def test_measure_call_overhead_is_a_call_over_the_cost_of_a_row_column(fixed_s, per_column_s, want):
     """The real model runs; only the clock is simulated, so that every call of R rows x W columns takes
     fixed_s + per_column_s x R x W: the overhead is then (fixed_s + per_column_s) / per_column_s exactly."""
-    from inference.scheduler import measure_call_overhead
+    from inference.serving.scheduler import measure_call_overhead
     model = tiny("bidirectional")
     now = [0.0]
     hidden_states = model.hidden_states

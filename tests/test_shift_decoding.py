@@ -185,9 +185,10 @@ def test_decoding_column_0_of_a_shifted_model_is_refused(model_name, strategy):
 # ----------------------------------------------------------------------------- the server's path
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_server_rows_of_a_shifted_model_decode_like_the_api(model_name):
-    """The server decodes each row through generate_with_stats on a RowModel (the real model's config,
-    shift included); its merged calls must give what the API gives alone, an empty prompt included."""
-    from inference.scheduler import RowSpec, server_options
+    """The server decodes each row in the RowSlots of its kind, added as generate_with_stats adds it (the
+    real model's config, shift included); its shared calls must give what the API gives alone, an empty
+    prompt included."""
+    from inference.serving.scheduler import RowSpec, server_options
     from tests.test_serve import decode_together
 
     model = MODELS[model_name]()

@@ -5,7 +5,7 @@ describes exactly this model: OpenAI's fields, the decoding knobs as extra field
 server accepts only at the value that changes nothing. Each field's `description` is what it accepts, in the
 words every error about it uses ("temperature must be >= 0 and <= 2 ..., got -1"); `error_message` turns
 pydantic's errors into those sentences. What needs the model (the context, the strategies it can use, n x
-prompts against --max_n) is checked afterwards, by `inference.serve.parse_completion_request`.
+prompts against --max_n) is checked afterwards, by `inference.serving.app.parse_completion_request`.
 """
 from __future__ import annotations
 
