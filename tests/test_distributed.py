@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_project_collective_works_when_the_default_group_serves_cuda_only():
+    from tests.test_training import TEARDOWN_ABORT
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", OMP_NUM_THREADS="1")
     ranks = [subprocess.Popen([sys.executable, str(REPO / "tests" / "cuda_only_group.py")], cwd=REPO,
@@ -30,7 +31,9 @@ def test_every_project_collective_works_when_the_default_group_serves_cuda_only(
     try:
         for proc in ranks:
             out, err = proc.communicate(timeout=120)
-            assert proc.returncode == 0, err[-3000:]
+            # the results line is printed before destroy_process_group: gloo's known teardown abort after it
+            # (tests/test_training.py TEARDOWN_ABORT) is no failure of the collectives
+            assert proc.returncode == 0 or (TEARDOWN_ABORT in err and out.strip()), err[-3000:]
             outputs.append(json.loads(out.strip().splitlines()[-1]))
     finally:
         for proc in ranks:
