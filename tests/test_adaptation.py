@@ -24,6 +24,7 @@ from models.weights import load_consolidated
 from training.init_from import InitSource, adopt_source_shape, check_same_tokens, load_weights, read_source
 from training.metrics import read_records
 
+from pretrain_cli import pretrain_cli
 from test_training import REPO, python_run, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 PY = sys.executable
@@ -202,8 +203,8 @@ def source(objective="ar", tokenizer=None, **model) -> InitSource:
 
 
 def test_init_from_a_missing_path_is_a_clear_error_from_pretrain(tiny_data, tmp_path):  # noqa: F811
-    proc = python_run("--config", "training/configs/tiny_test.json", f"--out_dir={tmp_path / 'o'}", f"--data_dir={tiny_data}",
-                      f"--init_from={tmp_path / 'nope'}", *FAST)
+    proc = pretrain_cli("--config", "training/configs/tiny_test.json", f"--out_dir={tmp_path / 'o'}",
+                        f"--data_dir={tiny_data}", f"--init_from={tmp_path / 'nope'}", *FAST)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"--init_from {tmp_path / 'nope'}: no such directory" in proc.stderr
     assert not (tmp_path / "o" / "ckpt").exists()
