@@ -24,8 +24,8 @@ from models.weights import load_consolidated
 from training.init_from import InitSource, adopt_source_shape, check_same_tokens, load_weights, read_source
 from training.metrics import read_records
 
-from pretrain_cli import pretrain_cli
-from test_training import REPO, python_run, tiny_data  # noqa: F401  (tiny_data is a fixture)
+from in_process import pretrain_cli
+from test_training import REPO, python_run
 
 PY = sys.executable
 FAST = ["--wandb_mode=disabled", "--no_tensorboard", "--no_progress_bar", "--log_interval=1", "--eval_iters=1"]
@@ -48,7 +48,7 @@ def causal_logits_of(model: GPT, x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- loading equivalence
 @pytest.fixture(scope="module")
-def ar_run(tiny_data, tmp_path_factory) -> Path:  # noqa: F811
+def ar_run(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ar") / "run"
     proc = python_run("--config", "training/configs/tiny_test.json", f"--data_dir={tiny_data}", f"--out_dir={out}",
                       "--objective=ar", "--model.attention=causal", "--max_iters=6", "--eval_interval=6", *FAST)
@@ -57,7 +57,7 @@ def ar_run(tiny_data, tmp_path_factory) -> Path:  # noqa: F811
 
 
 @pytest.mark.parametrize("objective,attention", [("mdlm", "bidirectional"), ("bd3lm", "block_causal")])
-def test_adapted_shifted_model_equals_the_ar_model_before_any_step(ar_run, tiny_data, tmp_path, objective, attention):  # noqa: F811
+def test_adapted_shifted_model_equals_the_ar_model_before_any_step(ar_run, tiny_data, tmp_path, objective, attention):
     out = tmp_path / "adapted"
     # one update at learning rate 0 (AdamW's decay is lr * wd: also 0): the export holds the initial weights
     proc = python_run("--config", "training/configs/tiny_test.json", f"--data_dir={tiny_data}", f"--out_dir={out}",
@@ -202,7 +202,7 @@ def source(objective="ar", tokenizer=None, **model) -> InitSource:
     return InitSource("SRC", "export", cfg, objective, tokenizer or {"tokenizer": "char", "vocab_size": 81})
 
 
-def test_init_from_a_missing_path_is_a_clear_error_from_pretrain(tiny_data, tmp_path):  # noqa: F811
+def test_init_from_a_missing_path_is_a_clear_error_from_pretrain(tiny_data, tmp_path):
     proc = pretrain_cli("--config", "training/configs/tiny_test.json", f"--out_dir={tmp_path / 'o'}",
                         f"--data_dir={tiny_data}", f"--init_from={tmp_path / 'nope'}", *FAST)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

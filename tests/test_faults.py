@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain_cli import pretrain_cli
+from in_process import pretrain_cli, run_cli
 from training import checkpoint as ckpt
 from training import prepare
 from training.data import CorruptData
@@ -60,9 +60,16 @@ def pretrain(*args, timeout=180) -> subprocess.CompletedProcess:
 
 def refused(*args) -> subprocess.CompletedProcess:
     """training/pretrain.py --config tiny_test.json ARGS for an input it refuses before anything trains:
-    called in this process (tests/pretrain_cli.py); test_a_bad_input_exits_1_with_one_line_and_no_traceback
+    called in this process (tests/in_process.py); test_a_bad_input_exits_1_with_one_line_and_no_traceback
     checks, as a process, what only a process shows."""
     return pretrain_cli("--config", TINY, *args)
+
+
+def sample_cli(*args) -> subprocess.CompletedProcess:
+    """python -m inference.sample ARGS for an input it refuses, in this process."""
+    from inference import sample
+
+    return run_cli(sample.main, *args, prog="inference.sample")
 
 
 def start_pretrain(*args, launcher=None) -> subprocess.Popen:
@@ -720,13 +727,13 @@ def test_resume_on_data_of_another_tokenizer_names_both_and_the_data_dir_to_use(
 
 @pytest.mark.slow
 def test_an_over_long_prompt_names_the_prompt(finished_run, tmp_path):
-    proc = run([PY, "-m", "inference.sample", "--ckpt", finished_run / "export", "--start", "fair is foul " * 5,
-                "--no_progress"])
+    proc = sample_cli("--ckpt", finished_run / "export", "--start", "fair is foul " * 5, "--no_progress")
     assert_refused(proc, r"the --start prompt is 65 tokens long, but the model's context is 32 tokens",
                    r"shorten it to at most 31 tokens")
 
 
 def test_sampling_a_missing_checkpoint_is_refused(tmp_path):
+    """The one refusal of inference.sample run as a process (the others call its main in this process)."""
     proc = run([PY, "-m", "inference.sample", "--ckpt", tmp_path / "nope"])
     assert_refused(proc, r"checkpoint .*nope does not exist", r"a training run's out_dir, its export/ folder")
 
@@ -851,7 +858,7 @@ def test_a_gpt2_dir_whose_tensors_do_not_match_its_config_is_refused_naming_them
 
 
 def test_sampling_a_gpt2_variant_exits_with_the_setting_named(gpt2_variants):
-    proc = run([PY, "-m", "inference.sample", "--init_from", gpt2_variants["relu"], "--max_new_tokens", "2"])
+    proc = sample_cli("--init_from", gpt2_variants["relu"], "--max_new_tokens", "2")
     assert_refused(proc, r"activation_function='relu'", r"transformers itself")
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain_cli import pretrain_cli
+from in_process import pretrain_cli
 from training import checkpoint as ckpt
 from training.config import load_config
 from training.ds_config import ConfigConflict, load_ds_json, resolve
@@ -124,54 +124,19 @@ def python_run(*args, timeout=180) -> subprocess.CompletedProcess:
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    """A ~60k-character corpus of made-up verse, prepared with the char tokenizer by the real CLI."""
-    root = tmp_path_factory.mktemp("tiny_data")
-    rng = random.Random(0)
-    words = ("thou art the sun and moon my lord good night sweet prince what light through yonder window "
-             "breaks speak again bright angel fair is foul and foul is fair").split()
-    lines = []
-    for i in range(2000):
-        speaker = rng.choice(["ROMEO", "JULIET", "HAMLET", "MACBETH"])
-        lines.append(f"{speaker}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) + ".\n")
-    (root / "verse.txt").write_text("\n".join(lines))
-    out = root / "char"
-    subprocess.run([PY, "-m", "training.prepare", "--source", str(root / "verse.txt"), "--tokenizer", "char",
-                    "--out", str(out)], cwd=REPO, check=True, capture_output=True, text=True)
-    return out
-
-
 @pytest.fixture(scope="module")
-def ds_configs(tmp_path_factory) -> dict[str, Path]:
-    """The shipped JSONs; for ZeRO-3 with a persistence threshold of 0, because the tiny model's
-    tensors are all below DeepSpeed's default (1e5 elements) and would otherwise not be partitioned."""
-    root = tmp_path_factory.mktemp("ds_configs")
-    out = {}
-    for stage in STAGES:
-        d = load_ds_json(REPO / f"ds_configs/{stage}.json")
-        if d["zero_optimization"]["stage"] == 3:
-            d["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        out[stage] = root / f"{stage}.json"
-        out[stage].write_text(json.dumps(d))
-    return out
-
-
-@pytest.fixture(scope="module")
-def stage_runs(tiny_data, ds_configs, tmp_path_factory) -> dict[str, dict]:
-    """Every stage: a 20-step run (2 ranks), then a run resumed from its step-10 checkpoint."""
+def stage_runs(two_rank_run, tiny_data, ds_configs, tmp_path_factory) -> dict[str, dict]:
+    """Every stage: a 20-step run (2 ranks; conftest.two_rank_run), then a run resumed from its step-10
+    checkpoint."""
     root = tmp_path_factory.mktemp("runs")
     runs = {}
     for stage in STAGES:
-        full = root / stage
         hashing = ["--checkpoint_hash=sha256"] if stage in SHA256_STAGES else []  # the resumed run inherits it
-        proc = deepspeed_run(full, ds_configs[stage], "--data_dir", str(tiny_data), *hashing)
-        check_finished(proc, full)
-        runs[stage] = {"full": full, "log": proc.stdout + proc.stderr}
+        runs[stage] = dict(two_rank_run(stage, *hashing))
         if stage in RESUMED_STAGES:
             resumed = root / f"{stage}_resumed"
             (resumed / "ckpt").mkdir(parents=True)
-            shutil.copytree(full / "ckpt" / "step_000010", resumed / "ckpt" / "step_000010")
+            shutil.copytree(runs[stage]["full"] / "ckpt" / "step_000010", resumed / "ckpt" / "step_000010")
             (resumed / "ckpt" / "latest").write_text("step_000010")
             proc = deepspeed_run(resumed, ds_configs[stage], "--resume", "--data_dir", str(tiny_data))
             check_finished(proc, resumed)
@@ -344,7 +309,7 @@ def test_corrupt_checkpoint_falls_back_to_previous_good(stage_runs, tmp_path, ch
     ("--model.n_layer=3", r"model\.n_layer: checkpoint 2, now 3", r"--model\.n_layer=2.*new --out_dir"),
     ("--objective.name=ar", "objective.name", "")])
 def test_resume_with_another_network_names_the_difference_and_the_fix(stage_runs, tmp_path, change, difference, fix):
-    """Refused before anything is loaded (in this process: tests/pretrain_cli.py), nothing in out_dir changed."""
+    """Refused before anything is loaded (in this process: tests/in_process.py), nothing in out_dir changed."""
     out = tmp_path / "run"
     shutil.copytree(stage_runs["zero0"]["full"] / "ckpt", out / "ckpt")
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
@@ -359,16 +324,12 @@ def test_resume_with_another_network_names_the_difference_and_the_fix(stage_runs
 
 
 @pytest.mark.slow
-def test_cpu_runs_leave_no_shared_memory_behind(tiny_data, ds_configs, tmp_path):
+@pytest.mark.parametrize("stage", STAGES)
+def test_cpu_runs_leave_no_shared_memory_behind(stage_runs, stage):
     """DeepSpeed's CPU all-reduce creates a 66 MB /dev/shm file per rank and never removes it
-    (training/shm_buffers.py); without the cleanup this run leaves two files named after its port."""
-    port = free_port()
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "training/pretrain.py", "--config",
-           str(TINY_CONFIG), "--deepspeed_config", str(ds_configs["zero0"]), "--out_dir", str(tmp_path / "run"),
-           "--data_dir", str(tiny_data), "--max_iters=2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_cpu_ranks(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) == []
+    (training/shm_buffers.py); without the cleanup each 2-rank run leaves two files named after its port
+    (listed as soon as the run ended: conftest.two_rank_run)."""
+    assert stage_runs[stage]["shm_left"] == []
 
 
 @pytest.mark.slow
@@ -430,11 +391,11 @@ def test_bd3lm_trains_on_two_ranks_and_exports_its_objective(tiny_data, ds_confi
 
 # ----------------------------------------------------------------------------- the FSDP engine (torchrun)
 @pytest.fixture(scope="module")
-def fsdp_runs(tiny_data, ds_configs, tmp_path_factory) -> dict[str, Path]:
+def fsdp_runs(two_rank_run, tiny_data, tmp_path_factory) -> dict[str, Path]:
     """A 20-step FSDP run (2 ranks), the same run resumed from its step-10 checkpoint, and the DeepSpeed
     ZeRO-0 run of the same config as the reference."""
     root = tmp_path_factory.mktemp("fsdp_runs")
-    runs = {"fsdp": root / "fsdp", "resumed": root / "fsdp_resumed", "zero0": root / "zero0"}
+    runs = {"fsdp": root / "fsdp", "resumed": root / "fsdp_resumed"}
     proc = torchrun_fsdp(runs["fsdp"], "--data_dir", str(tiny_data))
     check_finished(proc, runs["fsdp"])
     (runs["resumed"] / "ckpt").mkdir(parents=True)
@@ -445,8 +406,7 @@ def fsdp_runs(tiny_data, ds_configs, tmp_path_factory) -> dict[str, Path]:
            "--config", str(TINY_CONFIG), "--out_dir", str(runs["resumed"]), "--resume", "--data_dir", str(tiny_data)]
     proc = subprocess.run(cmd, cwd=REPO, env=env_for_cpu_ranks(), capture_output=True, text=True, timeout=300)
     check_finished(proc, runs["resumed"])
-    proc = deepspeed_run(runs["zero0"], ds_configs["zero0"], "--data_dir", str(tiny_data))
-    check_finished(proc, runs["zero0"])
+    runs["zero0"] = two_rank_run("zero0")["full"]  # the stage run of test_training_decreases_loss[zero0]
     return runs
 
 
@@ -532,8 +492,8 @@ def test_inference_loads_an_fsdp_run_without_an_export(fsdp_runs, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_checkpoint_refuses_the_other_engine(fsdp_runs):
-    proc = python_run("--config", str(TINY_CONFIG), "--out_dir", str(fsdp_runs["fsdp"]), "--resume", "--eval_only",
-                      "--engine=deepspeed", "--data_dir", records(fsdp_runs["fsdp"], "config")[0]["data"])
+    proc = pretrain_cli("--config", TINY_CONFIG, "--out_dir", fsdp_runs["fsdp"], "--resume", "--eval_only",
+                        "--engine=deepspeed", "--data_dir", records(fsdp_runs["fsdp"], "config")[0]["data"])
     assert proc.returncode != 0
     assert "written by engine=fsdp; resume it with --engine=fsdp" in proc.stderr
 
@@ -574,7 +534,7 @@ def test_launch_sh_end_to_end(tmp_path):
 def test_unknown_key_is_an_error_listing_known_keys():
     with pytest.raises(ValueError, match=r"unknown config key --n_layers; known keys: .*model\.n_layer"):
         load_config(None, ["--n_layers=4"])
-    proc = python_run("--config", str(TINY_CONFIG), "--modle.n_layer=2")
+    proc = pretrain_cli("--config", TINY_CONFIG, "--modle.n_layer=2")
     assert proc.returncode != 0 and "unknown config key --modle.n_layer" in proc.stderr
     assert "model.n_layer" in proc.stderr
 
@@ -592,19 +552,16 @@ def test_checkpoint_hash_key_and_its_error(value, error):
             load_config(None, [f"--checkpoint_hash={value}"])
 
 
-def test_engine_key_and_its_errors(tiny_data):
+def test_engine_key_and_its_errors():
     cfg, _ = load_config(str(TINY_CONFIG), [])
     assert cfg.engine == "deepspeed"  # the default
     cfg, explicit = load_config(str(TINY_CONFIG), ["--engine=fsdp"])
     assert cfg.engine == "fsdp" and "engine" in explicit
     with pytest.raises(ValueError, match=r"engine='fdsp': expected deepspeed \| fsdp"):
         load_config(None, ["--engine=fdsp"])
-    proc = python_run("--config", str(TINY_CONFIG), "--engine=megatron")
+    proc = pretrain_cli("--config", TINY_CONFIG, "--engine=megatron")
     assert proc.returncode != 0 and "engine='megatron': expected deepspeed | fsdp" in proc.stderr
-    # FSDP takes every setting from the training config: a DeepSpeed JSON as well is a mistake
-    proc = python_run("--config", str(TINY_CONFIG), "--engine=fsdp", f"--data_dir={tiny_data}",
-                      "--deepspeed_config", str(REPO / "ds_configs/zero2.json"))
-    assert proc.returncode != 0 and "--deepspeed_config" in proc.stderr and "engine=fsdp" in proc.stderr
+    # FSDP with a DeepSpeed JSON as well: test_faults.py::test_fsdp_with_a_deepspeed_json_is_refused
 
 
 def test_fsdp_settings_come_from_the_train_config():
