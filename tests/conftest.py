@@ -2,8 +2,6 @@
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -58,7 +56,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """A ~60k-character corpus of made-up verse, prepared with the char tokenizer by the real CLI."""
+    """A ~60k-character corpus of made-up verse, prepared with the char tokenizer by the real CLI (its main,
+    in this process)."""
+    from training import prepare
+
     root = tmp_path_factory.mktemp("tiny_data")
     rng = random.Random(0)
     words = ("thou art the sun and moon my lord good night sweet prince what light through yonder window "
@@ -69,8 +70,7 @@ def tiny_data(tmp_path_factory) -> Path:
         lines.append(f"{speaker}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) + ".\n")
     (root / "verse.txt").write_text("\n".join(lines))
     out = root / "char"
-    subprocess.run([sys.executable, "-m", "training.prepare", "--source", str(root / "verse.txt"), "--tokenizer",
-                    "char", "--out", str(out)], cwd=REPO, check=True, capture_output=True, text=True)
+    prepare.main(["--source", str(root / "verse.txt"), "--tokenizer", "char", "--out", str(out)])
     return out
 
 

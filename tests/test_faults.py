@@ -194,9 +194,7 @@ def data(tmp_path_factory) -> Path:
     text = "\n".join(f"{rng.choice(['ROMEO', 'JULIET'])}:\n" + " ".join(rng.choice(words) for _ in range(7)) + ".\n"
                      for _ in range(800))
     (root / "verse.txt").write_text(text)
-    proc = run([PY, "-m", "training.prepare", "--source", root / "verse.txt", "--tokenizer", "char", "--out",
-                root / "char"])
-    assert proc.returncode == 0, proc.stderr
+    prepare.main(["--source", str(root / "verse.txt"), "--tokenizer", "char", "--out", str(root / "char")])
     return root / "char"
 
 
