@@ -2,13 +2,15 @@
 
 Every refusal below is specified the same way (`assert_refused`): a non-zero exit, no traceback, a
 message that names the problem and the fix, and nothing on disk that existed before changed
-(`DiskSnapshot` hashes the out_dir and data dir before and after). The faults are real, not simulated:
+(`DiskSnapshot` hashes the out_dir and data dir before and after). A refusal made before anything runs is
+checked in this process (the command's main(argv), tests/in_process.py); one refusal per command runs as
+a process, for the exit status and the absence of a traceback. The faults are real, not simulated:
 two concurrent runs on one out_dir, a small tmpfs as a full disk (root only; skipped otherwise, with the
 reason), SIGTERM to launch.sh alone and to the `deepspeed` launcher alone, SIGKILL in the middle of a save,
 DeepSpeed buffers of dead processes in /dev/shm, a planted pickle that would run code.
 
-Tiny models (training/configs/tiny_test.json) on a ~30k-character corpus: the whole file takes ~3 minutes
-on 2 CPU cores; the tests that train or launch several processes are @slow.
+Tiny models (training/configs/tiny_test.json) on a ~30k-character corpus: the whole file takes ~3.5 minutes
+on 2 CPU cores, the tests that are not @slow ~25 s; the tests that train or launch several processes are @slow.
 """
 from __future__ import annotations
 
@@ -516,10 +518,11 @@ def test_a_planted_pickle_is_refused_and_never_run(data, run_copy, tmp_path, how
     elif how == "resume_elsewhere_through_a_link":  # another ZeRO stage: through the universal checkpoint
         proc = pretrain("--data_dir", data, "--out_dir", run_copy, "--resume", "--deepspeed_config",
                         "ds_configs/zero1.json")
-    elif how == "export":
-        proc = run([PY, "-m", "training.export", "--ckpt", run_copy, "--out", tmp_path / "exported"])
+    elif how == "export":  # in this process (test_exporting_a_directory_that_is_no_checkpoint_is_refused: a process)
+        from training import export
+        proc = run_cli(export.main, "--ckpt", run_copy, "--out", tmp_path / "exported", prog="training.export")
     else:  # inference consolidates a training checkpoint through the export first
-        proc = run([PY, "-m", "inference.sample", "--ckpt", run_copy, "--num_samples", "1", "--max_new_tokens", "4"])
+        proc = sample_cli("--ckpt", run_copy, "--num_samples", "1", "--max_new_tokens", "4")
     assert_refused(proc, problem, r"never executes code.*export \(model\.safetensors", snapshot)
     assert not marker.exists()
 
@@ -737,6 +740,7 @@ def test_sampling_a_missing_checkpoint_is_refused(tmp_path):
 
 
 def test_exporting_a_directory_that_is_no_checkpoint_is_refused(tmp_path):
+    """The one refusal of training.export run as a process (the others call its main in this process)."""
     (tmp_path / "x").mkdir()
     proc = run([PY, "-m", "training.export", "--ckpt", tmp_path / "x", "--out", tmp_path / "e"])
     assert_refused(proc, r"no complete checkpoint under", r"expected .*ckpt/step_\*")

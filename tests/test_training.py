@@ -1,9 +1,10 @@
 """training/: DeepSpeed pretraining on CPU through the real launcher, checkpoints, export, config errors.
 
 The multi-process tests (@slow) start `deepspeed --num_gpus 2` with DS_ACCELERATOR=cpu and
-OMP_NUM_THREADS=1, exactly as a CPU user does. Each ZeRO stage trains the same tiny run once (a
-module-scoped fixture: 20 steps, checkpoints at 10 and 20) and resumes it once from step 10; the tests
-then read those runs' metrics.jsonl, checkpoints and exports.
+OMP_NUM_THREADS=1, exactly as a CPU user does. Each ZeRO stage trains the same tiny run once
+(conftest.two_rank_run, shared with test_multinode.py: 20 steps, checkpoints at 10 and 20) and resumes it
+once from step 10; the tests then read those runs' metrics.jsonl, checkpoints and exports. The refusals of
+bad input call training/pretrain.py in this process (tests/in_process.py).
 
 Tolerances: ZeRO stages reduce gradients in different orders, so their losses agree to ~3e-7 here; the
 tests allow 1e-5. A resumed run reproduces the uninterrupted one exactly (CPU, fp32).
@@ -343,7 +344,7 @@ def test_sigterm_writes_a_checkpoint_then_exits(tiny_data, ds_configs, tmp_path)
     deadline = time.time() + 180
     while time.time() < deadline and not [r for r in records(out, "train") if r["step"] >= 3]:
         assert proc.poll() is None, proc.stdout.read()[-4000:]
-        time.sleep(0.5)
+        time.sleep(0.1)
     # what a cluster scheduler does: SIGTERM to the whole job (launcher and ranks)
     os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
@@ -351,7 +352,7 @@ def test_sigterm_writes_a_checkpoint_then_exits(tiny_data, ds_configs, tmp_path)
     while time.time() < deadline:  # the ranks outlive the launcher's top process while they checkpoint
         try:
             os.killpg(proc.pid, 0)
-            time.sleep(0.5)
+            time.sleep(0.1)
         except ProcessLookupError:
             break
     else:
