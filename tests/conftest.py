@@ -1,5 +1,8 @@
 """Test-wide setup. Runs before any test module imports the kernels."""
+import json
 import os
+import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +46,73 @@ def _process_state_is_left_as_found():
     torch.set_grad_enabled(True)
     assert not grad_off, "the test left autograd disabled (torch.set_grad_enabled(False) outside a with-block)"
     assert not leaked, f"the test left {leaked} changed in os.environ"
+
+
+# ----------------------------------------------------------------------------- data and runs shared by modules
+# Session fixtures live here, once: a session fixture imported into several test modules is a fixture of each
+# module and runs once per module.
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A ~60k-character corpus of made-up verse, prepared with the char tokenizer by the real CLI (its main,
+    in this process)."""
+    from training import prepare
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    rng = random.Random(0)
+    words = ("thou art the sun and moon my lord good night sweet prince what light through yonder window "
+             "breaks speak again bright angel fair is foul and foul is fair").split()
+    lines = []
+    for i in range(2000):
+        speaker = rng.choice(["ROMEO", "JULIET", "HAMLET", "MACBETH"])
+        lines.append(f"{speaker}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) + ".\n")
+    (root / "verse.txt").write_text("\n".join(lines))
+    out = root / "char"
+    prepare.main(["--source", str(root / "verse.txt"), "--tokenizer", "char", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def ds_configs(tmp_path_factory) -> dict[str, Path]:
+    """The shipped JSONs (ds_configs/zero*.json, by name); for ZeRO-3 with a persistence threshold of 0,
+    because the tiny model's tensors are all below DeepSpeed's default (1e5 elements) and would otherwise
+    not be partitioned."""
+    from training.ds_config import load_ds_json
+
+    root = tmp_path_factory.mktemp("ds_configs")
+    out = {}
+    for shipped in sorted((REPO / "ds_configs").glob("zero*.json")):
+        d = load_ds_json(shipped)
+        if d["zero_optimization"]["stage"] == 3:
+            d["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        out[shipped.stem] = root / shipped.name
+        out[shipped.stem].write_text(json.dumps(d))
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tiny_data, ds_configs, tmp_path_factory):
+    """two_rank_run(stage, *flags): `deepspeed --num_gpus 2 training/pretrain.py` of tiny_test.json on
+    tiny_data (20 steps, checkpoints at 10 and 20) under that ZeRO stage, trained on first use and then shared:
+    test_training's stage runs and FSDP reference and test_multinode's one-node reference are one run.
+    Returns {"full": out_dir, "log": its output, "shm_left": the DeepSpeed /dev/shm buffers named after its
+    port, listed as soon as it ended (a later run removes those of dead processes)}."""
+    from test_training import check_finished, deepspeed_run
+
+    root = tmp_path_factory.mktemp("two_rank_runs")
+    done = {}
+
+    def run(stage: str, *flags: str) -> dict:
+        key = (stage, *flags)
+        if key not in done:
+            out = root / "_".join(key).replace("-", "").replace("=", "_")
+            proc = deepspeed_run(out, ds_configs[stage], "--data_dir", str(tiny_data), *flags)
+            check_finished(proc, out)
+            port = proc.args[proc.args.index("--master_port") + 1]
+            done[key] = {"full": out, "log": proc.stdout + proc.stderr,
+                         "shm_left": sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))}
+        return done[key]
+
+    return run

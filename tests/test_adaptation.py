@@ -9,8 +9,6 @@
     is allowed (only weights are taken) and says so
 """
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,12 +19,13 @@ from kernels.attention import AttentionMask, dense_mask
 from models.diffusion import NoiseSchedule, block_diffusion_loss, forward_process, masked_diffusion_loss
 from models.gpt import GPT, GPTConfig
 from models.weights import load_consolidated
+from training import prepare
 from training.init_from import InitSource, adopt_source_shape, check_same_tokens, load_weights, read_source
 from training.metrics import read_records
 
-from test_training import REPO, python_run, tiny_data  # noqa: F401  (tiny_data is a fixture)
+from in_process import pretrain_cli
+from test_training import python_run
 
-PY = sys.executable
 FAST = ["--wandb_mode=disabled", "--no_tensorboard", "--no_progress_bar", "--log_interval=1", "--eval_iters=1"]
 # fp32 logits of the same weights through two attention paths (SDPA's causal kernel vs a materialised mask):
 # they differ by summation order only, ~1e-6 here
@@ -47,7 +46,7 @@ def causal_logits_of(model: GPT, x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- loading equivalence
 @pytest.fixture(scope="module")
-def ar_run(tiny_data, tmp_path_factory) -> Path:  # noqa: F811
+def ar_run(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ar") / "run"
     proc = python_run("--config", "training/configs/tiny_test.json", f"--data_dir={tiny_data}", f"--out_dir={out}",
                       "--objective=ar", "--model.attention=causal", "--max_iters=6", "--eval_interval=6", *FAST)
@@ -56,7 +55,7 @@ def ar_run(tiny_data, tmp_path_factory) -> Path:  # noqa: F811
 
 
 @pytest.mark.parametrize("objective,attention", [("mdlm", "bidirectional"), ("bd3lm", "block_causal")])
-def test_adapted_shifted_model_equals_the_ar_model_before_any_step(ar_run, tiny_data, tmp_path, objective, attention):  # noqa: F811
+def test_adapted_shifted_model_equals_the_ar_model_before_any_step(ar_run, tiny_data, tmp_path, objective, attention):
     out = tmp_path / "adapted"
     # one update at learning rate 0 (AdamW's decay is lr * wd: also 0): the export holds the initial weights
     proc = python_run("--config", "training/configs/tiny_test.json", f"--data_dir={tiny_data}", f"--out_dir={out}",
@@ -175,8 +174,7 @@ def test_gpt2_recipe_end_to_end_on_a_tiny_local_gpt2(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / "hf")
     (tmp_path / "text.txt").write_text("It was the best of times, it was the worst of times.\n" * 400)
-    subprocess.run([PY, "-m", "training.prepare", "--source", str(tmp_path / "text.txt"), "--tokenizer", "gpt2",
-                    "--out", str(tmp_path / "data")], cwd=REPO, check=True, capture_output=True)
+    prepare.main(["--source", str(tmp_path / "text.txt"), "--tokenizer", "gpt2", "--out", str(tmp_path / "data")])
     out = tmp_path / "run"
     small = [f"--init_from={tmp_path / 'hf'}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}",
              "--model.block_size=32", "--batch_size=2", "--gradient_accumulation_steps=1", "--warmup_iters=1",
@@ -201,9 +199,9 @@ def source(objective="ar", tokenizer=None, **model) -> InitSource:
     return InitSource("SRC", "export", cfg, objective, tokenizer or {"tokenizer": "char", "vocab_size": 81})
 
 
-def test_init_from_a_missing_path_is_a_clear_error_from_pretrain(tiny_data, tmp_path):  # noqa: F811
-    proc = python_run("--config", "training/configs/tiny_test.json", f"--out_dir={tmp_path / 'o'}", f"--data_dir={tiny_data}",
-                      f"--init_from={tmp_path / 'nope'}", *FAST)
+def test_init_from_a_missing_path_is_a_clear_error_from_pretrain(tiny_data, tmp_path):
+    proc = pretrain_cli("--config", "training/configs/tiny_test.json", f"--out_dir={tmp_path / 'o'}",
+                        f"--data_dir={tiny_data}", f"--init_from={tmp_path / 'nope'}", *FAST)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"--init_from {tmp_path / 'nope'}: no such directory" in proc.stderr
     assert not (tmp_path / "o" / "ckpt").exists()

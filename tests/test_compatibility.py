@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from training import prepare
 from training.metrics import read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +28,7 @@ REFERENCE = json.loads((FIXTURE / "reference.json").read_text())
 @pytest.fixture(scope="module")
 def shakespeare_char(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    subprocess.run([sys.executable, "-m", "training.prepare", "--source", "shakespeare", "--tokenizer", "char",
-                    "--out", str(out)], cwd=REPO, check=True, capture_output=True, timeout=300)
+    prepare.main(["--source", "shakespeare", "--tokenizer", "char", "--out", str(out)])
     return out
 
 

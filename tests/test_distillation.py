@@ -32,8 +32,7 @@ from training.distillation import (DistillationModule, RoundPlan, check_distilla
 from training.export import consolidated_state_dict
 from training.optim import build_optimizer
 
-from test_training import (DEEPSPEED, REPO, check_finished, env_for_cpu_ranks, python_run, records,  # noqa: F401
-                           tiny_data, train_losses)
+from test_training import DEEPSPEED, REPO, check_finished, env_for_cpu_ranks, python_run, records, train_losses
 from tiny_models import TOK, export_tiny
 
 MASK = TOK.mask_id
@@ -229,7 +228,7 @@ FAST = ["--wandb_mode=disabled", "--no_tensorboard", "--no_progress_bar", "--log
 
 
 @pytest.fixture(scope="module")
-def teacher_export(tiny_data, tmp_path_factory) -> Path:  # noqa: F811
+def teacher_export(tiny_data, tmp_path_factory) -> Path:
     """A random-weight mdlm of the tiny data's tokenizer with tiny_test.json's shape (32-token context: the
     2 rounds 32 -> 16 -> 8 steps, 4 optimizer steps each)."""
     meta = json.loads((tiny_data / "meta.json").read_text())
@@ -251,7 +250,7 @@ def get_tokenizer_meta(data_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def distill_runs(tiny_data, teacher_export, tmp_path_factory) -> dict:  # noqa: F811
+def distill_runs(tiny_data, teacher_export, tmp_path_factory) -> dict:
     """The same 2-round distillation: 2 ranks (ZeRO-2), 1 rank with 2 accumulation steps, and the 1-rank run
     resumed from its step-6 checkpoint (the middle of round 2)."""
     import subprocess

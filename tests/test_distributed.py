@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from common.ports import free_port
-from training import distributed
+from training import distributed, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,8 +143,7 @@ def test_deepspeeds_openmpi_launcher_trains_two_ranks_that_know_their_rank(tmp_p
 
     data = tmp_path / "data"
     (tmp_path / "verse.txt").write_text("ROMEO:\nthou art the sun and moon my lord.\n" * 400)
-    subprocess.run([sys.executable, "-m", "training.prepare", "--source", str(tmp_path / "verse.txt"),
-                    "--tokenizer", "char", "--out", str(data)], cwd=REPO, check=True, capture_output=True)
+    prepare.main(["--source", str(tmp_path / "verse.txt"), "--tokenizer", "char", "--out", str(data)])
     hosts = tmp_path / "hosts"
     hosts.write_text("localhost slots=2\n")
     out = tmp_path / "run"

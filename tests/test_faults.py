@@ -2,13 +2,15 @@
 
 Every refusal below is specified the same way (`assert_refused`): a non-zero exit, no traceback, a
 message that names the problem and the fix, and nothing on disk that existed before changed
-(`DiskSnapshot` hashes the out_dir and data dir before and after). The faults are real, not simulated:
+(`DiskSnapshot` hashes the out_dir and data dir before and after). A refusal made before anything runs is
+checked in this process (the command's main(argv), tests/in_process.py); one refusal per command runs as
+a process, for the exit status and the absence of a traceback. The faults are real, not simulated:
 two concurrent runs on one out_dir, a small tmpfs as a full disk (root only; skipped otherwise, with the
 reason), SIGTERM to launch.sh alone and to the `deepspeed` launcher alone, SIGKILL in the middle of a save,
 DeepSpeed buffers of dead processes in /dev/shm, a planted pickle that would run code.
 
-Tiny models (training/configs/tiny_test.json) on a ~30k-character corpus: the whole file takes ~3 minutes
-on 2 CPU cores; the tests that train or launch several processes are @slow.
+Tiny models (training/configs/tiny_test.json) on a ~30k-character corpus: the whole file takes ~3.5 minutes
+on 2 CPU cores, the tests that are not @slow ~25 s; the tests that train or launch several processes are @slow.
 """
 from __future__ import annotations
 
@@ -27,7 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from in_process import pretrain_cli, run_cli
 from training import checkpoint as ckpt
+from training import prepare
+from training.data import CorruptData
 from training.metrics import read_records
 from training.run_lock import OutDirHoldsARun, claim_out_dir
 
@@ -53,6 +58,20 @@ def run(cmd, timeout=180, **env) -> subprocess.CompletedProcess:
 def pretrain(*args, timeout=180) -> subprocess.CompletedProcess:
     """One process, no launcher: python training/pretrain.py --config tiny_test.json ARGS."""
     return run([PY, "training/pretrain.py", "--config", TINY, *args], timeout=timeout)
+
+
+def refused(*args) -> subprocess.CompletedProcess:
+    """training/pretrain.py --config tiny_test.json ARGS for an input it refuses before anything trains:
+    called in this process (tests/in_process.py); test_a_bad_input_exits_1_with_one_line_and_no_traceback
+    checks, as a process, what only a process shows."""
+    return pretrain_cli("--config", TINY, *args)
+
+
+def sample_cli(*args) -> subprocess.CompletedProcess:
+    """python -m inference.sample ARGS for an input it refuses, in this process."""
+    from inference import sample
+
+    return run_cli(sample.main, *args, prog="inference.sample")
 
 
 def start_pretrain(*args, launcher=None) -> subprocess.Popen:
@@ -177,9 +196,7 @@ def data(tmp_path_factory) -> Path:
     text = "\n".join(f"{rng.choice(['ROMEO', 'JULIET'])}:\n" + " ".join(rng.choice(words) for _ in range(7)) + ".\n"
                      for _ in range(800))
     (root / "verse.txt").write_text(text)
-    proc = run([PY, "-m", "training.prepare", "--source", root / "verse.txt", "--tokenizer", "char", "--out",
-                root / "char"])
-    assert proc.returncode == 0, proc.stderr
+    prepare.main(["--source", str(root / "verse.txt"), "--tokenizer", "char", "--out", str(root / "char")])
     return root / "char"
 
 
@@ -212,7 +229,7 @@ def test_a_second_run_on_a_busy_out_dir_refuses_naming_the_first(data, tmp_path)
     try:
         wait_for(lambda: len(read_records(out, "train")) >= 2, first, what="the first run's steps")
         # a second terminal, a re-submitted job: pretrain.py, launch.sh and the lock check all refuse
-        second = pretrain("--data_dir", data, "--out_dir", out)
+        second = refused("--data_dir", data, "--out_dir", out)
         assert_refused(second, rf"out_dir {out} is in use by another run: pid {first.pid} on host .*started",
                        r"kill -TERM %d.*--out_dir=NEW_DIR" % first.pid)
         script = run(["bash", "launch.sh"], CONFIG=TINY, OUT_DIR=str(out), DATA_DIR=str(data), SAMPLES="0")
@@ -283,7 +300,7 @@ def test_resume_and_overwrite_together_are_refused(tmp_path):
 def test_pretrain_again_on_a_finished_run_is_refused_and_overwrite_starts_anew(data, run_copy):
     latest = run_copy / "ckpt" / ckpt.LATEST
     snapshot = DiskSnapshot(run_copy)
-    again = pretrain("--data_dir", data, "--out_dir", run_copy)
+    again = refused("--data_dir", data, "--out_dir", run_copy)
     assert_refused(again, rf"holds an earlier run \(checkpoints step_000010, step_000020 \(latest: step_000020\)",
                    r"--resume.*--out_dir=NEW_DIR.*--overwrite", snapshot)
     assert latest.read_text() == "step_000020"  # never moved back to the new run's first save
@@ -501,10 +518,11 @@ def test_a_planted_pickle_is_refused_and_never_run(data, run_copy, tmp_path, how
     elif how == "resume_elsewhere_through_a_link":  # another ZeRO stage: through the universal checkpoint
         proc = pretrain("--data_dir", data, "--out_dir", run_copy, "--resume", "--deepspeed_config",
                         "ds_configs/zero1.json")
-    elif how == "export":
-        proc = run([PY, "-m", "training.export", "--ckpt", run_copy, "--out", tmp_path / "exported"])
+    elif how == "export":  # in this process (test_exporting_a_directory_that_is_no_checkpoint_is_refused: a process)
+        from training import export
+        proc = run_cli(export.main, "--ckpt", run_copy, "--out", tmp_path / "exported", prog="training.export")
     else:  # inference consolidates a training checkpoint through the export first
-        proc = run([PY, "-m", "inference.sample", "--ckpt", run_copy, "--num_samples", "1", "--max_new_tokens", "4"])
+        proc = sample_cli("--ckpt", run_copy, "--num_samples", "1", "--max_new_tokens", "4")
     assert_refused(proc, problem, r"never executes code.*export \(model\.safetensors", snapshot)
     assert not marker.exists()
 
@@ -575,7 +593,7 @@ def test_a_bad_deepspeed_json_is_refused_naming_the_setting(data, run_copy, tmp_
     path = tmp_path / "ds.json"
     path.write_text(text)
     snapshot = DiskSnapshot(run_copy, data)
-    proc = pretrain("--data_dir", data, "--out_dir", run_copy, "--deepspeed_config", path)
+    proc = refused("--data_dir", data, "--out_dir", run_copy, "--deepspeed_config", path)
     assert_refused(proc, rf"{path}.*{problem}", r"ds_configs/zero0\.json", snapshot)
 
 
@@ -597,7 +615,7 @@ def test_a_bad_training_config_is_refused_naming_the_file_or_key(data, tmp_path,
     path = tmp_path / name
     path.write_bytes(content)
     snapshot = DiskSnapshot(data, tmp_path)
-    proc = run([PY, "training/pretrain.py", "--config", path, "--data_dir", data, "--out_dir", tmp_path / "out"])
+    proc = pretrain_cli("--config", path, "--data_dir", data, "--out_dir", tmp_path / "out")
     assert_refused(proc, problem, fix, snapshot)
 
 
@@ -609,32 +627,36 @@ def test_launch_sh_refuses_a_bad_config_before_starting_anything(tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "out").exists()
 
 
-def test_a_missing_config_file_is_named(tmp_path):
+def test_a_bad_input_exits_1_with_one_line_and_no_traceback(tmp_path):
+    """The one refusal run as a process (the others call pretrain.py in this process): the exit status,
+    and stderr that is the one line of the message, no traceback, no warning before it."""
     proc = run([PY, "training/pretrain.py", "--config", tmp_path / "nope.json"])
     assert_refused(proc, r"config file .*nope\.json does not exist", r"nope\.json")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == f"error: config file {tmp_path / 'nope.json'} does not exist\n"
 
 
 def test_fsdp_with_a_deepspeed_json_is_refused(data, tmp_path):
-    proc = pretrain("--data_dir", data, "--out_dir", tmp_path / "o", "--engine=fsdp", "--deepspeed_config",
+    proc = refused("--data_dir", data, "--out_dir", tmp_path / "o", "--engine=fsdp", "--deepspeed_config",
                     "ds_configs/zero2.json")
     assert_refused(proc, r"--deepspeed_config=ds_configs/zero2\.json is for engine=deepspeed", r"drop it")
 
 
 def test_missing_data_names_the_prepare_command(tmp_path):
-    proc = pretrain("--data_dir", tmp_path / "nowhere", "--out_dir", tmp_path / "o")
+    proc = refused("--data_dir", tmp_path / "nowhere", "--out_dir", tmp_path / "o")
     assert_refused(proc, rf"data directory {tmp_path / 'nowhere'} does not exist",
                    rf"python -m training\.prepare .*--out {tmp_path / 'nowhere'}")
 
 
 def test_data_of_another_tokenizer_is_refused(data, tmp_path):
     snapshot = DiskSnapshot(data)
-    proc = pretrain("--data_dir", data, "--out_dir", tmp_path / "o", "--tokenizer=gpt2")
+    proc = refused("--data_dir", data, "--out_dir", tmp_path / "o", "--tokenizer=gpt2")
     assert_refused(proc, r"tokenizer mismatch.*prepared with tokenizer 'char'", r"--tokenizer gpt2 --out NEW_DIR",
                    snapshot)
 
 
 def test_a_context_longer_than_the_data_is_refused(data, tmp_path):
-    proc = pretrain("--data_dir", data, "--out_dir", tmp_path / "o", "--model.block_size=100000")
+    proc = refused("--data_dir", data, "--out_dir", tmp_path / "o", "--model.block_size=100000")
     assert_refused(proc, r"fewer than one training window", r"smaller block_size")
 
 
@@ -649,7 +671,7 @@ def test_the_suggested_fix_for_a_damaged_dataset_is_what_it_was_prepared_from(da
     (data_copy / "val.bin").unlink()
     meta = json.loads((data_copy / "meta.json").read_text())
     snapshot = DiskSnapshot(data_copy)
-    proc = pretrain("--data_dir", data_copy, "--out_dir", tmp_path / "o")
+    proc = refused("--data_dir", data_copy, "--out_dir", tmp_path / "o")
     assert_refused(proc, r"val\.bin is missing",
                    rf"python -m training\.prepare --source {re.escape(meta['source'])} --tokenizer char --out {data_copy}",
                    snapshot)
@@ -660,7 +682,7 @@ def test_token_ids_outside_the_vocabulary_are_caught_on_load(data_copy, tmp_path
         f.seek(2 * 1234)
         f.write((300).to_bytes(2, "little"))  # uint16 id 300 in a 31-id vocabulary
     snapshot = DiskSnapshot(data_copy)
-    proc = pretrain("--data_dir", data_copy, "--out_dir", tmp_path / "o")
+    proc = refused("--data_dir", data_copy, "--out_dir", tmp_path / "o")
     assert_refused(proc, r"train\.bin holds token id 300 at position 1,234, outside the vocabulary",
                    r"Re-create it: python -m training\.prepare --source .* --tokenizer char", snapshot)
 
@@ -672,26 +694,22 @@ def test_a_changed_dataset_fails_its_sha256_with_verify(data_copy, tmp_path):
         f.write(b + a)
     snapshot = DiskSnapshot(data_copy)
     problem, fix = r"train\.bin has sha256 \w+\.\.\., meta\.json recorded", r"Re-create it: python -m training\.prepare"
-    assert_refused(pretrain("--data_dir", data_copy, "--out_dir", tmp_path / "o", "--verify_data"), problem, fix, snapshot)
-    assert_refused(run([PY, "-m", "training.prepare", "--verify", "--out", data_copy]), problem, fix, snapshot)
+    assert_refused(refused("--data_dir", data_copy, "--out_dir", tmp_path / "o", "--verify_data"), problem, fix, snapshot)
+    # prepare --verify says the same (in this process; test_data.py runs prepare's bad input as a process)
+    with pytest.raises(CorruptData) as refusal:
+        prepare.main(["--verify", "--out", str(data_copy)])
+    assert re.search(problem, str(refusal.value)) and re.search(fix, str(refusal.value)), refusal.value
+    snapshot.assert_unchanged()
 
 
-def test_prepare_verify_passes_an_intact_dataset(data):
-    proc = run([PY, "-m", "training.prepare", "--verify", "--out", data])
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+def test_prepare_verify_passes_an_intact_dataset(data, capsys):
+    prepare.main(["--verify", "--out", str(data)])
+    assert "OK" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_resume_without_a_checkpoint_is_refused(data, tmp_path):
-    proc = pretrain("--data_dir", data, "--out_dir", tmp_path / "empty", "--resume")
-    assert_refused(proc, r"--resume: no checkpoint in", r"start without --resume")
-
-
-@pytest.mark.slow
-def test_resume_with_another_network_names_the_difference(data, run_copy):
-    snapshot = DiskSnapshot(run_copy)
-    proc = pretrain("--data_dir", data, "--out_dir", run_copy, "--resume", "--model.n_layer=3")
-    assert_refused(proc, r"model\.n_layer: checkpoint 2, now 3", r"--model\.n_layer=2.*new --out_dir", snapshot)
+    proc = refused("--data_dir", data, "--out_dir", tmp_path / "empty", "--resume")
+    assert_refused(proc, rf"--resume: no checkpoint in {tmp_path / 'empty'}", r"start without --resume")
 
 
 @pytest.mark.slow
@@ -703,46 +721,26 @@ def test_resume_on_data_of_another_tokenizer_names_both_and_the_data_dir_to_use(
     assert run([PY, "-m", "training.prepare", "--source", tmp_path / "other.txt", "--tokenizer", "char",
                 "--out", other]).returncode == 0
     snapshot = DiskSnapshot(run_copy)
-    proc = pretrain("--data_dir", other, "--out_dir", run_copy, "--resume")
+    proc = refused("--data_dir", other, "--out_dir", run_copy, "--resume")
     assert_refused(proc, r"trained on data tokenized with 'char'.*ids mean other things",
                    rf"Resume with --data_dir={re.escape(str(data))}.*new --out_dir", snapshot)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpoint_hash, damage, said", [
-    ("sha256", "garbage over some bytes", r"mp_rank_00_model_states\.pt does not match its sha256"),  # same size
-    ("none", "truncated", r"mp_rank_00_model_states\.pt has 100 bytes, the manifest says \d+")])
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_good_one(data, run_copy, checkpoint_hash, damage, said):
-    if checkpoint_hash == "sha256":  # the manifests a run with --checkpoint_hash=sha256 writes
-        root = ckpt.ckpt_root(run_copy)
-        for step, tag in ckpt.list_tags(root):
-            ckpt.finalize(root, tag, step, keep=100, sha256=ckpt.sha256_share(root / tag, 0, 1))
-    with open(run_copy / "ckpt" / "step_000020" / "mp_rank_00_model_states.pt", "r+b") as f:
-        if damage == "truncated":
-            f.truncate(100)
-        else:
-            f.seek(100)
-            f.write(b"garbage!")
-    proc = pretrain("--data_dir", data, "--out_dir", run_copy, "--resume")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(f"WARNING: skipped checkpoint step_000020: {said}", proc.stdout), proc.stdout[-3000:]
-    assert read_records(run_copy, "resumed")[-1]["checkpoint"] == "step_000010"
-
-
-@pytest.mark.slow
 def test_an_over_long_prompt_names_the_prompt(finished_run, tmp_path):
-    proc = run([PY, "-m", "inference.sample", "--ckpt", finished_run / "export", "--start", "fair is foul " * 5,
-                "--no_progress"])
+    proc = sample_cli("--ckpt", finished_run / "export", "--start", "fair is foul " * 5, "--no_progress")
     assert_refused(proc, r"the --start prompt is 65 tokens long, but the model's context is 32 tokens",
                    r"shorten it to at most 31 tokens")
 
 
 def test_sampling_a_missing_checkpoint_is_refused(tmp_path):
+    """The one refusal of inference.sample run as a process (the others call its main in this process)."""
     proc = run([PY, "-m", "inference.sample", "--ckpt", tmp_path / "nope"])
     assert_refused(proc, r"checkpoint .*nope does not exist", r"a training run's out_dir, its export/ folder")
 
 
 def test_exporting_a_directory_that_is_no_checkpoint_is_refused(tmp_path):
+    """The one refusal of training.export run as a process (the others call its main in this process)."""
     (tmp_path / "x").mkdir()
     proc = run([PY, "-m", "training.export", "--ckpt", tmp_path / "x", "--out", tmp_path / "e"])
     assert_refused(proc, r"no complete checkpoint under", r"expected .*ckpt/step_\*")
@@ -862,7 +860,7 @@ def test_a_gpt2_dir_whose_tensors_do_not_match_its_config_is_refused_naming_them
 
 
 def test_sampling_a_gpt2_variant_exits_with_the_setting_named(gpt2_variants):
-    proc = run([PY, "-m", "inference.sample", "--init_from", gpt2_variants["relu"], "--max_new_tokens", "2"])
+    proc = sample_cli("--init_from", gpt2_variants["relu"], "--max_new_tokens", "2")
     assert_refused(proc, r"activation_function='relu'", r"transformers itself")
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from cluster import TwoNodeCluster, missing_tools
-from test_training import (DEEPSPEED, REPO, TINY_CONFIG, TORCHRUN, check_finished, ds_configs,  # noqa: F401
-                           env_for_cpu_ranks, records, tiny_data, train_losses)
+from test_training import (DEEPSPEED, REPO, TINY_CONFIG, TORCHRUN, check_finished, env_for_cpu_ranks, records,
+                           train_losses)
 from training import checkpoint as ckpt
 from training import hostfile
 from training.distributed import free_port
@@ -103,11 +103,10 @@ def worst_difference(reference: dict, got: dict, steps) -> float:
 
 # ----------------------------------------------------------------------------- runs shared by the tests
 @pytest.fixture(scope="module")
-def one_node(tiny_data, ds_configs, tmp_path_factory) -> Path:
-    """The reference: 2 ranks on one node, ZeRO-2, 20 steps, checkpoints at 10 and 20."""
-    out = tmp_path_factory.mktemp("one_node") / "run"
-    check_finished(one_node_deepspeed(out, ds_configs["zero2"], "--data_dir", str(tiny_data)), out)
-    return out
+def one_node(two_rank_run) -> Path:
+    """The reference: 2 ranks on one node, ZeRO-2, 20 steps, checkpoints at 10 and 20 (the run of
+    test_training.py's stage tests, conftest.two_rank_run)."""
+    return two_rank_run("zero2")["full"]
 
 
 @pytest.fixture(scope="module")

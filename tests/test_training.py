@@ -1,9 +1,10 @@
 """training/: DeepSpeed pretraining on CPU through the real launcher, checkpoints, export, config errors.
 
 The multi-process tests (@slow) start `deepspeed --num_gpus 2` with DS_ACCELERATOR=cpu and
-OMP_NUM_THREADS=1, exactly as a CPU user does. Each ZeRO stage trains the same tiny run once (a
-module-scoped fixture: 20 steps, checkpoints at 10 and 20) and resumes it once from step 10; the tests
-then read those runs' metrics.jsonl, checkpoints and exports.
+OMP_NUM_THREADS=1, exactly as a CPU user does. Each ZeRO stage trains the same tiny run once
+(conftest.two_rank_run, shared with test_multinode.py: 20 steps, checkpoints at 10 and 20) and resumes it
+once from step 10; the tests then read those runs' metrics.jsonl, checkpoints and exports. The refusals of
+bad input call training/pretrain.py in this process (tests/in_process.py).
 
 Tolerances: ZeRO stages reduce gradients in different orders, so their losses agree to ~3e-7 here; the
 tests allow 1e-5. A resumed run reproduces the uninterrupted one exactly (CPU, fp32).
@@ -31,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from in_process import pretrain_cli
 from training import checkpoint as ckpt
 from training.config import load_config
 from training.ds_config import ConfigConflict, load_ds_json, resolve
@@ -123,54 +125,19 @@ def python_run(*args, timeout=180) -> subprocess.CompletedProcess:
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    """A ~60k-character corpus of made-up verse, prepared with the char tokenizer by the real CLI."""
-    root = tmp_path_factory.mktemp("tiny_data")
-    rng = random.Random(0)
-    words = ("thou art the sun and moon my lord good night sweet prince what light through yonder window "
-             "breaks speak again bright angel fair is foul and foul is fair").split()
-    lines = []
-    for i in range(2000):
-        speaker = rng.choice(["ROMEO", "JULIET", "HAMLET", "MACBETH"])
-        lines.append(f"{speaker}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) + ".\n")
-    (root / "verse.txt").write_text("\n".join(lines))
-    out = root / "char"
-    subprocess.run([PY, "-m", "training.prepare", "--source", str(root / "verse.txt"), "--tokenizer", "char",
-                    "--out", str(out)], cwd=REPO, check=True, capture_output=True, text=True)
-    return out
-
-
 @pytest.fixture(scope="module")
-def ds_configs(tmp_path_factory) -> dict[str, Path]:
-    """The shipped JSONs; for ZeRO-3 with a persistence threshold of 0, because the tiny model's
-    tensors are all below DeepSpeed's default (1e5 elements) and would otherwise not be partitioned."""
-    root = tmp_path_factory.mktemp("ds_configs")
-    out = {}
-    for stage in STAGES:
-        d = load_ds_json(REPO / f"ds_configs/{stage}.json")
-        if d["zero_optimization"]["stage"] == 3:
-            d["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        out[stage] = root / f"{stage}.json"
-        out[stage].write_text(json.dumps(d))
-    return out
-
-
-@pytest.fixture(scope="module")
-def stage_runs(tiny_data, ds_configs, tmp_path_factory) -> dict[str, dict]:
-    """Every stage: a 20-step run (2 ranks), then a run resumed from its step-10 checkpoint."""
+def stage_runs(two_rank_run, tiny_data, ds_configs, tmp_path_factory) -> dict[str, dict]:
+    """Every stage: a 20-step run (2 ranks; conftest.two_rank_run), then a run resumed from its step-10
+    checkpoint."""
     root = tmp_path_factory.mktemp("runs")
     runs = {}
     for stage in STAGES:
-        full = root / stage
         hashing = ["--checkpoint_hash=sha256"] if stage in SHA256_STAGES else []  # the resumed run inherits it
-        proc = deepspeed_run(full, ds_configs[stage], "--data_dir", str(tiny_data), *hashing)
-        check_finished(proc, full)
-        runs[stage] = {"full": full, "log": proc.stdout + proc.stderr}
+        runs[stage] = dict(two_rank_run(stage, *hashing))
         if stage in RESUMED_STAGES:
             resumed = root / f"{stage}_resumed"
             (resumed / "ckpt").mkdir(parents=True)
-            shutil.copytree(full / "ckpt" / "step_000010", resumed / "ckpt" / "step_000010")
+            shutil.copytree(runs[stage]["full"] / "ckpt" / "step_000010", resumed / "ckpt" / "step_000010")
             (resumed / "ckpt" / "latest").write_text("step_000010")
             proc = deepspeed_run(resumed, ds_configs[stage], "--resume", "--data_dir", str(tiny_data))
             check_finished(proc, resumed)
@@ -312,8 +279,9 @@ def seal_with_sha256(out_dir) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpoint_hash, damage, said", [
-    ("sha256", "one flipped byte", "does not match its sha256"),  # same size: only a sha256 manifest sees it
-    ("none", "truncated", "bytes, the manifest says")])
+    # same size: only a sha256 manifest sees it
+    ("sha256", "one flipped byte", r"mp_rank_00_model_states\.pt does not match its sha256"),
+    ("none", "truncated", r"mp_rank_00_model_states\.pt has 100 bytes, the manifest says \d+")])
 def test_corrupt_checkpoint_falls_back_to_previous_good(stage_runs, tmp_path, checkpoint_hash, damage, said):
     out = tmp_path / "run"
     shutil.copytree(stage_runs["zero0"]["full"] / "ckpt", out / "ckpt")
@@ -324,44 +292,45 @@ def test_corrupt_checkpoint_falls_back_to_previous_good(stage_runs, tmp_path, ch
     if damage == "one flipped byte":
         data[len(data) // 2] ^= 0xFF
     else:
-        del data[len(data) // 2:]
+        del data[100:]
     victim.write_bytes(bytes(data))
     proc = python_run("--config", str(TINY_CONFIG), "--deepspeed_config", str(REPO / "ds_configs/zero0.json"),
                       "--out_dir", str(out), "--resume", "--eval_only",
                       "--data_dir", json.loads((out / "ckpt/step_000010/data_meta.json").read_text())["data_dir"])
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert "skipped checkpoint step_000020" in output and said in output
+    assert re.search(f"WARNING: skipped checkpoint step_000020: {said}", proc.stdout), output[-4000:]
     assert "resumed from" in output and "step_000010" in output
     assert records(out, "resumed")[0]["checkpoint"] == "step_000010"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change", ["--model.pos_emb=learned", "--model.n_layer=3", "--objective.name=ar"])
-def test_resume_with_another_network_names_the_difference_and_the_fix(stage_runs, tmp_path, change):
+@pytest.mark.parametrize("change, difference, fix", [
+    ("--model.pos_emb=learned", "model.pos_emb", ""),
+    ("--model.n_layer=3", r"model\.n_layer: checkpoint 2, now 3", r"--model\.n_layer=2.*new --out_dir"),
+    ("--objective.name=ar", "objective.name", "")])
+def test_resume_with_another_network_names_the_difference_and_the_fix(stage_runs, tmp_path, change, difference, fix):
+    """Refused before anything is loaded (in this process: tests/in_process.py), nothing in out_dir changed."""
     out = tmp_path / "run"
     shutil.copytree(stage_runs["zero0"]["full"] / "ckpt", out / "ckpt")
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     data_dir = json.loads((out / "ckpt/step_000010/data_meta.json").read_text())["data_dir"]
     extra = ["--model.attention=causal"] if change == "--objective.name=ar" else []
-    proc = python_run("--config", str(TINY_CONFIG), "--deepspeed_config", str(REPO / "ds_configs/zero0.json"),
-                      "--out_dir", str(out), "--resume", "--eval_only", "--data_dir", data_dir, change, *extra)
-    key = change[2:].split("=")[0]
+    proc = pretrain_cli("--config", TINY_CONFIG, "--deepspeed_config", REPO / "ds_configs/zero0.json",
+                        "--out_dir", out, "--resume", "--eval_only", "--data_dir", data_dir, change, *extra)
     assert proc.returncode != 0
-    assert "another network" in proc.stderr and key in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["latest", "step_000010", "step_000020"]  # nothing lost
+    assert "another network" in proc.stderr and re.search(difference, proc.stderr), proc.stderr[-3000:]
+    assert re.search(fix, proc.stderr, re.S), proc.stderr[-3000:]
+    assert {p: p.read_bytes() if p.is_file() else None for p in before} == before  # nothing lost or changed
 
 
 @pytest.mark.slow
-def test_cpu_runs_leave_no_shared_memory_behind(tiny_data, ds_configs, tmp_path):
+@pytest.mark.parametrize("stage", STAGES)
+def test_cpu_runs_leave_no_shared_memory_behind(stage_runs, stage):
     """DeepSpeed's CPU all-reduce creates a 66 MB /dev/shm file per rank and never removes it
-    (training/shm_buffers.py); without the cleanup this run leaves two files named after its port."""
-    port = free_port()
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "training/pretrain.py", "--config",
-           str(TINY_CONFIG), "--deepspeed_config", str(ds_configs["zero0"]), "--out_dir", str(tmp_path / "run"),
-           "--data_dir", str(tiny_data), "--max_iters=2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_cpu_ranks(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) == []
+    (training/shm_buffers.py); without the cleanup each 2-rank run leaves two files named after its port
+    (listed as soon as the run ended: conftest.two_rank_run)."""
+    assert stage_runs[stage]["shm_left"] == []
 
 
 @pytest.mark.slow
@@ -375,7 +344,7 @@ def test_sigterm_writes_a_checkpoint_then_exits(tiny_data, ds_configs, tmp_path)
     deadline = time.time() + 180
     while time.time() < deadline and not [r for r in records(out, "train") if r["step"] >= 3]:
         assert proc.poll() is None, proc.stdout.read()[-4000:]
-        time.sleep(0.5)
+        time.sleep(0.1)
     # what a cluster scheduler does: SIGTERM to the whole job (launcher and ranks)
     os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
@@ -383,7 +352,7 @@ def test_sigterm_writes_a_checkpoint_then_exits(tiny_data, ds_configs, tmp_path)
     while time.time() < deadline:  # the ranks outlive the launcher's top process while they checkpoint
         try:
             os.killpg(proc.pid, 0)
-            time.sleep(0.5)
+            time.sleep(0.1)
         except ProcessLookupError:
             break
     else:
@@ -423,11 +392,11 @@ def test_bd3lm_trains_on_two_ranks_and_exports_its_objective(tiny_data, ds_confi
 
 # ----------------------------------------------------------------------------- the FSDP engine (torchrun)
 @pytest.fixture(scope="module")
-def fsdp_runs(tiny_data, ds_configs, tmp_path_factory) -> dict[str, Path]:
+def fsdp_runs(two_rank_run, tiny_data, tmp_path_factory) -> dict[str, Path]:
     """A 20-step FSDP run (2 ranks), the same run resumed from its step-10 checkpoint, and the DeepSpeed
     ZeRO-0 run of the same config as the reference."""
     root = tmp_path_factory.mktemp("fsdp_runs")
-    runs = {"fsdp": root / "fsdp", "resumed": root / "fsdp_resumed", "zero0": root / "zero0"}
+    runs = {"fsdp": root / "fsdp", "resumed": root / "fsdp_resumed"}
     proc = torchrun_fsdp(runs["fsdp"], "--data_dir", str(tiny_data))
     check_finished(proc, runs["fsdp"])
     (runs["resumed"] / "ckpt").mkdir(parents=True)
@@ -438,8 +407,7 @@ def fsdp_runs(tiny_data, ds_configs, tmp_path_factory) -> dict[str, Path]:
            "--config", str(TINY_CONFIG), "--out_dir", str(runs["resumed"]), "--resume", "--data_dir", str(tiny_data)]
     proc = subprocess.run(cmd, cwd=REPO, env=env_for_cpu_ranks(), capture_output=True, text=True, timeout=300)
     check_finished(proc, runs["resumed"])
-    proc = deepspeed_run(runs["zero0"], ds_configs["zero0"], "--data_dir", str(tiny_data))
-    check_finished(proc, runs["zero0"])
+    runs["zero0"] = two_rank_run("zero0")["full"]  # the stage run of test_training_decreases_loss[zero0]
     return runs
 
 
@@ -525,8 +493,8 @@ def test_inference_loads_an_fsdp_run_without_an_export(fsdp_runs, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_checkpoint_refuses_the_other_engine(fsdp_runs):
-    proc = python_run("--config", str(TINY_CONFIG), "--out_dir", str(fsdp_runs["fsdp"]), "--resume", "--eval_only",
-                      "--engine=deepspeed", "--data_dir", records(fsdp_runs["fsdp"], "config")[0]["data"])
+    proc = pretrain_cli("--config", TINY_CONFIG, "--out_dir", fsdp_runs["fsdp"], "--resume", "--eval_only",
+                        "--engine=deepspeed", "--data_dir", records(fsdp_runs["fsdp"], "config")[0]["data"])
     assert proc.returncode != 0
     assert "written by engine=fsdp; resume it with --engine=fsdp" in proc.stderr
 
@@ -567,7 +535,7 @@ def test_launch_sh_end_to_end(tmp_path):
 def test_unknown_key_is_an_error_listing_known_keys():
     with pytest.raises(ValueError, match=r"unknown config key --n_layers; known keys: .*model\.n_layer"):
         load_config(None, ["--n_layers=4"])
-    proc = python_run("--config", str(TINY_CONFIG), "--modle.n_layer=2")
+    proc = pretrain_cli("--config", TINY_CONFIG, "--modle.n_layer=2")
     assert proc.returncode != 0 and "unknown config key --modle.n_layer" in proc.stderr
     assert "model.n_layer" in proc.stderr
 
@@ -585,19 +553,16 @@ def test_checkpoint_hash_key_and_its_error(value, error):
             load_config(None, [f"--checkpoint_hash={value}"])
 
 
-def test_engine_key_and_its_errors(tiny_data):
+def test_engine_key_and_its_errors():
     cfg, _ = load_config(str(TINY_CONFIG), [])
     assert cfg.engine == "deepspeed"  # the default
     cfg, explicit = load_config(str(TINY_CONFIG), ["--engine=fsdp"])
     assert cfg.engine == "fsdp" and "engine" in explicit
     with pytest.raises(ValueError, match=r"engine='fdsp': expected deepspeed \| fsdp"):
         load_config(None, ["--engine=fdsp"])
-    proc = python_run("--config", str(TINY_CONFIG), "--engine=megatron")
+    proc = pretrain_cli("--config", TINY_CONFIG, "--engine=megatron")
     assert proc.returncode != 0 and "engine='megatron': expected deepspeed | fsdp" in proc.stderr
-    # FSDP takes every setting from the training config: a DeepSpeed JSON as well is a mistake
-    proc = python_run("--config", str(TINY_CONFIG), "--engine=fsdp", f"--data_dir={tiny_data}",
-                      "--deepspeed_config", str(REPO / "ds_configs/zero2.json"))
-    assert proc.returncode != 0 and "--deepspeed_config" in proc.stderr and "engine=fsdp" in proc.stderr
+    # FSDP with a DeepSpeed JSON as well: test_faults.py::test_fsdp_with_a_deepspeed_json_is_refused
 
 
 def test_fsdp_settings_come_from_the_train_config():
@@ -714,8 +679,8 @@ def test_ds_json_contradiction_names_both_values(tiny_data, tmp_path):
     ds_json["train_micro_batch_size_per_gpu"] = "auto"
     ds_json["gradient_clipping"] = 0.5
     path.write_text(json.dumps(ds_json))
-    proc = python_run("--config", str(TINY_CONFIG), "--deepspeed_config", str(path), "--grad_clip=2.0",
-                      f"--data_dir={tiny_data}")
+    proc = pretrain_cli("--config", TINY_CONFIG, "--deepspeed_config", path, "--grad_clip=2.0",
+                        f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'out'}")
     assert proc.returncode != 0
     assert "gradient_clipping=0.5" in proc.stderr and "grad_clip=2.0" in proc.stderr
 
@@ -732,18 +697,6 @@ def test_global_batch_from_the_json_sets_accumulation():
     ds_json["train_batch_size"] = 60
     with pytest.raises(ConfigConflict, match="train_batch_size=60"):
         resolve(ds_json, *load_config(None, ["--batch_size=8"]), world_size=2)
-
-
-def test_missing_data_names_the_prepare_command(tmp_path):
-    proc = python_run("--config", str(TINY_CONFIG), "--data_dir", str(tmp_path / "nowhere"))
-    assert proc.returncode != 0
-    assert "python -m training.prepare" in proc.stderr and str(tmp_path / "nowhere") in proc.stderr
-
-
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    proc = python_run("--config", str(TINY_CONFIG), "--out_dir", str(tmp_path / "empty"), "--resume")
-    assert proc.returncode != 0
-    assert "--resume: no checkpoint in" in proc.stderr and "empty" in proc.stderr
 
 
 def test_latest_marker_falls_back_over_incomplete_and_corrupt_tags(tmp_path):
@@ -921,13 +874,3 @@ def test_checkpoint_kind_is_read_from_file_names(tmp_path):
     (hf / "model.safetensors").write_bytes(b"")
     assert ckpt.checkpoint_kind(hf) is None
     assert ckpt.checkpoint_kind(tmp_path / "missing") is None and ckpt.checkpoint_kind(tmp_path) is None
-
-
-@pytest.mark.parametrize("module", ["training/pretrain.py", "-m training.export", "-m bench.training"])
-def test_every_cli_has_help(module):
-    proc = subprocess.run([PY, *module.split(), "--help"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env=env_for_cpu_ranks())
-    assert proc.returncode == 0, proc.stderr
-    assert "usage:" in proc.stdout
-    if "pretrain" in module:
-        assert "--model.n_layer" in proc.stdout and "--deepspeed_config" in proc.stdout

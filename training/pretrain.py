@@ -33,11 +33,20 @@ from training.distributed import StopOnSigterm, all_mean, barrier, mix_seed, pre
 from training.shm_buffers import release_at_exit, remove_stale_buffers
 from common.host_memory import keep_freed_memory
 
-prepare_environment()  # before DeepSpeed is imported: accelerator and single-process rank variables
-release_at_exit()  # DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm file per rank behind otherwise
-keep_freed_memory()  # reuse freed activations instead of re-mapping them every step (common/host_memory.py)
-if rank_and_world()[1] == 0:  # one rank per node: the buffers SIGKILLed runs left behind
-    remove_stale_buffers(log=lambda msg: print(msg, file=sys.stderr, flush=True))
+
+def prepare_process() -> None:
+    """What a training process sets up before DeepSpeed is imported. Only when this file runs as the
+    program (python, deepspeed, torchrun all run it as __main__): importing it (the tests call cli()
+    in-process for the refusals a user meets before anything trains) leaves os.environ and the process alone."""
+    prepare_environment()  # accelerator and single-process rank variables
+    release_at_exit()  # DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm file per rank behind otherwise
+    keep_freed_memory()  # reuse freed activations instead of re-mapping them every step (common/host_memory.py)
+    if rank_and_world()[1] == 0:  # one rank per node: the buffers SIGKILLed runs left behind
+        remove_stale_buffers(log=lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+if __name__ == "__main__":
+    prepare_process()
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
@@ -300,9 +309,10 @@ def main(argv=None):
     metrics.close()
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command: main(), with the faults a user can act on said in one line (exit 1), no traceback."""
     try:
-        main()
+        main(argv)
     except (DiskFull, CorruptData) as e:  # the path, the free space and what is still good; not a C++ stream error
         sys.exit(f"error: {e}")
     finally:
@@ -310,3 +320,7 @@ if __name__ == "__main__":
         # abort with "terminate called without an active exception"
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()
