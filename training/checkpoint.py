@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from common.unpickling import refusal_reason
-from training.ds_config import zero_stage
 
 MANIFEST = "manifest.json"
 DS_CONFIG = "ds_config.json"
@@ -399,6 +398,7 @@ UNIVERSAL = "universal"  # in a tag dir: DeepSpeed's universal form of that chec
 def saved_world_and_stage(engine_config: dict) -> tuple[int, int]:
     """(ranks, ZeRO stage) of the run that wrote a checkpoint, from its saved ds_config.json."""
     per_rank = engine_config["train_micro_batch_size_per_gpu"] * engine_config["gradient_accumulation_steps"]
+    from training.ds_config import zero_stage  # here: ds_config -> config -> distillation imports this module
     return engine_config["train_batch_size"] // per_rank, zero_stage(engine_config)
 
 
