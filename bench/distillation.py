@@ -226,9 +226,9 @@ def run(args, log=print) -> dict:
     targets = check_targets(rows, L, {s.model.distilled_steps: k for k, s in students})
     log(markdown_table(rows))
     for t in targets:
-        log(f"target at {t['calls']} calls: {t['student']} gen PPL {t['gen_ppl']:.2f} = x{t['ratio']:.3f} of the "
-            f"teacher's {t['teacher_gen_ppl_at_L']:.2f} at L calls (limit x{t['limit']:.2f}), entropy "
-            f"x{t['entropy_ratio']:.3f}: {'MET' if t['met'] else 'NOT MET'}")
+        log(f"at {t['calls']} calls: {t['student']} gen PPL {t['gen_ppl']:.2f} = x{t['ratio']:.3f} of the "
+            f"teacher's {t['teacher_gen_ppl_at_L']:.2f} at L calls (bound x{t['limit']:.2f}), entropy "
+            f"x{t['entropy_ratio']:.3f}: within both bounds: {'yes' if t['met'] else 'no'}")
     result = {"config": asdict(args), "L": L, "teacher": teacher.source, "judge": judge.source, "rounds": tried,
               "rows": [asdict(r) for r in rows], "targets": targets}
     if args.out:

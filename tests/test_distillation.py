@@ -329,4 +329,4 @@ def test_benchmark_scores_teacher_and_every_round_and_checks_the_targets(tmp_pat
     assert all(len(r["per_seed"]) == 2 and r["gen_ppl"] > 0 for r in result["rows"])
     assert [t["calls"] for t in result["targets"]] == ["L/4"]  # the only budget a student was distilled for
     assert (tmp_path / "b.png").stat().st_size > 0 and json.loads((tmp_path / "b.json").read_text())["L"] == 16
-    assert "target at L/4 calls: student round 2 (4 steps)" in capsys.readouterr().out
+    assert "at L/4 calls: student round 2 (4 steps)" in capsys.readouterr().out
