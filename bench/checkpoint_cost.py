@@ -8,7 +8,7 @@ Each cell is a real run: `deepspeed --num_gpus 2 bench/checkpoint_cost.py --work
 first on sys.path. Every rank builds the GPT of that size (causal, vocab 50304, context 128, fp32 on CPU),
 wraps it in DeepSpeed with ds_configs/zero2.json exactly as training/pretrain.py does, and takes one optimizer
 step on random tokens (so the Adam moments exist and the checkpoint has its real size). Then, through that
-code's training/checkpointer.py, --repeats times:
+code's training/checkpointing/checkpointer.py, --repeats times:
     save       Checkpointer.save (side files, DeepSpeed's shards, the manifest, `latest`): the whole call
     checking   ResumePoint.find: choosing and verifying the checkpoint to resume from
     resume     that + Checkpointer.load (DeepSpeed's load of the shards and the RNG states)
@@ -57,12 +57,12 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from models.gpt import GPT
-    from training import checkpoint as ckpt
-    from training.checkpointer import Checkpointer, ResumePoint
+    from training.checkpointing import layout as ckpt
+    from training.checkpointing.checkpointer import Checkpointer, ResumePoint
     from training.config import load_config
-    from training.deepspeed_engine import DeepSpeedEngine
-    from training.ds_config import load_ds_json, resolve
-    from training.engine import TrainingModule
+    from training.engines.deepspeed_engine import DeepSpeedEngine
+    from training.engines.ds_config import load_ds_json, resolve
+    from training.engines.interface import TrainingModule
 
     rank, _, world = rank_and_world()
     n_layer, n_head, n_embd = SIZES[args.size]
@@ -157,7 +157,7 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {', '.join(SIZES)}")
     parser.add_argument("--baseline", default="", help="another checkout (e.g. a git worktree of older code) to "
-                        "measure against: its training/checkpointer.py saves and resumes once per size")
+                        "measure against: its training/checkpointing/checkpointer.py saves and resumes once per size")
     parser.add_argument("--repeats", type=int, default=3, help="saves and resumes per cell; the best counts")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks (one node)")
     parser.add_argument("--json", default="", help="also write the rows here")

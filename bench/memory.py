@@ -58,9 +58,9 @@ def worker(args) -> None:
 
     from models.gpt import GPT
     from training.config import load_config
-    from training.deepspeed_engine import DeepSpeedEngine
-    from training.ds_config import load_ds_json, resolve
-    from training.engine import TrainingModule
+    from training.engines.deepspeed_engine import DeepSpeedEngine
+    from training.engines.ds_config import load_ds_json, resolve
+    from training.engines.interface import TrainingModule
 
     rank, _, world = rank_and_world()
     cuda = torch.cuda.is_available()

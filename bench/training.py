@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 from common.config import exit_on_config_error, knob, load, usage, wants_help
 from common.host_memory import keep_freed_memory
 from training.distributed import prepare_environment
-from training.engine import TrainingModule, compile_blocks
+from training.engines.interface import TrainingModule, compile_blocks
 
 prepare_environment()
 keep_freed_memory()  # as pretrain.py does (common/host_memory.py)
@@ -40,8 +40,8 @@ import torch  # noqa: E402
 
 from models.gpt import GPT  # noqa: E402
 from training.config import config_help, load_config  # noqa: E402
-from training.deepspeed_engine import DeepSpeedEngine  # noqa: E402
-from training.ds_config import load_ds_json, resolve  # noqa: E402
+from training.engines.deepspeed_engine import DeepSpeedEngine  # noqa: E402
+from training.engines.ds_config import load_ds_json, resolve  # noqa: E402
 from training.metrics import default_peak_flops, model_flops_utilization  # noqa: E402
 from training.optim import warmup_cosine_lr  # noqa: E402
 

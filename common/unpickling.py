@@ -2,7 +2,7 @@
 
 torch's UnpicklingError opens with a paragraph suggesting weights_only=False (which would run the file's
 code); the line that names the culprit ("Trying to load unsupported GLOBAL posix.system ...") comes later.
-The checkpoint scan (training/checkpoint.py) and the GPT-2 loader (models/gpt.py) both quote that line.
+The checkpoint scan (training/checkpointing/layout.py) and the GPT-2 loader (models/gpt.py) both quote that line.
 """
 
 

@@ -79,7 +79,7 @@ def generative_quality(models: list[tuple[str, object, dict]], tokenizer, judge,
                        prompt_tokens: int = 0, seed: int = 0, batch_size: int = 8, judge_tokenizer=None,
                        log=print) -> list[dict]:
     """One row per (model, strategy, steps) plus a "data" row (real val text scored the same way)."""
-    from inference.api import generate_with_stats, model_kind, needs_first_token
+    from inference.api import generate_with_stats
 
     if prompt_tokens and data_windows is None:
         raise ValueError("prompts come from the val split: pass data windows when prompt_tokens > 0")
@@ -96,10 +96,10 @@ def generative_quality(models: list[tuple[str, object, dict]], tokenizer, judge,
                      **r, "example": tokenizer.decode(real[0])})
         log(f"[genq] data: gen PPL {r['gen_ppl']:.3f}  entropy {r['unigram_entropy']:.3f}")
     for name, model, info in models:
-        kind = model_kind(model)
+        kind = model.config.kind
         # an AR (or shifted diffusion) model starts from EOT when the prompt is empty: that token takes
         # one slot of its context
-        n_new = min(length, model.config.block_size - max(prompt_tokens, int(needs_first_token(model))))
+        n_new = min(length, model.config.block_size - max(prompt_tokens, int(model.config.needs_first_token)))
         for run in decoding_runs(kind, strategies, steps, n_new):
             knobs = {k: v for k, v in run.items() if k not in ("strategy",) and v is not None}
             if run["strategy"] == "ar":

@@ -42,7 +42,7 @@ import torch
 
 from inference.ancestral_rows import AncestralRows
 from inference.ar_decoding import ARRows
-from inference.batching import DecodeResult, Request, RowSlots, build_layout, decode_rows, plan_batches
+from inference.batching import DecodeResult, Layout, Request, RowSlots, StepHook, build_layout, decode_rows, plan_batches
 from inference.commit_rules import CommitRandom, CommitThreshold, CommitTopK
 from inference.confidence_rows import ConfidenceRows
 from inference.diffusion_rows import steps_per_block
@@ -118,10 +118,10 @@ class DecodeOptions:
         'ar' for AR ones), the default strategy and block length are filled in, and a block-causal
         model's decoding blocks must be a multiple of its own. A distilled model (models.weights: its export
         records `distillation`) decodes ancestrally in the steps it was distilled for unless steps are given."""
-        strategy = self.strategy or ("ar" if model_kind(model) == "ar" else "ancestral")
+        strategy = self.strategy or ("ar" if model.config.kind == "ar" else "ancestral")
         check_strategy(model, strategy)
         block_length = self.block_length
-        align = block_alignment(model)
+        align = model.config.block_alignment
         if strategy == "blocks" or (align and strategy != "ar"):  # block-causal models: always in blocks
             if block_length is None:
                 block_length = align or DEFAULT_BLOCK_LENGTH
@@ -186,22 +186,6 @@ class StepInfo:
     nfe: list[int]
 
 
-def model_kind(model) -> str:
-    """'ar' for causal-attention models, 'diffusion' for bidirectional / block-causal ones."""
-    return "ar" if model.config.attention == "causal" else "diffusion"
-
-
-def needs_first_token(model) -> bool:
-    """AR and shifted diffusion models (GPTConfig.shift) predict each token from the position before it,
-    so nothing predicts a request's first token: an empty prompt starts from EOT, like GPT-2's documents."""
-    return model_kind(model) == "ar" or model.config.shift
-
-
-def block_alignment(model) -> int:
-    """The diffusion block every decode of this model must respect: block-causal models' block_length, else 0."""
-    return model.config.block_length if model.config.attention == "block_causal" else 0
-
-
 def check_model_and_tokenizer(model, tokenizer) -> None:
     """The model's embedding rows must be this tokenizer's vocabulary (exactly, or padded with MASK)."""
     rows = model.config.vocab_size
@@ -210,14 +194,14 @@ def check_model_and_tokenizer(model, tokenizer) -> None:
             f"the checkpoint's vocabulary ({rows} embedding rows) does not match the tokenizer "
             f"{tokenizer.name!r} ({tokenizer.vocab_size} ids, {tokenizer.padded_vocab_size} padded): the model "
             f"was trained with another tokenizer")
-    if model_kind(model) == "diffusion" and tokenizer.mask_id >= rows:
+    if model.config.kind == "diffusion" and tokenizer.mask_id >= rows:
         raise ValueError(f"diffusion model without a MASK row: mask id {tokenizer.mask_id} >= {rows} rows")
 
 
 def check_strategy(model, strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
-    kind, attention = model_kind(model), model.config.attention
+    kind, attention = model.config.kind, model.config.attention
     if kind == "ar" and strategy != "ar":
         raise ValueError(f"strategy {strategy!r} is a diffusion-only rule, but this model is autoregressive "
                          f"(attention={attention}); use strategy 'ar'")
@@ -253,7 +237,7 @@ def encode_requests(model, tokenizer, prompts: Sequence[str], lengths: Sequence[
     requests = []
     for i, (text, n) in enumerate(zip(prompts, lengths)):
         ids = tokenizer.encode(text)
-        if not ids and needs_first_token(model):
+        if not ids and model.config.needs_first_token:
             ids = [tokenizer.eot_id]
         if len(ids) >= context:
             raise ValueError(f"prompt {i} is {len(ids)} tokens long, longer than the model's context "
@@ -291,7 +275,7 @@ def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens
     check_model_and_tokenizer(model, tokenizer)
     requests = encode_requests(model, tokenizer, prompts, lengths)
 
-    kind, align = model_kind(model), block_alignment(model)
+    kind, align = model.config.kind, model.config.block_alignment
     device = next(model.parameters()).device
     stop_id = tokenizer.eot_id if options.stop_at_eot else None
     fill_id = tokenizer.mask_id if kind == "diffusion" else tokenizer.eot_id
@@ -309,12 +293,10 @@ def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens
             for batch_index, batch in enumerate(batches):
                 layout = build_layout([requests[i] for i in batch], fill_id, tokenizer.eot_id,
                                       0 if kind == "ar" else align, device)
-                rows = new_rows(model, tokenizer, options.strategy, len(batch), layout.x.size(1))
                 generators = [torch.Generator(device=device).manual_seed(options.seed + i) for i in batch]
                 t0 = time.perf_counter()
-                res = decode_rows(model, rows, layout, lambda b, prompt_ids: add_request(
-                    rows, options, prompt_ids, layout.gen_lens[b], generators[b], stop_id, default_steps=max(lengths)),
-                    on_step=_make_hook(batch, layout, options.strategy, tokenizer.mask_id, bar, on_step))
+                res = decode_layout(model, tokenizer, layout, options, generators, stop_id, default_steps=max(lengths),
+                                    on_step=_make_hook(batch, layout, options.strategy, tokenizer.mask_id, bar, on_step))
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - t0
@@ -326,6 +308,19 @@ def generate_with_stats(model, tokenizer, prompts: Sequence[str], max_new_tokens
         if bar is not None:
             bar.close()
     return out
+
+
+def decode_layout(model, tokenizer, layout: Layout, options: DecodeOptions, generators: Sequence[torch.Generator],
+                  stop_id: Optional[int] = None, default_steps: Optional[int] = None,
+                  on_step: Optional[StepHook] = None) -> DecodeResult:
+    """Decode one laid-out batch (`build_layout`) with options resolved for the model (`for_model`): each row
+    of the layout a row of the rows that decode options.strategy (`new_rows`), added by `add_request` with
+    its own generator, stepped to the end. default_steps: the ancestral time steps when options.steps is
+    None (default: the layout's longest generation)."""
+    rows = new_rows(model, tokenizer, options.strategy, layout.batch_size, layout.x.size(1))
+    default_steps = default_steps or max(layout.gen_lens)
+    return decode_rows(model, rows, layout, lambda b, prompt_ids: add_request(
+        rows, options, prompt_ids, layout.gen_lens[b], generators[b], stop_id, default_steps), on_step)
 
 
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: Union[int, Sequence[int]],

@@ -6,7 +6,7 @@
     load_model(init_from="gpt2")         GPT-2 through GPT.from_pretrained (hub name or local HF dir)
 
 Inference never imports DeepSpeed. What kind of directory a path is (consolidated, DeepSpeed, FSDP) is
-training.checkpoint.checkpoint_kind's call (file checks only). A training checkpoint is consolidated by
+training.checkpointing.layout.checkpoint_kind's call (file checks only). A training checkpoint is consolidated by
 running `python -m training.export` in a subprocess (its own process imports DeepSpeed, not this one);
 when that module is not available the error names the exact command to run.
 """
@@ -20,12 +20,12 @@ from typing import Optional
 
 import torch
 
-from inference.api import check_model_and_tokenizer, model_kind
+from inference.api import check_model_and_tokenizer
 from models.diffusion import OBJECTIVES, ObjectiveConfig
 from models.gpt import GPT2_NAMES, is_hf_gpt2_dir
 from models.tokenizer import Tokenizer, get_tokenizer, tokenizer_from_meta
 from models.weights import CONFIG_FILE, WEIGHTS_FILE, load_consolidated
-from training.checkpoint import MANIFEST, checkpoint_kind, latest_tag_dir
+from training.checkpointing.layout import MANIFEST, checkpoint_kind, latest_tag_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINING_KINDS = ("deepspeed", "fsdp")  # checkpoint_kind values that training.export consolidates
@@ -125,7 +125,7 @@ def load_model(ckpt: Optional[str] = None, init_from: Optional[str] = None, devi
         if info.get(key) is not None and info[key] != getattr(tokenizer, key):
             raise ValueError(f"{model_dir}/{CONFIG_FILE} says {key}={info[key]} but its tokenizer "
                              f"{tokenizer.name!r} has {getattr(tokenizer, key)}: the export is inconsistent")
-    objective = (info.get("objective") or {}).get("name") or ("ar" if model_kind(model) == "ar" else "mdlm")
+    objective = (info.get("objective") or {}).get("name") or ("ar" if model.config.kind == "ar" else "mdlm")
     if objective not in OBJECTIVES:
         raise ValueError(f"{model_dir}: unknown objective {objective!r}; expected one of {OBJECTIVES}")
     if model.config.attention not in ObjectiveConfig(objective).required_attention():

@@ -79,6 +79,30 @@ class GPTConfig:
     def default_mask(self, q_offset: int = 0) -> AttentionMask:
         return AttentionMask(kind=self.attention, block_length=self.block_length, q_offset=q_offset)
 
+    # ---- facts about the model that decoding, serving and evaluation ask (derived, not stored)
+    @property
+    def kind(self) -> str:
+        """'ar' for causal attention, 'diffusion' for bidirectional (MDLM) and block-causal (BD3-LM)."""
+        return "ar" if self.attention == "causal" else "diffusion"
+
+    @property
+    def needs_first_token(self) -> bool:
+        """AR and shifted diffusion models predict each token from the position before it, so nothing
+        predicts a sequence's first token: an empty prompt starts from EOT, like GPT-2's documents."""
+        return self.kind == "ar" or self.shift
+
+    @property
+    def block_alignment(self) -> int:
+        """The diffusion block every decode must respect: block_length for block-causal models, else 0."""
+        return self.block_length if self.attention == "block_causal" else 0
+
+    @property
+    def exact_cache(self) -> bool:
+        """Whether a KV cache changes nothing: causal (AR) and block-causal (BD3-LM) models never let a
+        finished token see a later one, so its keys/values are final. A bidirectional model's prefix cache
+        (Fast-dLLM, decoding block by block) is an approximation: the prefix would see the later blocks."""
+        return self.attention in ("causal", "block_causal")
+
 
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1's `bias` arg in all paths)."""

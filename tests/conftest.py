@@ -79,7 +79,7 @@ def ds_configs(tmp_path_factory) -> dict[str, Path]:
     """The shipped JSONs (ds_configs/zero*.json, by name); for ZeRO-3 with a persistence threshold of 0,
     because the tiny model's tensors are all below DeepSpeed's default (1e5 elements) and would otherwise
     not be partitioned."""
-    from training.ds_config import load_ds_json
+    from training.engines.ds_config import load_ds_json
 
     root = tmp_path_factory.mktemp("ds_configs")
     out = {}

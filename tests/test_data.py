@@ -267,14 +267,14 @@ def test_batch_is_windows_of_the_stream_with_targets_shifted_by_one(counting_dat
         assert torch.equal(row_y, torch.arange(start + 1, start + 17))
 
 
-def test_batch_depends_only_on_seed_step_rank_micro_step(counting_dataset):
+def test_batch_depends_only_on_seed_step_part(counting_dataset):
     data = TokenDataset(counting_dataset, "train")
-    batch = lambda **k: data.get_batch(8, 16, **{"seed": 1, "step": 5, "rank": 0, "micro_step": 0, **k})[0]
+    batch = lambda **k: data.get_batch(8, 16, **{"seed": 1, "step": 5, "part": 0, **k})[0]
     first = batch()
-    batch(step=6), batch(rank=3)  # drawing other batches in between changes nothing
+    batch(step=6), batch(part=3)  # drawing other batches in between changes nothing
     assert torch.equal(first, batch())
     assert torch.equal(first, TokenDataset(counting_dataset, "train").get_batch(8, 16, seed=1, step=5)[0])
-    for changed in ({"rank": 1}, {"step": 6}, {"micro_step": 1}, {"seed": 2}):
+    for changed in ({"part": 1}, {"step": 6}, {"seed": 2}):
         assert not torch.equal(first, batch(**changed)), changed
 
 

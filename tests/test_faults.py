@@ -30,7 +30,9 @@ import pytest
 import torch
 
 from in_process import pretrain_cli, run_cli
-from training import checkpoint as ckpt
+from training.checkpointing import layout as ckpt
+from training.checkpointing import universal
+from training.checkpointing.safe_load import UnsafeCheckpoint
 from training import prepare
 from training.data import CorruptData
 from training.metrics import read_records
@@ -492,8 +494,8 @@ def plant_universal_link(tag_dir: Path, elsewhere: Path, marker: Path) -> None:
     (elsewhere / "zero").mkdir(parents=True)
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         plant_pickle(elsewhere / name, marker, key="module")
-    (tag_dir / ckpt.UNIVERSAL).symlink_to(elsewhere)
-    (tag_dir / "latest_universal").write_text(ckpt.UNIVERSAL)
+    (tag_dir / universal.UNIVERSAL).symlink_to(elsewhere)
+    (tag_dir / "latest_universal").write_text(universal.UNIVERSAL)
 
 
 @pytest.mark.slow
@@ -531,7 +533,7 @@ def test_a_planted_pickle_is_refused_and_never_run(data, run_copy, tmp_path, how
 def test_a_link_inside_a_checkpoint_is_refused_before_anything_is_unpickled(tmp_path, link):
     """Checkpoints never hold links, and the scan of a checkpoint's pickles does not follow linked folders:
     every link is refused by resume and export alike, wherever it leads."""
-    from training.checkpointer import ResumePoint
+    from training.checkpointing.checkpointer import ResumePoint
     from training.export import resolve_tag_dir
 
     marker, elsewhere = tmp_path / "code_ran", tmp_path / "elsewhere"
@@ -552,7 +554,7 @@ def test_a_link_inside_a_checkpoint_is_refused_before_anything_is_unpickled(tmp_
         name = "rng_rank1.pt"
     snapshot = DiskSnapshot(out)
     for decide in (ResumePoint.find, resolve_tag_dir):
-        with pytest.raises(ckpt.UnsafeCheckpoint, match=rf"refusing to load {tag_dir}: {name} is a symbolic link "
+        with pytest.raises(UnsafeCheckpoint, match=rf"refusing to load {tag_dir}: {name} is a symbolic link "
                                                         rf"\(to .*\)\. Checkpoints never hold links.*cp -rL"):
             decide(out)
     snapshot.assert_unchanged()

@@ -10,10 +10,9 @@ import torch
 
 from inference.batching import Request, build_layout, plan_batches
 from inference.commit_rules import CommitRandom, CommitThreshold, CommitTopK
-from inference.diffusion_decoding import ancestral_commit_probability, decode_ancestral, decode_by_confidence
-from inference.api import DECODERS, STRATEGIES, DecodeOptions, generate, generate_with_stats
+from inference.api import DECODERS, STRATEGIES, DecodeOptions, decode_layout, generate, generate_with_stats
 from inference import sampling
-from inference.ancestral_rows import AncestralRows
+from inference.ancestral_rows import AncestralRows, ancestral_commit_probability
 from inference.ar_decoding import ARRows
 from inference.sampling import Sampler, filter_logits, inverse_cdf, predict_tokens, sample_from_logits
 from models.diffusion import NoiseSchedule
@@ -104,13 +103,11 @@ def test_prompt_tokens_are_never_changed_and_no_mask_survives(model_name, rule):
     reqs = [Request(TOK.encode(p), n) for p, n in zip(PROMPTS, LENGTHS)]
     align = 4 if model_name == "block_causal" else 0
     lay = build_layout(reqs, TOK.mask_id, TOK.eot_id, align, "cpu")
-    gen = torch.Generator().manual_seed(0)
-    if strategy == "ancestral":
-        res = decode_ancestral(model, lay, 6, NoiseSchedule(), Sampler(1.0), gen, TOK.mask_id, TOK.vocab_size)
-    else:
-        res = decode_by_confidence(model, lay, CommitTopK(tokens_per_step=2), Sampler(1.0), gen, TOK.mask_id,
-                                   TOK.vocab_size, block_length=8 if strategy == "blocks" else None,
-                                   kv_cache=strategy == "blocks")
+    options = DecodeOptions(strategy=strategy, temperature=1.0, top_k=None, stop_at_eot=False,
+                            **(dict(steps=6) if strategy == "ancestral" else dict(tokens_per_step=2)),
+                            **(dict(block_length=8) if strategy == "blocks" else {})).for_model(model)
+    generators = [torch.Generator().manual_seed(i) for i in range(len(reqs))]
+    res = decode_layout(model, TOK, lay, options, generators)
     assert torch.equal(res.x[~lay.gen], lay.x[~lay.gen])
     assert not (res.x == TOK.mask_id).any()
 
@@ -390,15 +387,9 @@ def test_kv_cached_decoding_of_a_block_causal_model_equals_uncached_exactly(stra
 
 
 def test_the_ancestral_cache_is_refused_where_it_would_not_be_exact():
-    from inference.batching import build_layout, Request
-    from inference.diffusion_decoding import decode_ancestral
-    from inference.sampling import Sampler
-    from models.diffusion import NoiseSchedule
-    model = tiny_model()  # bidirectional
-    layout = build_layout([Request([1, 2], 8)], TOK.mask_id, 0, 0, "cpu")
+    rows = AncestralRows(tiny_model(), TOK.mask_id, TOK.vocab_size, capacity=1, width=16)  # bidirectional
     with pytest.raises(ValueError, match="block-causal"):
-        decode_ancestral(model, layout, 8, NoiseSchedule("loglinear"), Sampler(0.0), None, TOK.mask_id,
-                         TOK.vocab_size, block_length=8, kv_cache=True)
+        rows.add([1, 2], 8, 8, NoiseSchedule("loglinear"), Sampler(0.0), None, block_length=8, kv_cache=True)
 
 
 def test_blocks_on_a_bidirectional_model_decode_left_to_right():

@@ -84,14 +84,12 @@ def test_ar_checkpoint_given_a_diffusion_rule_and_the_reverse():
 
 
 def test_kv_cache_without_blocks_is_refused():
-    from inference.batching import Request, build_layout
     from inference.commit_rules import CommitTopK
-    from inference.diffusion_decoding import decode_by_confidence
+    from inference.confidence_rows import ConfidenceRows
     from inference.sampling import Sampler
-    lay = build_layout([Request([1, 2], 3)], TOK.mask_id, TOK.eot_id, 0, "cpu")
+    rows = ConfidenceRows(tiny_model(), TOK.mask_id, TOK.vocab_size, capacity=1, width=8)
     with pytest.raises(ValueError, match="kv_cache needs semi-autoregressive blocks"):
-        decode_by_confidence(tiny_model(), lay, CommitTopK(tokens_per_step=1), Sampler(0.0), None, TOK.mask_id,
-                             TOK.vocab_size, kv_cache=True)
+        rows.add([1, 2], 3, CommitTopK(tokens_per_step=1), Sampler(0.0), None, None, True)
 
 
 def test_char_outside_the_vocabulary_is_a_clear_error():

@@ -28,7 +28,8 @@ import pytest
 from cluster import TwoNodeCluster, missing_tools
 from test_training import (DEEPSPEED, REPO, TINY_CONFIG, TORCHRUN, check_finished, env_for_cpu_ranks, records,
                            train_losses)
-from training import checkpoint as ckpt
+from training.checkpointing import layout as ckpt
+from training.checkpointing import universal
 from training import hostfile
 from training.distributed import free_port
 
@@ -279,7 +280,7 @@ def test_zero2_checkpoint_of_two_ranks_resumes_on_one_rank(one_node, ds_configs,
     assert records(out, "resumed")[0]["universal"] is True
     worst = worst_difference(train_losses(one_node), train_losses(out), range(11, 21))
     assert worst < NODE_TOLERANCE, f"1 rank departs from the 2-rank curve by {worst:.2e}"
-    assert (out / "ckpt" / "step_000010" / ckpt.UNIVERSAL / "zero").is_dir()
+    assert (out / "ckpt" / "step_000010" / universal.UNIVERSAL / "zero").is_dir()
 
 
 def test_zero2_checkpoint_resumes_under_zero3(one_node, ds_configs, tiny_data, tmp_path):
@@ -302,7 +303,7 @@ def test_zero3_checkpoint_of_two_nodes_resumes_under_zero2_on_one_node(two_nodes
 
 
 def test_zero0_and_zero_stages_do_not_convert_into_each_other(tmp_path):
-    from training.checkpointer import ResumePoint
+    from training.checkpointing.checkpointer import ResumePoint
 
     saved = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "train_batch_size": 16,
              "zero_optimization": {"stage": 0}}
@@ -317,5 +318,5 @@ def test_universal_conversion_of_something_else_is_a_clear_error(tmp_path):
     (tmp_path / "step_000010").mkdir()
     for target in (tmp_path / "missing", tmp_path / "step_000010", tmp_path):
         with pytest.raises(ValueError, match="not a DeepSpeed checkpoint"):
-            ckpt.to_universal(target)
-    assert not (tmp_path / "step_000010" / ckpt.UNIVERSAL).exists()  # nothing written
+            universal.to_universal(target)
+    assert not (tmp_path / "step_000010" / universal.UNIVERSAL).exists()  # nothing written

@@ -8,8 +8,8 @@ import torch
 
 from common.precision import autocast, half_dtype
 from training.config import load_config
-from training.ds_config import load_ds_json, resolve
-from training.fsdp_engine import resolve_fsdp
+from training.engines.ds_config import load_ds_json, resolve
+from training.engines.fsdp_engine import resolve_fsdp
 
 GPUS = {  # name: (native bf16, emulated bf16)
     "A100 (sm_80)": (True, True),

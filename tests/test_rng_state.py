@@ -5,7 +5,7 @@ as torch's lazy CUDA initialisation does."""
 import pytest
 import torch
 
-from training import checkpoint as ckpt
+from training.checkpointing import layout as ckpt
 
 
 class FakeCuda:

@@ -12,12 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inference.api import DecodeOptions, generate_with_stats
+from inference.api import DecodeOptions, decode_layout, generate_with_stats
 from inference.batching import Request, build_layout
-from inference.commit_rules import CommitTopK
-from inference.diffusion_decoding import decode_ancestral, decode_by_confidence
-from inference.sampling import Sampler
-from models.diffusion import NoiseSchedule, align_predictions, subs_logits
+from models.diffusion import align_predictions, subs_logits
 from models.gpt import GPT, GPTConfig
 from models.tokenizer import get_tokenizer
 
@@ -52,14 +49,13 @@ RULES = {
 
 
 def decode_canvas(model, layout, strategy, kv_cache, seed=0):
-    """One of the two decoders on a canvas, sampled (temperature 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    if strategy == "ancestral":
-        block = BLOCK if model.config.attention == "block_causal" else None
-        return decode_ancestral(model, layout, 6, NoiseSchedule(), Sampler(1.0), gen, TOK.mask_id, TOK.vocab_size,
-                                block_length=block)
-    return decode_by_confidence(model, layout, CommitTopK(tokens_per_step=2), Sampler(1.0), gen, TOK.mask_id,
-                                TOK.vocab_size, block_length=8 if strategy == "blocks" else None, kv_cache=kv_cache)
+    """A laid-out batch decoded as generate decodes it, sampled (temperature 1): ancestral in 6 steps, the
+    confidence rules 2 tokens per step, blocks of 8."""
+    options = DecodeOptions(strategy=strategy, temperature=1.0, top_k=None, stop_at_eot=False, kv_cache=kv_cache,
+                            **(dict(steps=6) if strategy == "ancestral" else dict(tokens_per_step=2)),
+                            **(dict(block_length=8) if strategy == "blocks" else {})).for_model(model)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(layout.batch_size)]
+    return decode_layout(model, TOK, layout, options, generators)
 
 
 # ----------------------------------------------------------------------------- (a) prompt kept, canvas filled
@@ -178,7 +174,7 @@ def test_decoding_column_0_of_a_shifted_model_is_refused(model_name, strategy):
     model = MODELS[model_name]()
     align = BLOCK if model_name == "block_causal" else 0
     layout = build_layout([Request(TOK.encode("ab"), 4), Request([], 4)], TOK.mask_id, TOK.eot_id, align, "cpu")
-    with pytest.raises(ValueError, match=r"shifted.*rows \[1\].*at least one prompt token"):
+    with pytest.raises(ValueError, match=r"shifted.*at least one prompt token"):
         decode_canvas(model, layout, strategy, kv_cache=strategy == "blocks")
 
 

@@ -9,7 +9,7 @@ bad input call training/pretrain.py in this process (tests/in_process.py).
 Tolerances: ZeRO stages reduce gradients in different orders, so their losses agree to ~3e-7 here; the
 tests allow 1e-5. A resumed run reproduces the uninterrupted one exactly (CPU, fp32).
 
-The FSDP engine (--engine=fsdp, training/fsdp_engine.py) runs through `torchrun --nproc_per_node 2` on
+The FSDP engine (--engine=fsdp, training/engines/fsdp_engine.py) runs through `torchrun --nproc_per_node 2` on
 gloo. Its losses match a DeepSpeed ZeRO-0 run of the same config within the same 1e-5 (~2e-7 seen):
 both are fp32 and do the same maths, but FSDP reduce-scatters and shards gradients, AdamW and the norm,
 so floating-point sums run in another order; resume and export are checked exactly as for DeepSpeed.
@@ -33,9 +33,10 @@ import pytest
 import torch
 
 from in_process import pretrain_cli
-from training import checkpoint as ckpt
+from training.checkpointing import layout as ckpt
+from training.checkpointing.safe_load import safe_torch_load
 from training.config import load_config
-from training.ds_config import ConfigConflict, load_ds_json, resolve
+from training.engines.ds_config import ConfigConflict, load_ds_json, resolve
 from common.ports import free_port
 from training.metrics import read_records
 
@@ -245,7 +246,7 @@ def test_a_zero0_bf16_export_holds_the_fp32_master_weights(tiny_data, ds_configs
     check_finished(python_run("--config", str(TINY_CONFIG), "--deepspeed_config", str(ds_configs["zero0"]),
                               "--data_dir", str(tiny_data), "--out_dir", str(out), "--dtype=bf16",
                               "--max_iters=4", "--eval_interval=4", "--log_interval=4"), out)
-    saved = ckpt.safe_torch_load(out / "ckpt" / "step_000004" / "mp_rank_00_model_states.pt")
+    saved = safe_torch_load(out / "ckpt" / "step_000004" / "mp_rank_00_model_states.pt")
     decay, no_decay = saved["optimizer"]["fp32_groups"]  # GPT.optimizer_param_groups' order
     model, _ = load_consolidated(out / "export")
     exported = model.state_dict()
@@ -566,7 +567,7 @@ def test_engine_key_and_its_errors():
 
 
 def test_fsdp_settings_come_from_the_train_config():
-    from training.fsdp_engine import resolve_fsdp
+    from training.engines.fsdp_engine import resolve_fsdp
     from training.optim import build_lr_scheduler, build_optimizer, warmup_cosine_lr
     from models.gpt import GPT
 
@@ -610,7 +611,7 @@ def test_config_record_traces_the_run_to_its_code(tmp_path):
 
 
 def test_checkpointer_decides_when_to_save(tmp_path):
-    from training.checkpointer import Checkpointer
+    from training.checkpointing.checkpointer import Checkpointer
 
     saver = Checkpointer(tmp_path, rank=0, interval=10, keep=3, train_config={}, engine_config={},
                          engine_config_name=ckpt.DS_CONFIG, data_meta={})
@@ -622,12 +623,12 @@ def test_checkpointer_decides_when_to_save(tmp_path):
 
 
 def test_engine_interface_imports_no_engine():
-    """training.engine is the interface: it imports neither engine (nor DeepSpeed, which must come after
+    """training.engines.interface is the interface: it imports neither engine (nor DeepSpeed, which must come after
     prepare_environment), and the FSDP engine does not import the DeepSpeed one."""
-    code = ("import sys; import training.engine; "
-            "assert not {'training.fsdp_engine', 'training.deepspeed_engine', 'deepspeed'} & set(sys.modules); "
-            "import training.fsdp_engine, training.checkpointer, training.optim; "
-            "assert not {'training.deepspeed_engine', 'deepspeed'} & set(sys.modules)")
+    code = ("import sys; import training.engines.interface; "
+            "assert not {'training.engines.fsdp_engine', 'training.engines.deepspeed_engine', 'deepspeed'} & set(sys.modules); "
+            "import training.engines.fsdp_engine, training.checkpointing.checkpointer, training.optim; "
+            "assert not {'training.engines.deepspeed_engine', 'deepspeed'} & set(sys.modules)")
     proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
@@ -801,7 +802,7 @@ def test_sha256_shares_split_the_files_over_the_ranks(tmp_path):
 RESUME_ON_A_RANK = """
 import json, sys
 import torch.distributed as dist
-from training.checkpointer import ResumePoint
+from training.checkpointing.checkpointer import ResumePoint
 
 def bytes_read():
     return int(next(line.split()[1] for line in open("/proc/self/io") if line.startswith("rchar:")))
@@ -850,7 +851,7 @@ def test_keep_checkpoints_prunes_old_tags(tmp_path):
 
 
 def test_checkpoint_kind_is_read_from_file_names(tmp_path):
-    """training.checkpoint.checkpoint_kind is the one place that says what a directory holds (inference
+    """training.checkpointing.layout.checkpoint_kind is the one place that says what a directory holds (inference
     asks it before loading): a run dir, its ckpt/ and a tag dir all name the engine that wrote them."""
     from models.gpt import GPT, GPTConfig
     from models.weights import save_consolidated

@@ -13,7 +13,7 @@ The loader is the one every command uses (common/config.py); this module holds w
 
 `load_config` also returns which keys were stated explicitly (in the file or a flag): the DeepSpeed
 JSON may state batch size, clipping, optimizer and LR schedule too, and a value stated in both places
-that disagrees is an error (training/ds_config.py), while a default silently yields to the JSON.
+that disagrees is an error (training/engines/ds_config.py), while a default silently yields to the JSON.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _quickstart_model() -> GPTConfig:
 
 @dataclass
 class TrainConfig:
-    # the engine that shards the model (training/engine.py): DeepSpeed (ZeRO stage from --deepspeed_config) or FSDP2
+    # the engine that shards the model (training/engines/interface.py): DeepSpeed (ZeRO stage from --deepspeed_config) or FSDP2
     engine: str = field(default="deepspeed", metadata={"help": "deepspeed | fsdp (FSDP2: launch with torchrun; all settings from this config, --deepspeed_config is an error)"})
     # data and output
     data_dir: str = field(default="data/shakespeare_char", metadata={"help": "prepared dataset (train.bin, val.bin, meta.json)"})
@@ -54,7 +54,7 @@ class TrainConfig:
     distill_rounds: int = field(default=0, metadata={"help": "rounds, each halving the steps; the first teacher samples in distill_steps * 2^rounds steps; max_iters is split evenly over them (0 = from the teacher: one token per step of model.block_size, or the steps it was distilled for)"})
     distill_divergence: str = field(default="kl", metadata={"help": "kl (KL(teacher || student)) | reverse_kl | tvd | mse (of log-probabilities)"})
     verify_data: bool = field(default=False, metadata={"help": "check the data's sha256 and every token id against meta.json before training (a full read)"})
-    # batch: stated here or in the DeepSpeed JSON, not both (ds_config.py)
+    # batch: stated here or in the DeepSpeed JSON, not both (engines/ds_config.py)
     batch_size: int = field(default=32, metadata={"help": "micro batch per rank (DeepSpeed train_micro_batch_size_per_gpu)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro steps per optimizer step"})
     # optimizer (torch AdamW, no weight decay on biases and LayerNorms) and cosine LR schedule

@@ -223,11 +223,13 @@ class TokenDataset:
             )
         return num_starts
 
-    def get_batch(self, batch_size: int, block_size: int, *, seed: int, step: int, rank: int = 0,
-                  micro_step: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, batch_size: int, block_size: int, *, seed: int, step: int, part: int = 0,
+                  device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """batch_size random windows: x (B, block_size) and y = x shifted left by one, int64.
-        The same (seed, step, rank, micro_step) always gives the same batch."""
-        rng = np.random.default_rng([seed, step, rank, micro_step])  # SeedSequence mixes all four
+        `part` is this micro batch's place in the step's global batch (rank * accumulation + micro step):
+        the same (seed, step, part) always gives the same batch, on any number of ranks."""
+        # SeedSequence mixes them; the trailing 0 keeps the batches that runs saved before this signature resume on
+        rng = np.random.default_rng([seed, step, part, 0])
         starts = rng.integers(0, self._num_starts(block_size), size=batch_size)
         return _to_tensors(self._windows(starts, block_size), device)
 

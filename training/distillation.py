@@ -31,8 +31,8 @@ import torch
 from models.diffusion import NoiseSchedule
 from models.distillation import DIVERGENCES, distillation_loss
 from models.gpt import GPT, GPT2_NAMES, is_hf_gpt2_dir
-from training import checkpoint as ckpt
-from training.engine import TrainingModule
+from training.checkpointing import layout as ckpt
+from training.engines.interface import TrainingModule
 from training.distributed import barrier
 from training.init_from import InitSource, load_weights, read_source
 

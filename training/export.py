@@ -12,7 +12,7 @@ ZeRO-1/2/3 shards (and bf16 runs' fp32 master weights) are merged by DeepSpeed's
 get_fp32_state_dict_from_zero_checkpoint, in-process; its zero_to_fp32.py script is not used (it
 needs huggingface_hub). A ZeRO-0 checkpoint holds the whole model in one file; in bf16/fp16 the fp32
 master weights beside it in the optimizer state are exported instead (zero0_master_weights).
-An FSDP checkpoint (a tag dir with fsdp_checkpoint.json, training/fsdp_engine.py) is a
+An FSDP checkpoint (a tag dir with fsdp_checkpoint.json, training/engines/fsdp_engine.py) is a
 torch.distributed.checkpoint directory: its model shards are loaded whole in this one process.
 """
 from __future__ import annotations
@@ -28,10 +28,11 @@ import torch
 
 from common.config import parse_cli
 from common.disk import free_bytes, human, is_disk_full
-from training import checkpoint as ckpt
+from training.checkpointing import layout as ckpt
+from training.checkpointing.safe_load import check_safe_to_load, safe_torch_load
 from training.distillation import distillation_record
 
-MODULE_PREFIX = "gpt."  # the engine wraps GPT in TrainingModule (training/engine.py)
+MODULE_PREFIX = "gpt."  # the engine wraps GPT in TrainingModule (training/engines/interface.py)
 
 
 def resolve_tag_dir(path) -> Path:
@@ -41,7 +42,7 @@ def resolve_tag_dir(path) -> Path:
         problem = ckpt.verify(path)
         if problem:
             raise ValueError(f"checkpoint {path} is incomplete or corrupt: {problem}")
-        ckpt.check_safe_to_load(path)
+        check_safe_to_load(path)
         return path
     out_dir = path.parent if path.name == "ckpt" else path
     found = ckpt.find_latest_good(out_dir)
@@ -50,13 +51,13 @@ def resolve_tag_dir(path) -> Path:
     for note in found.skipped:
         print(f"export: skipped {note}", file=sys.stderr)
     tag_dir = ckpt.ckpt_root(out_dir) / found.tag
-    ckpt.check_safe_to_load(tag_dir)  # DeepSpeed's readers unpickle with weights_only=False: refuse planted code first
+    check_safe_to_load(tag_dir)  # DeepSpeed's readers unpickle with weights_only=False: refuse planted code first
     return tag_dir
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The GPT's fp32 state dict from one DeepSpeed or FSDP tag directory."""
-    from training.fsdp_engine import consolidated_state_dict as fsdp_state_dict
+    from training.engines.fsdp_engine import consolidated_state_dict as fsdp_state_dict
 
     if ckpt.checkpoint_kind(tag_dir) == "fsdp":
         state = fsdp_state_dict(tag_dir)
@@ -64,7 +65,7 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:  # ZeRO-0: the model file holds the full weights (and, in bf16/fp16, the fp32 masters)
-        saved = ckpt.safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")
+        saved = safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")
         state = saved["module"]
         masters = zero0_master_weights(saved.get("optimizer"), ckpt.load_side_files(tag_dir)[0]["model"])
         if masters is not None:
@@ -85,7 +86,7 @@ def zero0_master_weights(optimizer_state: dict | None, model_config: dict) -> di
     optimizers) or one flat tensor per group ("fp32_groups_flat", DeepSpeed's fused Adam). Exporting the
     module would round every weight to 8 (bf16) or 11 (fp16) bits. The groups hold the parameters in the
     order of GPT.optimizer_param_groups, which both ways of building the optimizer use
-    (training/deepspeed_engine.py); that order is rebuilt on the meta device to name them."""
+    (training/engines/deepspeed_engine.py); that order is rebuilt on the meta device to name them."""
     if not optimizer_state:
         return None
     groups = optimizer_state.get("fp32_groups")

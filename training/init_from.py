@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from models.gpt import GPT, GPT2_NAMES, GPTConfig, is_hf_gpt2_dir
-from training import checkpoint as ckpt
+from training.checkpointing import layout as ckpt
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "bias", "pos_emb")  # must match the source's tensors
 GPT2_VOCAB = 50257  # rows of OpenAI's embedding (our gpt2 data adds MASK and padding rows after them)

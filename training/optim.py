@@ -3,7 +3,7 @@ GPT.optimizer_param_groups (no weight decay on biases and LayerNorms) and nanoGP
 cosine decay as a LambdaLR stepped once per optimizer update.
 
 The DeepSpeed engine hands both to deepspeed.initialize (unless the DeepSpeed JSON names DeepSpeed's own,
-training/ds_config.py); the FSDP engine steps them itself.
+training/engines/ds_config.py); the FSDP engine steps them itself.
 """
 from __future__ import annotations
 

@@ -9,13 +9,13 @@ diffusion with block-causal attention) with DeepSpeed (default) or FSDP2 (--engi
     deepspeed --hostfile hosts training/pretrain.py --config ... --deepspeed_config ds_configs/zero3.json
     # one process, no launcher (torchrun works too)
     python training/pretrain.py --config training/configs/tiny_test.json --max_iters=50
-    # the FSDP2 engine (training/fsdp_engine.py): torchrun, no DeepSpeed JSON; gloo on CPU, nccl on GPUs
+    # the FSDP2 engine (training/engines/fsdp_engine.py): torchrun, no DeepSpeed JSON; gloo on CPU, nccl on GPUs
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 training/pretrain.py --config ... --engine=fsdp
 
 Config: defaults (training/config.py) < --config FILE.json|.toml < --key=value / --key value flags
 (nested keys with a dot: --model.n_layer=4, --objective.name=ar). The DeepSpeed JSON states the ZeRO
 stage; batch, clipping, optimizer, LR schedule and precision are "auto" there and come from the training
-config (training/ds_config.py); with --engine=fsdp everything comes from the training config, and
+config (training/engines/ds_config.py); with --engine=fsdp everything comes from the training config, and
 giving --deepspeed_config is an error. --resume continues from the latest verified checkpoint in out_dir;
 without it, an out_dir that holds an earlier run is refused (--overwrite removes that run first).
 SIGTERM: every rank finishes its step, a checkpoint is written, and the run exits cleanly.
@@ -55,17 +55,17 @@ import torch.distributed as dist  # noqa: E402
 from models.diffusion import is_diffusion  # noqa: E402
 from models.gpt import GPT  # noqa: E402
 from models.tokenizer import tokenizer_from_meta  # noqa: E402
-from training import checkpoint as ckpt  # noqa: E402
-from training.checkpointer import Checkpointer, ResumePoint  # noqa: E402
+from training.checkpointing import layout as ckpt  # noqa: E402
+from training.checkpointing.checkpointer import Checkpointer, ResumePoint  # noqa: E402
 from training.config import config_help, load_config  # noqa: E402
 from training.data import CorruptData, TokenDataset, check_compatible, load_meta, verify_dataset  # noqa: E402
 from training.distillation import check_distillation, training_module  # noqa: E402
-from training.ds_config import load_ds_json, resolve, zero_stage  # noqa: E402
-from training.engine import compile_blocks, init_process_group, make_engine  # noqa: E402
-from training.fsdp_engine import CONFIG_FILE as FSDP_CONFIG_FILE, resolve_fsdp  # noqa: E402
+from training.engines.ds_config import load_ds_json, resolve, zero_stage  # noqa: E402
+from training.engines.interface import compile_blocks, init_process_group, make_engine  # noqa: E402
+from training.engines.fsdp_engine import CONFIG_FILE as FSDP_CONFIG_FILE, resolve_fsdp  # noqa: E402
 from training.hostfile import launch_info, single_node_warning  # noqa: E402
 from training.init_from import load_weights, source_for_run  # noqa: E402
-from training.run_lock import OutDirInUse, claim_out_dir, hold_out_dir  # noqa: E402
+from training.run_lock import OutDirInUse, claim_out_dir, lock_out_dir  # noqa: E402
 from common.disk import DiskFull, disk_full_error, is_disk_full  # noqa: E402
 from training.metrics import LossWindow, Metrics, default_peak_flops, memory_mb, model_flops_utilization, provenance  # noqa: E402
 
@@ -94,7 +94,7 @@ def setup_config(args, overrides, world):
     """Config, resume point, init source, data meta, tokenizer and the engine's resolved config; every
     mistake a user can make shows up here."""
     cfg, explicit = load_config(args.config, overrides)
-    for note in hold_out_dir(cfg.out_dir):  # one run per out_dir: a second one stops here, naming the first
+    for note in lock_out_dir(cfg.out_dir):  # one run per out_dir: a second one stops here, naming the first
         print(f"WARNING: {note}", file=sys.stderr, flush=True)
     resume = None
     if cfg.resume:
@@ -270,7 +270,7 @@ def main(argv=None):
             # a micro batch is named by its place in the global batch, not by (rank, micro step): 2 ranks x
             # accumulation 1 and 1 rank x accumulation 2 train on the same batches and masks (resume elsewhere)
             part = rank * gas + micro_step
-            x, y = train_data.get_batch(B, T, seed=cfg.seed, step=step, rank=part, micro_step=0)
+            x, y = train_data.get_batch(B, T, seed=cfg.seed, step=step, part=part)
             loss = engine.loss(x, y, seed=mix_seed(cfg.seed, 0, step, part, 0), future_attention=future)
             engine.backward(loss)
             engine.step()

@@ -137,7 +137,7 @@ class RunLock:
 _held: list[RunLock] = []
 
 
-def hold_out_dir(out_dir) -> list[str]:
+def lock_out_dir(out_dir) -> list[str]:
     """On global rank 0, lock OUT_DIR/run.lock for the rest of this process's life (other ranks hold
     nothing: when rank 0 refuses and exits, the launcher stops them). Raises OutDirInUse naming the holder.
     Returns notes for the log (a lock taken over from a killed run)."""

@@ -51,7 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.config import knob, parse_cli
 from common.precision import autocast
-from inference.api import DIFFUSION_STRATEGIES, Completion, DecodeOptions, encode_requests, model_kind
+from inference.api import DIFFUSION_STRATEGIES, Completion, DecodeOptions, encode_requests
 from inference.serving.protocol import DECODING_FIELDS, DEFAULT_MAX_TOKENS, CompletionRequest, error_message
 from inference.serving.scheduler import (Cancelled, QueueFull, RowSpec, ShuttingDown, StepScheduler,
                                          measure_call_overhead, server_options)
@@ -213,7 +213,7 @@ class SchedulerCollector:
 # ----------------------------------------------------------------------------- the app
 def build_app(loaded, scheduler: StepScheduler, cfg: ServerConfig):
     tokenizer, model = loaded.tokenizer, loaded.model
-    kind = model_kind(model)
+    kind = model.config.kind
     metrics = ServerMetrics(scheduler, cfg.model_id)
     created = int(time.time())
 
@@ -575,7 +575,7 @@ def main(argv=None) -> int:
                             scheduler, args.grace_s)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that exit 0
     signal.signal(signal.SIGTERM, lambda *_: None)
-    print(f"serving {cfg.model_id} ({loaded.objective}, {model_kind(loaded.model)}) on http://{args.host}:{args.port}/ "
+    print(f"serving {cfg.model_id} ({loaded.objective}, {loaded.model.config.kind}) on http://{args.host}:{args.port}/ "
           f"(max_rows {cfg.max_rows}, max_queue {cfg.max_queue})", file=sys.stderr, flush=True)
     server.run()
     print("server stopped", file=sys.stderr, flush=True)

@@ -434,18 +434,11 @@ def measure_call_overhead(model, autocast: Callable[[], contextlib.AbstractConte
     return min(max(one / per_column, 1.0), 1e6)
 
 
-def exact_cache(model) -> bool:
-    """Whether a KV cache changes nothing for this model: causal (AR) and block-causal (BD3-LM) models
-    never let a finished token see a later one, so its keys/values are final. A bidirectional model's
-    prefix cache (Fast-dLLM, `blocks` only) is an approximation: the prefix would see the later blocks."""
-    return model.config.attention in ("causal", "block_causal")
-
-
 def server_options(options: DecodeOptions, model=None, kv_cache: Optional[bool] = None) -> DecodeOptions:
     """The options a served row decodes with: one row per decode, and the KV cache where it is exact
-    (`exact_cache`: AR rows, block-causal blocks) unless kv_cache says otherwise; kv_cache=True on a
+    (`GPTConfig.exact_cache`: AR rows, block-causal blocks) unless kv_cache says otherwise; kv_cache=True on a
     bidirectional model opts into the approximate prefix cache of `blocks`. Without the model (and
     without kv_cache) no cache: exact for every model."""
     if kv_cache is None:
-        kv_cache = model is not None and exact_cache(model)
+        kv_cache = model is not None and model.config.exact_cache
     return replace(options, kv_cache=kv_cache, batch_size=1)

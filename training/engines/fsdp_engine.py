@@ -1,4 +1,4 @@
-"""The FSDP2 engine: PyTorch's fully_shard behind training/engine.py's interface, as the DeepSpeed engine is.
+"""The FSDP2 engine: PyTorch's fully_shard behind training/engines/interface.py's interface, as the DeepSpeed engine is.
 
     torchrun --nproc_per_node 2 training/pretrain.py --config training/configs/shakespeare_mdlm.json --engine=fsdp
 
@@ -15,7 +15,7 @@ weights, optimizer states and gradient reduction). fp16 needs loss scaling, whic
 engine does here: it is refused.
 
 Checkpoints (torch.distributed.checkpoint, resharding-capable) go into the tag dir that
-training/checkpoint.py then verifies and marks:
+training/checkpointing/layout.py then verifies and marks:
     step_N/fsdp/               DCP files: every rank's model + optimizer shards and .metadata
     step_N/fsdp_checkpoint.json   written by rank 0 after the DCP save: the marker that says "FSDP",
                                plus the LR scheduler state and the loop's client state (step, tokens)
@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.checkpoint import FSDP_MARKER, atomic_write_text, checkpoint_kind
+from training.checkpointing.layout import FSDP_MARKER, atomic_write_text, checkpoint_kind
 from training.config import TrainConfig
 from training.distributed import barrier, rank_and_world
-from training.ds_config import default_dtype
-from training.engine import Engine, TrainingModule
+from training.engines.ds_config import default_dtype
+from training.engines.interface import Engine, TrainingModule
 from training.optim import build_lr_scheduler, build_optimizer, optimizer_kwargs, schedule_kwargs
 
 DCP_DIR = "fsdp"  # the DCP checkpoint inside the tag dir

@@ -1,13 +1,13 @@
 """When a training run saves, how, and what it resumes from: one object beside the loop, so the loop only
 asks `should_save(step)` and calls `save` (torchtitan's checkpointer decides by itself in the same way).
 
-The files and their checks are training/checkpoint.py's (the owner of the format); this module sequences
+The files and their checks are training/checkpointing/layout.py's (the owner of the format); this module sequences
 them for a run of many ranks:
     save     side files (configs and data meta from rank 0, the RNG state of every rank), the engine's
              shards, a barrier, with checkpoint_hash=sha256 every rank hashing its share of the files (each
-             file read once), rank 0's manifest + `latest` + pruning (checkpoint.finalize), and a barrier
+             file read once), rank 0's manifest + `latest` + pruning (layout.finalize), and a barrier
              again, so no rank runs on (or exports) before the checkpoint is marked
-    resume   the newest verified checkpoint (checkpoint.find_latest_good, on rank 0 only: the other ranks
+    resume   the newest verified checkpoint (layout.find_latest_good, on rank 0 only: the other ranks
              are handed its tag, so a sha256 checkpoint is read once, not once per rank), refused with the flags that fix
              it when it holds another network or another engine; on another number of ranks the global batch
              is kept (accumulation adapts), and ZeRO shards of another world size or stage are re-cut through
@@ -24,10 +24,12 @@ import torch.distributed as dist
 
 from common.disk import disk_full_error, is_disk_full
 from models.gpt import GPTConfig
-from training import checkpoint as ckpt
+from training.checkpointing import layout as ckpt
+from training.checkpointing import universal
+from training.checkpointing.safe_load import check_safe_to_load
 from training.distributed import all_gather_object, all_mean, barrier, broadcast_object
-from training.ds_config import zero_stage
-from training.engine import Engine
+from training.engines.ds_config import zero_stage
+from training.engines.interface import Engine
 
 # model keys that may change when a run is resumed: they do not change the parameters
 RESUMABLE_MODEL_KEYS = ("dropout", "attn_impl")
@@ -54,7 +56,7 @@ class ResumePoint:
         if found is None:
             raise FileNotFoundError(ckpt.no_checkpoint_message(out_dir))
         tag_dir = ckpt.ckpt_root(out_dir) / found.tag
-        ckpt.check_safe_to_load(tag_dir)  # before DeepSpeed unpickles anything: a planted pickle is refused
+        check_safe_to_load(tag_dir)  # before DeepSpeed unpickles anything: a planted pickle is refused
         train_config, engine_config, data_meta = ckpt.load_side_files(tag_dir)
         return cls(found.tag, tag_dir, found.skipped, train_config, engine_config, data_meta)
 
@@ -88,7 +90,7 @@ class ResumePoint:
         resumed run then trains on the same batches (pretrain.py numbers micro batches by their place in the
         global batch), so its loss curve continues the original. A --gradient_accumulation_steps flag
         given now wins (the global batch then changes, and the note says so)."""
-        saved_world, _ = ckpt.saved_world_and_stage(self.engine_config)
+        saved_world, _ = universal.saved_world_and_stage(self.engine_config)
         if saved_world == world:
             return
         saved_gas = self.engine_config["gradient_accumulation_steps"]
@@ -112,7 +114,7 @@ class ResumePoint:
         stage >= 1). If so, load through a universal checkpoint (converted on first use, Checkpointer.load)
         and tell DeepSpeed so in engine_config (its `checkpoint.load_universal`). ZeRO-0 keeps the optimizer
         state whole: it resumes on any number of ranks, but is no ZeRO-1/2/3 state (nor the reverse)."""
-        saved_world, saved_stage = ckpt.saved_world_and_stage(self.engine_config)
+        saved_world, saved_stage = universal.saved_world_and_stage(self.engine_config)
         stage = zero_stage(engine_config)
         if (saved_world, saved_stage) == (world, stage) or (saved_stage == 0 and stage == 0):
             return
@@ -122,11 +124,11 @@ class ResumePoint:
                              f"ZeRO-1/2/3. Resume with ZeRO-{saved_stage} (ZERO={saved_stage} bash launch.sh --resume, "
                              f"or --deepspeed_config ds_configs/zero{saved_stage}.json), or export it and start a "
                              f"new run.")
-        ckpt.check_convertible(self.tag_dir, verified=True)
+        universal.check_convertible(self.tag_dir, verified=True)
         self.universal = True
         engine_config.setdefault("checkpoint", {})["load_universal"] = True
         self.notes.append(f"ZeRO-{saved_stage} on {saved_world} rank(s) -> ZeRO-{stage} on {world} rank(s): loading "
-                          f"{self.tag} through a DeepSpeed universal checkpoint ({self.tag_dir / ckpt.UNIVERSAL})")
+                          f"{self.tag} through a DeepSpeed universal checkpoint ({self.tag_dir / universal.UNIVERSAL})")
 
     def _check_same_architecture(self, cfg) -> None:
         """A resumed run must rebuild the checkpoint's network: a config file edited since (another
@@ -229,7 +231,7 @@ class Checkpointer:
             error = None
             if self.rank == 0:
                 try:
-                    ckpt.to_universal(resume.tag_dir, verified=True)
+                    universal.to_universal(resume.tag_dir, verified=True)
                 except Exception as e:  # noqa: BLE001 (re-raised below, after the other ranks know)
                     error = e
             converted = all_mean([0.0 if error else 1.0])[0] == 1.0
@@ -237,7 +239,7 @@ class Checkpointer:
                 raise error
             if not converted:
                 raise RuntimeError(f"rank 0 could not convert {resume.tag_dir} to a universal checkpoint (see its error)")
-            client = engine.load(str(resume.tag_dir), ckpt.UNIVERSAL)
+            client = engine.load(str(resume.tag_dir), universal.UNIVERSAL)
         else:
             client = engine.load(str(resume.tag_dir.parent), resume.tag)
         ckpt.restore_rng(resume.tag_dir, self.rank)

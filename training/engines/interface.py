@@ -1,8 +1,8 @@
 """The engine boundary: what the training loop may ask of whatever shards the model.
 
 pretrain.py talks to an `Engine` and never to DeepSpeed or FSDP directly. Two engines sit behind it:
-    training/deepspeed_engine.py   DeepSpeed: ZeRO 0-3 as its JSON says (the default)
-    training/fsdp_engine.py        PyTorch FSDP2 (fully_shard), --engine=fsdp
+    training/engines/deepspeed_engine.py   DeepSpeed: ZeRO 0-3 as its JSON says (the default)
+    training/engines/fsdp_engine.py        PyTorch FSDP2 (fully_shard), --engine=fsdp
 `make_engine` picks one from the training config's `engine` key and imports only that one (DeepSpeed must
 not be imported before training.distributed.prepare_environment() has run). Both build the optimizer and
 LR schedule of training/optim.py.
@@ -46,7 +46,7 @@ class Engine(Protocol):
     def eval(self) -> None: ...
 
     def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
-        """Every rank writes its shards into ckpt_dir/tag (training/checkpoint.py verifies and marks them)."""
+        """Every rank writes its shards into ckpt_dir/tag (training/checkpointing/layout.py verifies and marks them)."""
 
     def load(self, ckpt_dir: str, tag: str) -> dict:
         """Model, optimizer and LR schedule from ckpt_dir/tag; returns the client_state it was saved with."""
@@ -83,10 +83,10 @@ def init_process_group(name: str) -> None:
     """The process group of the engine `name`, made before the engine itself (which then reuses it): a
     resumed run's ranks agree on the checkpoint first, because its config decides the model to build."""
     if name == "fsdp":
-        from training.fsdp_engine import init_process_group as init_fsdp
+        from training.engines.fsdp_engine import init_process_group as init_fsdp
         init_fsdp()
         return
-    from training.deepspeed_engine import init_process_group as init_deepspeed
+    from training.engines.deepspeed_engine import init_process_group as init_deepspeed
     init_deepspeed()
 
 
@@ -94,7 +94,7 @@ def make_engine(name: str, module: TrainingModule, resolved) -> Engine:
     """The engine the training config names ("deepspeed" | "fsdp") over `resolved` (ds_config.resolve's
     or fsdp_engine.resolve_fsdp's result: config dict, client optimizer and scheduler kwargs)."""
     if name == "fsdp":
-        from training.fsdp_engine import FSDPEngine
+        from training.engines.fsdp_engine import FSDPEngine
         return FSDPEngine(module, resolved.config, resolved.client_optimizer, resolved.client_scheduler)
-    from training.deepspeed_engine import DeepSpeedEngine
+    from training.engines.deepspeed_engine import DeepSpeedEngine
     return DeepSpeedEngine(module, resolved.config, resolved.client_optimizer, resolved.client_scheduler)

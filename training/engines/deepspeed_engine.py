@@ -1,6 +1,6 @@
-"""The DeepSpeed engine behind training/engine.py's interface (the default; --engine=deepspeed).
+"""The DeepSpeed engine behind training/engines/interface.py's interface (the default; --engine=deepspeed).
 
-DeepSpeed does the ZeRO stage its JSON names (training/ds_config.py resolves the JSON against the training
+DeepSpeed does the ZeRO stage its JSON names (training/engines/ds_config.py resolves the JSON against the training
 config), gradient accumulation (backward scales the loss by 1/accumulation; step() only updates at the
 accumulation boundary), clipping and the LR schedule. The optimizer and schedule are training/optim.py's,
 handed to deepspeed.initialize, unless the JSON names DeepSpeed's own.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from training.ds_config import zero_stage
-from training.engine import Engine, TrainingModule
+from training.engines.ds_config import zero_stage
+from training.engines.interface import Engine, TrainingModule
 from training.optim import build_lr_scheduler, build_optimizer
 
 
@@ -92,7 +92,7 @@ class DeepSpeedEngine(Engine):
     # --- checkpoints (sharded: every rank writes its part)
     def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
         # save_latest=False: DeepSpeed's own "latest" file is written before anything is verified;
-        # training/checkpoint.py writes the marker once the checkpoint is known to be complete
+        # training/checkpointing/layout.py writes the marker once the checkpoint is known to be complete
         self.ds.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, ckpt_dir: str, tag: str) -> dict:
