@@ -13,9 +13,11 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-# The whole test suite, slow multi-process DeepSpeed tests included (what CI runs).
+# The whole test suite, slow multi-process DeepSpeed tests included (what CI runs), in TEST_WORKERS processes
+# (pytest-xdist; --dist loadscope keeps each test module, and its module fixtures, in one process).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadscope
 
 # Everything except the multi-process / end-to-end tests (a quick local check).
 test-fast: install

@@ -216,11 +216,13 @@ def test_bench_needs_a_model(capsys):
 
 def test_inference_never_imports_deepspeed():
     """DESIGN.md: inference reads consolidated weights; DeepSpeed only ever runs in the export subprocess.
-    Of training/ it imports only training.checkpointing.layout (which says what kind of directory a path is)."""
+    Of training/ it imports only training.checkpointing.layout (which says what kind of directory a path is)
+    and the safe loader that module reads RNG files with."""
     import subprocess
     import sys
     code = ("import sys, inference, inference.sample, bench.decoding, inference.loading\n"
-            "allowed = {'training', 'training.checkpointing.layout'}\n"
+            "allowed = {'training', 'training.checkpointing', 'training.checkpointing.layout', "
+            "'training.checkpointing.safe_load'}\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'training') and m not in allowed)\n"
             "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
