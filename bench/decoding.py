@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 
 import torch
 
-from common.config import knob, parse_cli
+from common.config import knob, parse_cli, run_or_exit
 from inference.api import generate_with_stats
 from evaluation.generative_perplexity import generative_perplexity, unigram_entropy
 from inference.loading import LoadedModel, load_gpt2, load_model, resolve_device
@@ -334,11 +334,7 @@ def run(args, log=print) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_or_exit(run, args)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 
 import torch
 
-from common.config import knob, parse_cli
+from common.config import knob, parse_cli, run_or_exit
 from evaluation.evaluate import split_windows
 from evaluation.generative_quality import score_samples
 from inference.api import generate_with_stats
@@ -242,11 +242,7 @@ def run(args, log=print) -> dict:
 
 def main(argv=None):
     args = parse_cli(BenchConfig, argv, prog="python -m bench.distillation", description=__doc__)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_or_exit(run, args, (ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

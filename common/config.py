@@ -44,9 +44,10 @@ import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 SCALAR_TYPES = (str, int, float, bool)
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -484,6 +485,16 @@ def exit_on_config_error(prog: str) -> Iterator[None]:
         yield
     except (ValueError, FileNotFoundError) as e:
         print(f"usage: {prog} [--key=value ...]  (--help lists every key)\n{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_or_exit(run: Callable[[T], R], args: T, errors: tuple = (ValueError, FileNotFoundError, RuntimeError)) -> R:
+    """run(args) for a command's main: a bad input (one of `errors`, whose message names the fix) ends the
+    command with "error: <message>" and exit status 2, without a traceback."""
+    try:
+        return run(args)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 
 import torch
 
-from common.config import knob, parse_cli
+from common.config import knob, parse_cli, run_or_exit
 from common.precision import autocast
 from inference.api import BLOCK_RULES, STRATEGIES, DecodeOptions, StepInfo, generate_with_stats
 from inference.loading import load_model
@@ -183,11 +183,7 @@ def run(args: SampleConfig) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return run_or_exit(run, args)
 
 
 if __name__ == "__main__":
