@@ -73,7 +73,7 @@ class DiffusionRows(RowSlots):
         self.mask_id = mask_id
         self.shift = int(model.config.shift)
         self.block_causal = model.config.attention == "block_causal"
-        self.align = model.config.block_length if self.block_causal else 0  # the model's own blocks
+        self.align = model.config.block_alignment  # the model's own blocks (0: none)
         self.todo = torch.zeros(capacity, width, dtype=torch.bool, device=self.device)  # (N, W)
         self.h: Optional[torch.Tensor] = None  # (N, W, C) the state predicting each column, from the last call
 
