@@ -185,6 +185,8 @@ def main(argv=None) -> dict:
     env = dict(os.environ)
     if not gpus:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")  # one thread per rank: 2 ranks on 2 cores
+        # the shm communication op DeepSpeed builds on CPU (~40 s): the cache launch.sh and the benchmarks use
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env.setdefault("WANDB_MODE", resolve_wandb_mode())
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     t_start = time.time()

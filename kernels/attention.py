@@ -321,7 +321,10 @@ def _describe(key: tuple) -> str:
             + (f", with {' and '.join(extras)}" if extras else "") + f", on {where}")
 
 
-@torch.compiler.disable  # runs eagerly once; a compiled caller reads the verdict from _KERNEL_CHECKS
+# runs eagerly once (a compiled caller graph-breaks here, then reads the verdict). torch._disable_dynamo is
+# torch.compiler.disable applied at the first call: the decorator imports torch._dynamo (~1.5 s of CPU), which
+# every process that imports the kernels would pay at import, compiling or not.
+@torch._disable_dynamo
 def _check_once(key: tuple, block_length: int) -> KernelCheck:
     verdict = _KERNEL_CHECKS.get(key)
     if verdict is None:

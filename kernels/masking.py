@@ -221,7 +221,7 @@ def check_masking_kernel(device: str, dtype: torch.dtype = torch.int64) -> Maski
         return MaskingCheck(key, False, f"it raised {type(exc).__name__}: {str(exc)[:300]}")
 
 
-@torch.compiler.disable  # runs eagerly once; later calls read the verdict
+@torch._disable_dynamo  # eagerly, once (see kernels/attention.py's _check_once); later calls read the verdict
 def _check_once(device: str, dtype: torch.dtype) -> MaskingCheck:
     verdict = _MASKING_CHECKS.get((device, dtype))
     if verdict is None:

@@ -47,7 +47,6 @@ TINY = str(REPO / "training/configs/tiny_test.json")
 # ----------------------------------------------------------------------------- helpers
 def cpu_env(**extra) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env.update(extra)
     return env
 

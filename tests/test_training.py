@@ -63,9 +63,7 @@ def git_head() -> str | None:
 def env_for_cpu_ranks() -> dict:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
-    # DeepSpeed's shm communication op is compiled on first use (~40 s): cache it across test sessions
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    return env
+    return env  # TORCH_EXTENSIONS_DIR, the compiled shm op's cache: conftest.py
 
 
 def records(out_dir, kind=None) -> list[dict]:
