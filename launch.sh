@@ -50,7 +50,8 @@ esac
 [ -f "$CONFIG" ] || { echo "launch.sh: training config $CONFIG not found" >&2; exit 2; }
 
 # a value from the training config, unless the environment overrides it
-# out_dir and data_dir through the one config loader: a bad config file stops here, its message naming it
+# out_dir and data_dir through the one config loader: a bad config file stops here, its message naming it;
+# the same Python (torch is imported by then) counts the GPUs
 CONFIG_DIRS=$("$PY" - "$CONFIG" <<'EOF'
 import sys
 from training.config import load_config
@@ -58,16 +59,26 @@ try:
     cfg, _ = load_config(sys.argv[1])
 except (ValueError, FileNotFoundError) as e:
     sys.exit(f"launch.sh: CONFIG={sys.argv[1]}: {e}")
+import torch
 print(cfg.out_dir)
 print(cfg.data_dir)
+print(torch.cuda.device_count())
 EOF
 ) || exit 2
 OUT_DIR="${OUT_DIR:-$(sed -n 1p <<<"$CONFIG_DIRS")}"
 DATA_DIR="${DATA_DIR:-$(sed -n 2p <<<"$CONFIG_DIRS")}"
+NUM_GPUS=$(sed -n 3p <<<"$CONFIG_DIRS")
+
+NPROC_GIVEN="${NPROC:-}"
+if [ -n "${HOSTFILE:-}" ]; then
+  # DeepSpeed would train on this machine alone after one warning line for a missing file, and only tries
+  # ssh on the first node: refuse a bad hostfile, NPROC against its slots, and unreachable nodes here,
+  # before anything is prepared or started
+  "$PY" -m training.hostfile "$HOSTFILE" ${NPROC_GIVEN:+--num_gpus "$NPROC_GIVEN"} >/dev/null \
+    || { echo "launch.sh: HOSTFILE=$HOSTFILE refused (above)" >&2; exit 2; }
+fi
 
 # ---------------------------------------------------------------- devices
-NPROC_GIVEN="${NPROC:-}"
-NUM_GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$NUM_GPUS" -gt 0 ]; then
   NPROC="${NPROC:-$NUM_GPUS}"
 else
@@ -93,10 +104,6 @@ fi
 # ---------------------------------------------------------------- train
 PORT=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 if [ -n "${HOSTFILE:-}" ]; then
-  # DeepSpeed would train on this machine alone after one warning line for a missing file, and only tries
-  # ssh on the first node: refuse a bad hostfile, NPROC against its slots, and unreachable nodes here
-  "$PY" -m training.hostfile "$HOSTFILE" ${NPROC_GIVEN:+--num_gpus "$NPROC_GIVEN"} >/dev/null \
-    || { echo "launch.sh: HOSTFILE=$HOSTFILE refused (above)" >&2; exit 2; }
   export HOSTFILE  # pretrain.py warns when only one node joined
   LAUNCH=("$DEEPSPEED" --hostfile "$HOSTFILE" --master_port "$PORT")
   [ -n "${MASTER_ADDR:-}" ] && LAUNCH+=(--master_addr "$MASTER_ADDR")

@@ -229,6 +229,8 @@ def test_a_second_run_on_a_busy_out_dir_refuses_naming_the_first(data, tmp_path)
                            "--checkpoint_interval=0")
     try:
         wait_for(lambda: len(read_records(out, "train")) >= 2, first, what="the first run's steps")
+        # suspended (Ctrl-Z, a preempted job), the run still holds its out_dir, and trains on no core meanwhile
+        os.killpg(first.pid, signal.SIGSTOP)
         # a second terminal, a re-submitted job: pretrain.py, launch.sh and the lock check all refuse
         second = refused("--data_dir", data, "--out_dir", out)
         assert_refused(second, rf"out_dir {out} is in use by another run: pid {first.pid} on host .*started",
@@ -238,6 +240,7 @@ def test_a_second_run_on_a_busy_out_dir_refuses_naming_the_first(data, tmp_path)
         assert not (out / "train.log").exists()  # refused before its log could replace anything
         check = run([PY, "-m", "training.run_lock", out])
         assert_refused(check, rf"pid {first.pid}", r"--out_dir=NEW_DIR")
+        os.killpg(first.pid, signal.SIGCONT)
         os.killpg(first.pid, signal.SIGTERM)
         first.wait(timeout=60)
     finally:

@@ -228,7 +228,7 @@ def test_launch_sh_refuses_a_bad_hostfile(tmp_path, content, message):
     proc = launch_sh({"HOSTFILE": str(hosts)}, tmp_path)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert message in proc.stderr and "refused" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing started
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "data").exists()  # nothing started or prepared
 
 
 def test_nproc_that_disagrees_with_the_slots_is_refused(tmp_path):
