@@ -6,11 +6,13 @@ PY     := $(VENV)/bin/python
 .PHONY: install test test-fast demo
 
 # Create .venv and install the pinned dependencies (GPU users: install the CUDA build of
-# torch==2.13.0 into .venv first; pip then keeps it).
+# torch==2.13.0 into .venv first; pip then keeps it). Without a GPU, also build DeepSpeed's CPU
+# communication op into .cache/torch_extensions (~40 s, once), which the first CPU run would otherwise build.
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m training.cpu_comm_op
 	touch $@
 
 # The whole test suite, slow multi-process DeepSpeed tests included (what CI runs), in TEST_WORKERS processes

@@ -511,6 +511,17 @@ def test_fsdp_gradient_accumulation_matches_deepspeed(tiny_data, ds_configs, tmp
 
 # ----------------------------------------------------------------------------- launch.sh
 @pytest.mark.slow
+def test_the_cpu_comm_op_is_built_where_every_run_looks_for_it():
+    """`make install` runs `python -m training.cpu_comm_op`: DeepSpeed's shm op, built (or found, when the tests'
+    runs built it first) in TORCH_EXTENSIONS_DIR, the cache conftest.py gives every run the tests start."""
+    cache = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    proc = subprocess.run([PY, "-m", "training.cpu_comm_op"], cwd=REPO, env=env_for_cpu_ranks(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and f"op is built in {cache}" in proc.stdout, proc.stdout + proc.stderr
+    assert (cache / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file()
+
+
+@pytest.mark.slow
 def test_launch_sh_end_to_end(tmp_path):
     """`bash launch.sh` on the smallest settings: prepares the data it lacks, trains 2 ranks with
     ZeRO-2, exports, prints the val NELBO and a sample."""
