@@ -21,9 +21,9 @@ TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadscope
 
-# Everything except the multi-process / end-to-end tests (a quick local check).
+# Everything except the multi-process / end-to-end tests (a quick local check), in the same workers.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadscope
 
 # The main job: prepare Shakespeare -> train a small diffusion LM with DeepSpeed -> sample.
 demo: install
