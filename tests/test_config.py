@@ -192,3 +192,24 @@ def test_every_command_has_help_from_its_config_fields(module, flag, help_words,
         code, out = e.value.code, capsys.readouterr().out
     assert code == 0
     assert out.startswith("usage:") and flag in out and help_words in out
+
+
+# commands with a positional argument or none, on argparse: --help answers and nothing else happens
+PLAIN_COMMANDS = ["training.run_lock", "training.cpu_comm_op", "evaluation.tasks.shakespeare.build"]
+
+
+@pytest.mark.parametrize("module", PLAIN_COMMANDS)
+def test_every_plain_command_answers_help_and_does_nothing_else(module, capsys):
+    task_data = sorted((REPO / "evaluation/tasks/shakespeare/data").glob("*.jsonl"))
+    before = {p: p.stat().st_mtime_ns for p in task_data}
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: python -m {module}")
+    assert {p: p.stat().st_mtime_ns for p in task_data} == before  # the task files were not rebuilt
+
+
+def test_run_lock_answers_0_for_a_free_out_dir(tmp_path):
+    from training import run_lock
+
+    assert run_lock.main([str(tmp_path / "never_used")]) == 0

@@ -237,10 +237,22 @@ def claim_out_dir(out_dir, resume: bool, overwrite: bool, rank: int = 0, log=pri
             shutil.rmtree(path)
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m training.run_lock OUT_DIR   (exit 1 when a run holds OUT_DIR)")
+def main(argv: list[str] | None = None) -> int:
+    """python -m training.run_lock OUT_DIR: exit 0 when no run holds OUT_DIR, 1 naming the holder when one does."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m training.run_lock",
+                                 description="Exit 1, naming the run, when a training run holds OUT_DIR (launch.sh "
+                                             "asks before it starts one); exit 0 when OUT_DIR is free.")
+    ap.add_argument("out_dir", metavar="OUT_DIR", help="a training run's out_dir")
+    args = ap.parse_args(argv)
     try:
-        check_free(sys.argv[1])
+        check_free(args.out_dir)
     except OutDirInUse as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -81,5 +81,14 @@ def build() -> dict:
     return {"cloze": len(cloze), "ppl": len(ppl), "ppl_chars": sum(len(r["text"]) for r in ppl)}
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m evaluation.tasks.shakespeare.build", description=__doc__.split("\n\n")[0],
+                            epilog=f"writes {DATA_DIR}/cloze.jsonl and ppl.jsonl (deterministic: seed {SEED})"
+                            ).parse_args(argv)
     print(build())
+
+
+if __name__ == "__main__":
+    main()
