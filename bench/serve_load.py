@@ -186,6 +186,9 @@ def main(argv=None) -> int:
     args = parse_cli(LoadConfig, argv, prog="python -m bench.serve_load", description=__doc__)
     if args.rounds < 1 or args.warmup < 0:
         sys.exit("python -m bench.serve_load: error: --rounds must be >= 1 and --warmup >= 0")
+    if not args.concurrency or min(args.concurrency) < 1 or args.requests < 1:
+        sys.exit(f"python -m bench.serve_load: error: --concurrency levels and --requests must be >= 1 (got "
+                 f"--concurrency {','.join(map(str, args.concurrency)) or 'none'}, --requests {args.requests})")
     if sum(map(bool, (args.ckpt, args.init_from, args.url))) != 1:
         sys.exit("python -m bench.serve_load: error: give exactly one of --ckpt, --init_from, --url")
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):

@@ -173,7 +173,7 @@ def test_openwebtext_path_on_a_local_json_folder(tmp_path):
     assert (meta["source"], meta["train_documents"], meta["val_documents"]) == ("openwebtext", 15, 5)
     train, val = decoded_documents(tmp_path / "data", "train"), decoded_documents(tmp_path / "data", "val")
     assert sorted(train + val) == sorted(OWT_DOCS)  # whole documents, each in exactly one split
-    assert run_owt(tmp_path, folder)["sha256"] == meta["sha256"]  # the split is seeded (2357)
+    assert run_owt(tmp_path, folder, "--overwrite")["sha256"] == meta["sha256"]  # the split is seeded (2357)
 
 
 def test_openwebtext_path_on_a_save_to_disk_dataset(tmp_path):
@@ -219,6 +219,19 @@ def test_val_fraction_must_be_a_proper_fraction(tmp_path, fraction):
         prepare.main(["--val_fraction", fraction, "--out", str(tmp_path / "data")])
 
 
+def test_a_prepared_out_dir_is_refused_and_kept_unless_overwrite(tmp_path, capsys):
+    corpus = write_docs(tmp_path / "corpus", DOCS)
+    out = tmp_path / "data"
+    first = prepare.main(["--source", str(corpus), "--tokenizer", "char", "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match=rf"--out {out} holds a prepared dataset \(char ids, train .* tokens, from "
+                                         rf".*\); .*--out NEW_DIR.*--verify.*--overwrite"):
+        prepare.main(["--source", str(corpus), "--tokenizer", "gpt2", "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    again = prepare.main(["--source", str(corpus), "--tokenizer", "gpt2", "--out", str(out), "--overwrite"])
+    assert first["tokenizer"] == "char" and again["tokenizer"] == "gpt2" and load_meta(out)["tokenizer"] == "gpt2"
+
+
 def test_interrupted_prepare_never_looks_complete(tmp_path, monkeypatch):
     corpus = write_docs(tmp_path / "corpus", DOCS)
     out = tmp_path / "data"
@@ -230,7 +243,7 @@ def test_interrupted_prepare_never_looks_complete(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare, "_write_documents", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        prepare.main(["--source", str(corpus), "--tokenizer", "gpt2", "--out", str(out)])
+        prepare.main(["--source", str(corpus), "--tokenizer", "gpt2", "--out", str(out), "--overwrite"])
     assert not (out / "meta.json").exists()
     assert not list(out.glob("*.tmp"))
     with pytest.raises(FileNotFoundError, match="meta.json is missing"):

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -676,9 +677,14 @@ def test_the_suggested_fix_for_a_damaged_dataset_is_what_it_was_prepared_from(da
     meta = json.loads((data_copy / "meta.json").read_text())
     snapshot = DiskSnapshot(data_copy)
     proc = refused("--data_dir", data_copy, "--out_dir", tmp_path / "o")
-    assert_refused(proc, r"val\.bin is missing",
-                   rf"python -m training\.prepare --source {re.escape(meta['source'])} --tokenizer char --out {data_copy}",
-                   snapshot)
+    fix = rf"python -m training\.prepare --source {re.escape(meta['source'])} --tokenizer char --out {data_copy} --overwrite"
+    assert_refused(proc, r"val\.bin is missing", fix, snapshot)
+    # and the command it names re-creates the dataset
+    from training import prepare
+    from training.data import load_meta, verify_dataset
+
+    prepare.main(shlex.split(re.search(fix, proc.stderr).group(0))[3:])
+    verify_dataset(load_meta(data_copy))
 
 
 def test_token_ids_outside_the_vocabulary_are_caught_on_load(data_copy, tmp_path):

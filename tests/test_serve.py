@@ -11,6 +11,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -692,6 +693,42 @@ def test_a_negative_call_overhead_is_refused_saying_what_to_give(value, capsys):
         parse_args(["--ckpt", "out/x", "--call_overhead_tokens", value])
     assert exit_.value.code == 2
     assert "--call_overhead_tokens must be >= 0 (0 = measure it)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, said", [
+    (["--port", "99999"], "--port must be 0-65535 (a free one, e.g. 8000), got 99999"),
+    (["--max_rows", "0"], "--max_rows must be >= 1, got 0"),
+    (["--max_n", "-2"], "--max_n must be >= 1, got -2"),
+    (["--max_queue", "-1"], "--max_queue must be >= 0, got -1"),
+    (["--grace_s", "nan"], "--grace_s must be >= 0 (0 = stop at once), got nan"),
+    (["--step_delay_s", "-0.5"], "--step_delay_s must be >= 0 (0 = no pause), got -0.5"),
+    (["--ckpt", "out/y", "--init_from", "gpt2"], "exactly one")])
+def test_a_bad_setting_is_refused_before_anything_loads(setting, said, capsys):
+    from inference.serving.app import parse_args
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--ckpt", "out/x", *setting] if "--ckpt" not in setting else setting)
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", [["--concurrency", "0"], ["--concurrency", "1,-4"], ["--requests", "0"],
+                                     ["--rounds", "0"]])
+def test_the_load_benchmark_refuses_a_load_of_nothing_before_starting_a_server(setting):
+    from bench.serve_load import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--ckpt", "no/such/checkpoint", *setting])
+    assert "must be >= 1" in str(exit_.value.code)
+
+
+def test_a_port_another_server_holds_is_refused_before_the_model_loads(capsys):
+    """The server binds as uvicorn does; the checkpoint does not exist, so only the port check can answer."""
+    from inference.serving.app import main
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["--ckpt", "no/such/checkpoint", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in err and "choose another --port" in err
 
 
 @pytest.mark.parametrize("fixed_s, per_column_s, want", [(4e-4, 2e-5, 21.0),  # (0.4 + 0.02) / 0.02

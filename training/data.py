@@ -28,9 +28,11 @@ _DEFAULT_VAL_FRACTION = {"openwebtext": 0.0005}
 
 
 def prepare_command(data_dir, meta: dict | None = None) -> str:
-    """The command that (re-)creates data_dir: what its meta.json says it was prepared from, when it has one."""
+    """The command that (re-)creates data_dir: what its meta.json says it was prepared from, when it has one;
+    with --overwrite where a meta.json is there (training.prepare keeps a prepared --out otherwise)."""
+    overwrite = " --overwrite" if (Path(data_dir) / "meta.json").exists() else ""
     if not meta:
-        return f"python -m training.prepare --source shakespeare --tokenizer gpt2 --out {data_dir}"
+        return f"python -m training.prepare --source shakespeare --tokenizer gpt2 --out {data_dir}{overwrite}"
     source = meta.get("source", "shakespeare")
     parts = ["python -m training.prepare", f"--source {source}", f"--tokenizer {meta.get('tokenizer', 'gpt2')}"]
     if meta.get("dataset_path") not in (None, "openwebtext"):
@@ -39,7 +41,7 @@ def prepare_command(data_dir, meta: dict | None = None) -> str:
         parts.append(f"--max_docs {meta['max_docs']}")
     if meta.get("val_fraction") is not None and meta["val_fraction"] != _DEFAULT_VAL_FRACTION.get(source, 0.1):
         parts.append(f"--val_fraction {meta['val_fraction']}")
-    return " ".join(parts + [f"--out {data_dir}"])
+    return " ".join(parts + [f"--out {data_dir}"]) + overwrite
 
 
 def _prepare_hint(data_dir) -> str:

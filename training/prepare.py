@@ -349,6 +349,8 @@ class PrepareConfig:
         "dataset name")})
     cache_dir: Optional[str] = field(default=None, metadata={"help": (
         "openwebtext only: HF datasets cache directory (none: $HF_DATASETS_CACHE or ~/.cache/huggingface)")})
+    overwrite: bool = field(default=False, metadata={"help": (
+        "replace the dataset already in --out (without it, a prepared --out is refused and left as it is)")})
     verify: bool = field(default=False, metadata={"help": (
         "check the dataset already in --out instead of writing one: sizes, every token id and the sha256 of "
         "train.bin / val.bin against its meta.json (exit 1 naming the problem and the command that re-creates it)")})
@@ -359,6 +361,21 @@ EXAMPLES = """examples:
   python -m training.prepare --source openwebtext --out data/openwebtext
   python -m training.prepare --source openwebtext --dataset_path ./my_jsonl_folder --out data/mine
   python -m training.prepare --source ./my_texts/ --tokenizer gpt2 --out data/my_texts"""
+
+
+def check_out_is_free(out: Path, overwrite: bool) -> None:
+    """ValueError when `out` holds a prepared dataset (its meta.json) and --overwrite was not given: a run may be
+    training on it, and tokenizing again would replace it."""
+    if overwrite or not (out / "meta.json").is_file():
+        return
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        what = (f" ({meta.get('tokenizer', '?')} ids, train {meta.get('train_tokens', 0):,} + val "
+                f"{meta.get('val_tokens', 0):,} tokens, from {meta.get('source', '?')})")
+    except (OSError, ValueError, AttributeError):
+        what = ""
+    raise ValueError(f"--out {out} holds a prepared dataset{what}; preparing again would replace it. Keep it and "
+                     f"write elsewhere (--out NEW_DIR), check it (--verify), or replace it (--overwrite)")
 
 
 def parse_args(argv=None) -> PrepareConfig:
@@ -375,6 +392,7 @@ def main(argv=None) -> dict:
         print(f"{args.out}: OK (train {meta['train_tokens']:,} + val {meta['val_tokens']:,} tokens, ids < "
               f"{meta['vocab_size']}, sha256 as in meta.json)")
         return meta
+    check_out_is_free(Path(args.out), args.overwrite)
     meta = prepare(
         out=args.out, source=args.source, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
         num_proc=args.num_proc, max_docs=args.max_docs, dataset_path=args.dataset_path, cache_dir=args.cache_dir,

@@ -30,6 +30,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -530,15 +531,40 @@ class ServeCommand:
                                             "0 = measure it at startup on this device")
 
 
+def bad_setting(args: ServeCommand) -> Optional[str]:
+    """What is wrong with the command's settings, saying what to give instead (None: nothing)."""
+    if bool(args.ckpt) == bool(args.init_from):
+        return "give --ckpt DIR (our model) or --init_from gpt2|... (OpenAI GPT-2), exactly one"
+    if not 0 <= args.port <= 65535:
+        return f"--port must be 0-65535 (a free one, e.g. 8000), got {args.port}"
+    for name, least in (("max_rows", 1), ("max_n", 1), ("max_queue", 0), ("threads", 0)):
+        if getattr(args, name) < least:
+            return f"--{name} must be >= {least}, got {getattr(args, name)}"
+    for name, what in (("call_overhead_tokens", "0 = measure it"), ("grace_s", "0 = stop at once"),
+                       ("step_delay_s", "0 = no pause")):
+        if not getattr(args, name) >= 0:  # (NaN too)
+            return f"--{name} must be >= 0 ({what}), got {getattr(args, name)}"
+    return None
+
+
+def port_in_use(host: str, port: int) -> Optional[str]:
+    """Why the server could not listen on host:port (None: it can), found before the model is loaded. The
+    probe binds as uvicorn does (SO_REUSEADDR), so a port left in TIME_WAIT by a stopped server is free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
 def parse_args(argv=None) -> ServeCommand:
     args = parse_cli(ServeCommand, argv, prog="python -m inference.serve", description=__doc__)
-    if bool(args.ckpt) == bool(args.init_from):
-        print("python -m inference.serve: error: give --ckpt DIR (our model) or --init_from gpt2|... "
-              "(OpenAI GPT-2), exactly one", file=sys.stderr)
-        raise SystemExit(2)
-    if not args.call_overhead_tokens >= 0:  # (NaN too)
-        print(f"python -m inference.serve: error: --call_overhead_tokens must be >= 0 (0 = measure it), got "
-              f"{args.call_overhead_tokens}", file=sys.stderr)
+    problem = bad_setting(args)
+    if problem:
+        print(f"python -m inference.serve: error: {problem}", file=sys.stderr)
         raise SystemExit(2)
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV, "")
     return args
@@ -546,6 +572,11 @@ def parse_args(argv=None) -> ServeCommand:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    taken = port_in_use(args.host, args.port)
+    if taken:
+        print(f"error: cannot listen on {args.host}:{args.port} ({taken}): another server holds the port, or "
+              f"the address is not this machine's; choose another --port (or stop that server)", file=sys.stderr)
+        return 2
     from inference.loading import load_model
     if args.threads > 0:
         torch.set_num_threads(args.threads)
