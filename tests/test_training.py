@@ -269,6 +269,28 @@ def test_export_cli_from_a_tag_dir(stage_runs, tmp_path):
     assert info["step"] == 10 and info["model"]["vocab_size"] == model.config.vocab_size
 
 
+@pytest.mark.slow
+def test_export_cli_keeps_an_export_of_another_run_unless_overwrite(stage_runs, tmp_path):
+    """A run's export (of step 20) is replaced by any checkpoint of that run (as training and inference's
+    re-consolidation do); another run's checkpoint is refused, nothing changed, until --overwrite."""
+    from models.weights import read_info
+    from training import export
+
+    run, other = stage_runs["zero0"]["full"], stage_runs["zero1"]["full"]
+    out = tmp_path / "e"
+    shutil.copytree(run / "export", out)
+    export.main(["--ckpt", str(run / "ckpt" / "step_000010"), "--out", str(out)])  # the same run: allowed
+    assert read_info(out)["step"] == 10
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as refused:
+        export.main(["--ckpt", str(other), "--out", str(out)])
+    assert re.search(rf"--out {out} holds an export of another run \(.*zero0.*step_000010, step 10\); exporting "
+                     rf".*zero1.*step_000020 would replace it.*--out NEW_DIR.*--overwrite", str(refused.value.code))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    export.main(["--ckpt", str(other), "--out", str(out), "--overwrite"])
+    assert read_info(out)["train_config"]["out_dir"] == str(other)
+
+
 def seal_with_sha256(out_dir) -> None:
     """Rewrite a run's manifests as a save with --checkpoint_hash=sha256 writes them (sizes and sha256)."""
     root = ckpt.ckpt_root(out_dir)

@@ -142,11 +142,35 @@ def export_checkpoint(ckpt_path, out_dir) -> Path:
 class ExportConfig:
     ckpt: str = field(metadata={"help": "run OUT_DIR, its ckpt/ folder, or one ckpt/step_N tag dir"})
     out: str = field(metadata={"help": "directory for model.safetensors + config.json"})
+    overwrite: bool = field(default=False, metadata={"help": (
+        "replace an export in --out made from another run (without it, that export is kept and this one "
+        "refused; a checkpoint of the run the export came from may always replace it, as training does)")})
+
+
+def check_out_is_free(out: Path, tag_dir: Path, overwrite: bool) -> None:
+    """ValueError when `out` holds an export of another run (or of weights of unknown origin) and --overwrite
+    was not given: that export may be all that is left of it. A checkpoint of the same run replaces its
+    export, as the end of training and inference.loading's re-consolidation of a newer checkpoint do."""
+    from models.weights import is_consolidated, read_info
+
+    if overwrite or not is_consolidated(out):
+        return
+    try:
+        info = read_info(out)
+        source, step = info.get("source_checkpoint"), info.get("step", "?")
+    except (ValueError, FileNotFoundError):
+        source, step = None, "?"
+    if source and Path(source).resolve().parent == tag_dir.resolve().parent:
+        return  # a checkpoint of the same run (its ckpt/ folder)
+    raise ValueError(f"--out {out} holds an export of another run ({source or 'origin unknown'}, step {step}); "
+                     f"exporting {tag_dir} would replace it. Write this one elsewhere (--out NEW_DIR) or replace "
+                     f"that one (--overwrite)")
 
 
 def main(argv=None):
     args = parse_cli(ExportConfig, argv, prog="python -m training.export", description=__doc__)
     try:
+        check_out_is_free(Path(args.out), resolve_tag_dir(args.ckpt), args.overwrite)
         out = export_checkpoint(args.ckpt, args.out)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"export: {e}")
