@@ -83,3 +83,20 @@ def test_rope_model_is_refused(tmp_path, capsys):
         main(["--model", str(tmp_path / "rope"), "--out", str(tmp_path / "hf")])
     assert "rotary" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_model_in_out_is_kept_unless_overwrite_and_the_source_never_replaced(tmp_path, capsys):
+    saved_ar_model(tmp_path / "model")
+    source = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    for flags in ([], ["--overwrite"]):  # the model being converted is never written over
+        with pytest.raises(SystemExit) as e:
+            main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "model"), *flags])
+        assert e.value.code == 2 and "is the model being converted" in capsys.readouterr().err
+    main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "hf")])
+    hf_files = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "hf")])
+    assert e.value.code == 2 and "already holds a model (config.json, model.safetensors)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == hf_files
+    main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "hf"), "--overwrite"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == source

@@ -136,6 +136,23 @@ class HFExportConfig:
     model: str = field(metadata={"help": "consolidated model dir (a training run's OUT/export, or the run's OUT)"})
     out: str = field(metadata={"help": "directory for the Hugging Face files"})
     tokenizer: bool = field(default=True, metadata={"help": "write the tokenizer files (GPT-2 BPE; a char tokenizer gets diffusiongpt_tokenizer.json)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a model already in --out (without it, a --out "
+                                                             "holding config.json or weights is refused)"})
+
+
+MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")  # what save_pretrained would replace
+
+
+def check_out(model_dir: Path, out: Path, overwrite: bool) -> None:
+    """ValueError when writing to `out` would replace a model: the one being converted (always), or another
+    one (unless overwrite)."""
+    if out.resolve() == model_dir.resolve():
+        raise ValueError(f"--out {out} is the model being converted: its config.json and weights would be replaced "
+                         f"by the Hugging Face ones; give another --out")
+    held = [name for name in MODEL_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise ValueError(f"--out {out} already holds a model ({', '.join(held)}); write elsewhere (--out NEW_DIR) "
+                         f"or replace it (--overwrite)")
 
 
 def main(argv=None) -> Path:
@@ -144,6 +161,7 @@ def main(argv=None) -> Path:
     if not (model_dir / "config.json").is_file() and (model_dir / "export" / "config.json").is_file():
         model_dir = model_dir / "export"  # a training out dir
     try:
+        check_out(model_dir, Path(args.out), args.overwrite)
         return export_to_hf(model_dir, args.out, with_tokenizer=args.tokenizer)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
