@@ -543,6 +543,15 @@ def test_the_cpu_comm_op_is_built_where_every_run_looks_for_it():
     assert (cache / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file()
 
 
+def test_the_cpu_comm_op_is_not_built_where_cuda_is_available(monkeypatch, capsys):
+    """GPU ranks communicate through NCCL: make install builds nothing there (CUDA simulated)."""
+    from training import cpu_comm_op
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_comm_op.main([]) == 0
+    assert "a CUDA GPU is available (ranks use NCCL): nothing to build" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_launch_sh_end_to_end(tmp_path):
     """`bash launch.sh` on the smallest settings: prepares the data it lacks, trains 2 ranks with
