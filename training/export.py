@@ -147,7 +147,7 @@ class ExportConfig:
         "refused; a checkpoint of the run the export came from may always replace it, as training does)")})
 
 
-def check_out_is_free(out: Path, tag_dir: Path, overwrite: bool) -> None:
+def check_no_other_run_in_out(out: Path, tag_dir: Path, overwrite: bool) -> None:
     """ValueError when `out` holds an export of another run (or of weights of unknown origin) and --overwrite
     was not given: that export may be all that is left of it. A checkpoint of the same run replaces its
     export, as the end of training and inference.loading's re-consolidation of a newer checkpoint do."""
@@ -170,7 +170,7 @@ def check_out_is_free(out: Path, tag_dir: Path, overwrite: bool) -> None:
 def main(argv=None):
     args = parse_cli(ExportConfig, argv, prog="python -m training.export", description=__doc__)
     try:
-        check_out_is_free(Path(args.out), resolve_tag_dir(args.ckpt), args.overwrite)
+        check_no_other_run_in_out(Path(args.out), resolve_tag_dir(args.ckpt), args.overwrite)
         out = export_checkpoint(args.ckpt, args.out)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"export: {e}")

@@ -143,7 +143,7 @@ class HFExportConfig:
 MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")  # what save_pretrained would replace
 
 
-def check_out(model_dir: Path, out: Path, overwrite: bool) -> None:
+def check_no_model_in_out(model_dir: Path, out: Path, overwrite: bool) -> None:
     """ValueError when writing to `out` would replace a model: the one being converted (always), or another
     one (unless overwrite)."""
     if out.resolve() == model_dir.resolve():
@@ -161,7 +161,7 @@ def main(argv=None) -> Path:
     if not (model_dir / "config.json").is_file() and (model_dir / "export" / "config.json").is_file():
         model_dir = model_dir / "export"  # a training out dir
     try:
-        check_out(model_dir, Path(args.out), args.overwrite)
+        check_no_model_in_out(model_dir, Path(args.out), args.overwrite)
         return export_to_hf(model_dir, args.out, with_tokenizer=args.tokenizer)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

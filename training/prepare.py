@@ -363,7 +363,7 @@ EXAMPLES = """examples:
   python -m training.prepare --source ./my_texts/ --tokenizer gpt2 --out data/my_texts"""
 
 
-def check_out_is_free(out: Path, overwrite: bool) -> None:
+def check_no_dataset_in_out(out: Path, overwrite: bool) -> None:
     """ValueError when `out` holds a prepared dataset (its meta.json) and --overwrite was not given: a run may be
     training on it, and tokenizing again would replace it."""
     if overwrite or not (out / "meta.json").is_file():
@@ -392,7 +392,7 @@ def main(argv=None) -> dict:
         print(f"{args.out}: OK (train {meta['train_tokens']:,} + val {meta['val_tokens']:,} tokens, ids < "
               f"{meta['vocab_size']}, sha256 as in meta.json)")
         return meta
-    check_out_is_free(Path(args.out), args.overwrite)
+    check_no_dataset_in_out(Path(args.out), args.overwrite)
     meta = prepare(
         out=args.out, source=args.source, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
         num_proc=args.num_proc, max_docs=args.max_docs, dataset_path=args.dataset_path, cache_dir=args.cache_dir,
