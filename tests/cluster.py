@@ -10,7 +10,7 @@ read or written. The environment the remote ranks need travels the DeepSpeed way
 file; DS_ENV_FILE points the launcher at it, so none is written into the repository or the home directory.
 
 `stop()` ends every sshd it started and every process below them (remote ranks of a failed run
-included), by pid, even when a test failed. Needs `sshd` and `pdsh` (Debian: openssh-server, pdsh;
+included), by pid, even when a test failed; a killed test process takes its sshd servers with it. Needs `sshd` and `pdsh` (Debian: openssh-server, pdsh;
 .ci/run installs them); `missing_tools()` says what is absent so a test can skip with the reason.
 """
 from __future__ import annotations
@@ -25,6 +25,19 @@ import time
 from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"  # sshd re-executes itself and insists on an absolute path
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _end_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies. stop() ends the servers of a
+    test that fails; this ends them when the test process itself is killed (a cancelled run) and never
+    reaches stop(). Linux keeps the setting across exec; elsewhere it is skipped."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 NODES = ("127.0.0.2", "127.0.0.3")
 
 
@@ -129,7 +142,8 @@ class TwoNodeCluster:
                 cmd = [SSHD, "-D", "-e", "-f", str(config)]
                 if self.own_hostnames:  # each node its own UTS namespace: `hostname` says node0 / node1
                     cmd = ["unshare", "--uts", "sh", "-c", f'hostname node{i} && exec "$0" "$@"', *cmd]
-                self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                                   preexec_fn=_end_with_parent))
             ssh_config = root / "ssh_config"
             ssh_config.write_text("\n".join([
                 f"Host {' '.join(self.nodes)}",
