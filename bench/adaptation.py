@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import knob, parse_cli
+from training.cpu_comm_op import OP_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("scratch", "scratch_half", "adapt", "adapt_shift", "adapt_anneal")
@@ -72,7 +73,7 @@ def train(a: AdaptationConfig, name: str, objective: str, steps: int, seed: int,
            "--overwrite", *extra]  # a run there without its export did not finish: it starts over
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(OP_CACHE))}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 
 from common.config import knob, parse_cli
 from common.ports import free_port
+from training.cpu_comm_op import OP_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def run_layout(layout: str, args, tmp: Path) -> float:
            "--checkpoint_interval=0", "--export_dir=none", "--wandb_mode=disabled", "--no_tensorboard",
            "--no_progress_bar"] + ([f"--batch_size={batch}"] if batch else [])
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(OP_CACHE))}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

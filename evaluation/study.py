@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: find the repository root
 
 from common.config import parse_cli
 from common.ports import free_port
+from training.cpu_comm_op import OP_CACHE
 from training.metrics import resolve_wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,7 +187,7 @@ def main(argv=None) -> dict:
     if not gpus:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")  # one thread per rank: 2 ranks on 2 cores
         # the shm communication op DeepSpeed builds on CPU (~40 s): the cache launch.sh and the benchmarks use
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(OP_CACHE))
     env.setdefault("WANDB_MODE", resolve_wandb_mode())
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     t_start = time.time()

@@ -10,8 +10,9 @@ read or written. The environment the remote ranks need travels the DeepSpeed way
 file; DS_ENV_FILE points the launcher at it, so none is written into the repository or the home directory.
 
 `stop()` ends every sshd it started and every process below them (remote ranks of a failed run
-included), by pid, even when a test failed; a killed test process takes its sshd servers with it. Needs `sshd` and `pdsh` (Debian: openssh-server, pdsh;
-.ci/run installs them); `missing_tools()` says what is absent so a test can skip with the reason.
+included), by pid, even when a test failed; a killed test process takes its sshd servers with it. Needs
+`sshd` and `pdsh` (Debian: openssh-server, pdsh; .ci/run installs them); `missing_tools()` says what is
+absent so a test can skip with the reason.
 """
 from __future__ import annotations
 

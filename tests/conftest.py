@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.cpu_comm_op import OP_CACHE
+
 # Triton kernels are decorated at import time; the interpreter must be chosen before that.
 # Without a GPU the Triton tests run in the interpreter on CPU tensors.
 if not torch.cuda.is_available():
@@ -19,7 +21,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # DeepSpeed's CPU shm communication op is compiled on first use (~40 s of both cores): one cache for every run a
 # test starts (launch.sh and the benchmarks default to the same folder), built once per checkout.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(OP_CACHE))
 
 # The tests' models are tiny: per-op overhead dominates and extra intra-op threads only add contention
 # (on a busy 2-core machine, 2 OpenMP threads made single tests 20-100x slower). Subprocesses the tests

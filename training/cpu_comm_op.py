@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-CACHE = Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"
+# this checkout's cache of compiled torch extensions: every command of the project that starts CPU ranks points
+# TORCH_EXTENSIONS_DIR here unless it is set (launch.sh and bench/gpu_check.sh name the same folder)
+OP_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print("cpu_comm_op: a CUDA GPU is available (ranks use NCCL): nothing to build")
         return 0
     os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks its accelerator
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(CACHE))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(OP_CACHE))
     from deepspeed.comm.torch import build_shm_op  # what each CPU rank calls when it sets up communication
 
     t0 = time.time()
